@@ -1,0 +1,36 @@
+# hostscript — the two commands a user needs are `make run` and `make test`;
+# both set everything up first (system packages when root, Lua archives, .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NATIVE := $(wildcard native/*.c native/*.h) $(shell find src/lua -name '*.lua')
+LUA_LIBS := build/lua/lua54/liblua.a build/lua/luajit/libluajit.a
+
+.PHONY: all deps install test test-c run clean
+
+all: install
+
+deps:
+	sh tools/install-deps.sh
+
+$(LUA_LIBS): tools/build-lua.sh
+	sh tools/install-deps.sh
+	sh tools/build-lua.sh
+
+$(VENV)/.installed: $(LUA_LIBS) $(NATIVE) setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
+	sh tools/install-deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+run: install
+	$(PY) -m hostscript demo
+
+clean:
+	rm -rf build/c build/temp* hostscript/_lua54*.so hostscript/_luajit*.so $(VENV) *.egg-info

@@ -1,0 +1,19 @@
+"""hostscript — Lua event handlers for threaded servers.
+
+    host = hostscript.Host(hooks=["read_request", "send_response", "log"])
+    host.load_file("stamp.lua")
+    outcome = host.fire("read_request", hostscript.Transaction("GET", "/"))
+
+Each thread that fires runs Lua in its own state; scripts are compiled once and
+their bytecode shared through an immutable, versioned program.
+"""
+from ._engine import available as engines
+from .errors import Error, HandlerError, ScriptError
+from .host import DEFAULT_HOOKS, Host, Outcome, Script, Status
+from .transaction import Headers, Request, Response, Transaction
+
+__all__ = [
+    "DEFAULT_HOOKS", "Error", "HandlerError", "Headers", "Host", "Outcome", "Request",
+    "Response", "Script", "ScriptError", "Status", "Transaction", "engines",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""The exception hierarchy: every error the package raises derives from ``Error``."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class Error(Exception):
+    """Base class of hostscript's errors."""
+
+
+class ScriptError(Error):
+    """A script failed to load or reload: it does not compile, its chunk raised an
+    error, it returned no handler class, or it handles an undeclared hook.
+    The published program is unchanged."""
+
+    def __init__(self, name: str, line: Optional[int], message: str, kind: str = "script",
+                 traceback: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+        self.line = line
+        self.message = message
+        self.kind = kind  # "syntax", "script", "memory", "timeout", "usage"
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class HandlerError(Error):
+    """A handler failed during a fire (raised an error, hit the time or memory limit,
+    or left non-plain data in ``txn.ctx``)."""
+
+    def __init__(self, script: str, hook: str, message: str, traceback: str = "",
+                 kind: str = "runtime") -> None:
+        super().__init__(message)
+        self.script = script
+        self.hook = hook
+        self.message = message
+        self.traceback = traceback
+        self.kind = kind  # "runtime", "timeout", "memory", "ctx", "usage"
+
+    def __str__(self) -> str:
+        where = f"{self.script} in {self.hook}" if self.script else self.hook
+        return f"{where}: {self.message}"
+
+    def __repr__(self) -> str:
+        return (f"HandlerError(script={self.script!r}, hook={self.hook!r}, "
+                f"kind={self.kind!r}, message={self.message!r})")

@@ -1,0 +1,284 @@
+"""Host: declares hook points, loads handler scripts, fires hooks from any thread."""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
+
+from . import _engine
+from .errors import Error, HandlerError, ScriptError
+from .transaction import CH_LOGS, Transaction
+
+log = logging.getLogger("hostscript")
+
+DEFAULT_HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
+
+_KINDS = {1: "syntax", 2: "script", 3: "runtime", 4: "timeout", 5: "memory", 6: "ctx", 7: "usage"}
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+class Status(enum.Enum):
+    CONTINUE = 0  # every handler ran; go on
+    DONE = 1      # a handler answered (txn:respond) or returned hs.DONE
+    ERROR = 2     # a handler failed; see Outcome.error
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a fire ended with: ``status`` and, for ``Outcome.ERROR``, ``error``."""
+
+    status: Status
+    error: Optional[HandlerError] = None
+
+    CONTINUE: ClassVar[Status] = Status.CONTINUE
+    DONE: ClassVar[Status] = Status.DONE
+    ERROR: ClassVar[Status] = Status.ERROR
+
+
+_OUT_CONTINUE = Outcome(Status.CONTINUE)
+_OUT_DONE = Outcome(Status.DONE)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A loaded script: its name, and the file it came from (None for source strings)."""
+
+    name: str
+    path: Optional[str] = None
+
+
+def _free_host(lib: Any, holder: List[Any]) -> None:
+    if holder and holder[0] is not None:
+        lib.hs_host_free(holder[0])
+        holder[0] = None
+
+
+class Host:
+    """A set of hook points and the Lua handler scripts loaded for them.
+
+    ``fire`` may be called from any number of threads at once; each thread runs Lua
+    in its own state. ``close`` (or leaving the ``with`` block) must come after the
+    worker threads stopped firing.
+    """
+
+    def __init__(self, hooks: Sequence[str] = DEFAULT_HOOKS, *, engine: Optional[str] = None,
+                 time_limit: Optional[float] = None, memory_limit: Optional[int] = None,
+                 sandbox: bool = True, lua_path: Iterable[Union[str, os.PathLike]] = (),
+                 on_error: str = "return") -> None:
+        if isinstance(hooks, str):
+            raise TypeError("hooks must be a sequence of hook names, not a string")
+        if on_error not in ("return", "raise"):
+            raise ValueError("on_error must be 'return' or 'raise'")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError("time_limit must be positive seconds or None")
+        if memory_limit is not None and memory_limit <= 0:
+            raise ValueError("memory_limit must be positive bytes or None")
+        self.engine = engine or _engine.default()
+        self._ffi, self._lib = _engine.load(self.engine)
+        ffi, lib = self._ffi, self._lib
+        self.hooks = tuple(hooks)
+        self.time_limit = time_limit
+        self.memory_limit = memory_limit
+        self.sandbox = bool(sandbox)
+        self.lua_path = tuple(os.fspath(p) for p in lua_path)
+        self.on_error = on_error
+
+        keep = [ffi.new("char[]", h.encode()) for h in self.hooks]
+        paths = [ffi.new("char[]", p.encode()) for p in self.lua_path]
+        hook_arr = ffi.new("const char *[]", keep or [ffi.NULL])
+        path_arr = ffi.new("const char *[]", paths or [ffi.NULL])
+        cfg = ffi.new("hs_config *")
+        cfg.hooks, cfg.nhooks = hook_arr, len(keep)
+        cfg.time_limit = float(time_limit or 0)
+        cfg.memory_limit = int(memory_limit or 0)
+        cfg.sandbox = int(self.sandbox)
+        cfg.lua_path, cfg.nlua_path = path_arr, len(paths)
+        err = ffi.new("hs_error *")
+        h = lib.hs_host_new(cfg, err)
+        if h == ffi.NULL:
+            raise ValueError(ffi.string(err.message).decode("utf-8", "replace"))
+        self._holder: List[Any] = [h]
+        self._h = h
+        self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
+        self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
+        self._lock = threading.Lock()
+        self._paths: Dict[str, Optional[str]] = {}
+        self._tls = threading.local()
+        self._counter = 0
+
+    # ---- scripts ----
+
+    def load(self, source: Union[str, bytes], name: Optional[str] = None) -> Script:
+        """Compile Lua *source* as script *name* (replacing a script of that name).
+
+        Raises ScriptError (name, line, message) and leaves the program unchanged
+        when it does not compile, its chunk fails, or it returns no valid class."""
+        if name is None:
+            self._counter += 1
+            name = f"<script {self._counter}>"
+        return self._load(source, name, None)
+
+    def load_file(self, path: Union[str, os.PathLike]) -> Script:
+        """Load the script in *path*; its name is the path as given."""
+        p = os.fspath(path)
+        with open(p, "rb") as f:
+            source = f.read()
+        return self._load(source, p, p)
+
+    def reload(self, name: str) -> Script:
+        """Re-read the file script *name* came from and load it again."""
+        path = self._paths.get(name)
+        if name not in self._paths:
+            raise ValueError(f"no script named {name!r} is loaded")
+        if path is None:
+            raise ValueError(f"script {name!r} was loaded from a string; load() its new source")
+        return self.load_file(path)
+
+    def unload(self, name: str) -> None:
+        """Remove script *name*; handlers stop running at each thread's next fire."""
+        with self._lock:
+            h = self._live()
+            if self._lib.hs_unload(h, name.encode()) != 0:
+                raise ValueError(f"no script named {name!r} is loaded")
+            self._paths.pop(name, None)
+
+    @property
+    def scripts(self) -> List[str]:
+        """Names of the loaded scripts, in load order (the order handlers run in)."""
+        ffi, lib = self._ffi, self._lib
+        h = self._live()
+        need = lib.hs_scripts(h, ffi.NULL, 0)
+        if not need:
+            return []
+        buf = ffi.new("char[]", need)
+        lib.hs_scripts(h, buf, need)
+        return [n.decode() for n in ffi.buffer(buf, need)[:].split(b"\0")[:-1]]
+
+    def _load(self, source: Union[str, bytes], name: str, path: Optional[str]) -> Script:
+        ffi, lib = self._ffi, self._lib
+        data = source.encode("utf-8") if isinstance(source, str) else bytes(source)
+        err = ffi.new("hs_error *")
+        with self._lock:
+            h = self._live()
+            rc = lib.hs_load(h, name.encode(), data, len(data), err)
+            n = ffi.new("size_t *")
+            p = lib.hs_load_logs(h, n)
+            logs = ffi.buffer(p, n[0])[:] if n[0] else b""
+            if rc == 0:
+                self._paths[name] = path
+        if logs:
+            self._emit_logs(logs, "load")
+        if rc != 0:
+            kind = _KINDS.get(err.kind, "script")
+            raise ScriptError(ffi.string(err.script).decode("utf-8", "replace") or name,
+                              err.line or None,
+                              ffi.string(err.message).decode("utf-8", "replace"), kind,
+                              ffi.string(err.traceback).decode("utf-8", "replace"))
+        return Script(name, path)
+
+    # ---- firing ----
+
+    def fire(self, hook: str, txn: Transaction) -> Outcome:
+        """Run the handlers of *hook* for *txn* in the calling thread's Lua state."""
+        i = self._index.get(hook)
+        if i is None:
+            raise ValueError(f"undeclared hook {hook!r} (declared: {', '.join(self.hooks)})")
+        h = self._h
+        if h is None:
+            raise Error("the host is closed")
+        lib = self._lib
+        c = txn._prepare(self._ffi, lib) if (txn._lib is not lib or txn._dirty
+                                               or txn.request.headers._dirty
+                                               or txn.response.headers._dirty) else txn._c
+        r = lib.hs_fire(h, i, c)
+        if r < 2:
+            return _OUT_DONE if r else _OUT_CONTINUE
+        return self._finish(r, hook, txn)
+
+    def _finish(self, r: int, hook: str, txn: Transaction) -> Outcome:
+        changes = r >> 2
+        if changes & ~CH_LOGS:
+            txn._pull(changes)
+        if changes & CH_LOGS:
+            n = self._ffi.new("size_t *")
+            p = self._lib.hs_logs(self._h, n)
+            self._emit_logs(self._ffi.buffer(p, n[0])[:], hook)
+        status = r & 3
+        if status != 2:
+            return _OUT_DONE if status else _OUT_CONTINUE
+        err = self._last_error()
+        log.error("%s%s", err, f"\n{err.traceback}" if err.traceback else "",
+                  extra={"script": err.script, "hook": err.hook})
+        if self.on_error == "raise":
+            raise err
+        return Outcome(Status.ERROR, err)
+
+    def _last_error(self) -> HandlerError:
+        ffi = self._ffi
+        buf = getattr(self._tls, "err", None)
+        if buf is None:
+            buf = self._tls.err = ffi.new("hs_error *")
+        self._lib.hs_last_error(self._h, buf)
+        s = lambda f: ffi.string(f).decode("utf-8", "replace")  # noqa: E731
+        return HandlerError(s(buf.script), s(buf.hook), s(buf.message), s(buf.traceback),
+                            _KINDS.get(buf.kind, "runtime"))
+
+    def _emit_logs(self, data: bytes, hook: str) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            level = data[pos]
+            (sl,) = _U16.unpack_from(data, pos + 1)
+            script = data[pos + 3:pos + 3 + sl].decode("utf-8", "replace")
+            pos += 3 + sl
+            (ml,) = _U32.unpack_from(data, pos)
+            msg = data[pos + 4:pos + 4 + ml].decode("utf-8", "replace")
+            pos += 4 + ml
+            log.log(level, "[%s] %s", script, msg, extra={"script": script, "hook": hook})
+
+    # ---- lifecycle and introspection ----
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters over all thread states: fires, errors, timeouts, memory_errors,
+        rehydrations, compilations, states, heap_bytes, heap_max, generation, and
+        ``hooks``: {name: {fires, errors, total_ns}}."""
+        ffi, lib = self._ffi, self._lib
+        st = ffi.new("hs_stats *")
+        hk = ffi.new("hs_hook_stats[]", len(self.hooks))
+        lib.hs_host_stats(self._live(), st, hk)
+        out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
+            "fires", "errors", "timeouts", "memory_errors", "rehydrations", "compilations",
+            "states", "heap_bytes", "heap_max", "generation")}
+        out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
+                               "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}
+        return out
+
+    def close(self) -> None:
+        """Close every thread's Lua state and free the host. Idempotent."""
+        with self._lock:
+            self._h = None
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._h is None
+
+    def _live(self) -> Any:
+        if self._h is None:
+            raise Error("the host is closed")
+        return self._h
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._h is None else f"{len(self._paths)} scripts"
+        return f"<hostscript.Host engine={self.engine} hooks={list(self.hooks)} {state}>"

@@ -1,0 +1,67 @@
+/*
+ * compat.h — every difference between Lua 5.4 and LuaJIT 2.1 that the core
+ * relies on, in one place. The core is compiled twice from the same sources:
+ * with HS_ENGINE_LUAJIT defined for LuaJIT, without it for Lua 5.4.
+ */
+#ifndef HS_COMPAT_H
+#define HS_COMPAT_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+#ifdef HS_ENGINE_LUAJIT
+#include <luajit.h>
+#define HS_ENGINE_NAME "luajit"
+#define HS_ENGINE_VERSION LUAJIT_VERSION
+
+/* LuaJIT's lua_dump keeps debug info (needed for line numbers in tracebacks). */
+#define hs_dump(L, w, ud) lua_dump((L), (w), (ud))
+#define hs_rawlen(L, i) lua_objlen((L), (i))
+#define hs_isinteger(L, i) 0
+#ifndef lua_pushglobaltable
+#define lua_pushglobaltable(L) lua_pushvalue((L), LUA_GLOBALSINDEX)
+#endif
+
+/* Set the environment of the function at absolute index idx to the table on top (popped). */
+static inline void hs_setenv(lua_State *L, int idx) { lua_setfenv(L, idx); }
+
+static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
+    lua_pushcfunction(L, f);
+    lua_pushstring(L, name);
+    lua_call(L, 1, 0);
+}
+
+/* A count hook is not run inside compiled traces, so a state with a time limit
+ * runs on the interpreter only: the limit must hold for loops LuaJIT would compile. */
+static inline void hs_engine_setup(lua_State *L, int time_limited) {
+    if (time_limited) luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+}
+
+#else /* Lua 5.4 */
+#define HS_ENGINE_NAME "lua54"
+#define HS_ENGINE_VERSION LUA_RELEASE
+
+#define hs_dump(L, w, ud) lua_dump((L), (w), (ud), 0)
+#define hs_rawlen(L, i) lua_rawlen((L), (i))
+#define hs_isinteger(L, i) lua_isinteger((L), (i))
+
+static inline void hs_setenv(lua_State *L, int idx) {
+    /* A main chunk's first upvalue is _ENV. */
+    if (!lua_setupvalue(L, idx, 1)) lua_pop(L, 1);
+}
+
+static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
+    luaL_requiref(L, name, f, 1);
+    lua_pop(L, 1);
+}
+
+static inline void hs_engine_setup(lua_State *L, int time_limited) {
+    (void)L;
+    (void)time_limited;
+}
+#endif
+
+#define hs_absindex(L, i) ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
+
+#endif

@@ -1,0 +1,217 @@
+/*
+ * core.h — internal structures shared by the files of the core. Not installed.
+ *
+ * Ownership at a glance:
+ *   hs_host   owns the config, the current program (one reference), the list of
+ *             live thread states and the append-only list of compiled modules.
+ *   hs_prog   immutable once published; refcounted by the host and by every state
+ *             that still runs it. Holds references to its hs_script entries.
+ *   hs_script immutable compiled script (bytecode); refcounted by programs, so a
+ *             reload of one script shares the others between old and new program.
+ *   hs_state  one per (thread, host); owned by its thread (pthread key) until the
+ *             thread ends or the host is freed, whichever comes first.
+ */
+#ifndef HS_CORE_H
+#define HS_CORE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "hostscript.h"
+#include "compat.h"
+
+#define HS_MAX_HOOKS 64
+#define HS_HOOK_COUNT 1000          /* instructions between time-limit checks */
+#define HS_ERRH_SLACK (256 << 10)   /* heap allowed over the limit while reporting an error */
+#define HS_LOGS_MAX (64 << 10)      /* log bytes kept per fire */
+
+enum { HS_HOOK_OBSERVE_ONLY = 1 };  /* hook flags: "log" may not answer the request */
+
+/* ---- growable byte buffer (txn.c) ---- */
+typedef struct hs_buf {
+    char *p;
+    size_t len, cap;
+} hs_buf;
+int hs_buf_reserve(hs_buf *b, size_t extra);
+int hs_buf_put(hs_buf *b, const void *p, size_t n);
+void hs_buf_free(hs_buf *b);
+
+/* ---- program (program.c) ---- */
+typedef struct hs_script {
+    atomic_int refs;
+    char *name;
+    char *bc;
+    size_t bclen;
+    uint64_t hookmask; /* bit h: the class has on_<hooks[h]> */
+    uint64_t id;       /* unique per compilation */
+} hs_script;
+
+typedef struct hs_module {
+    char *name;
+    char *bc;
+    size_t bclen;
+} hs_module;
+
+typedef struct hs_prog {
+    atomic_int refs;
+    uint64_t gen;
+    int nscripts;
+    hs_script **scripts;
+    int nmodules;
+    hs_module **modules;
+} hs_prog;
+
+void hs_prog_release(hs_prog *p);
+void hs_script_release(hs_script *s);
+hs_prog *hs_prog_acquire(hs_host *h); /* current program, +1 reference */
+const hs_module *hs_prog_module(const hs_prog *p, const char *name);
+
+/* ---- per-thread state (state.c) ---- */
+typedef struct hs_slot {
+    hs_script *script; /* reference held */
+    int class_ref, self_ref;
+} hs_slot;
+
+typedef struct hs_handler {
+    int fn_ref, self_ref, slot;
+} hs_handler;
+
+typedef struct hs_hookcache {
+    int n;
+    hs_handler *items;
+} hs_hookcache;
+
+typedef struct hs_counters {
+    _Atomic uint64_t fires, errors, timeouts, memory_errors, rehydrations;
+    _Atomic uint64_t hook_fires[HS_MAX_HOOKS], hook_errors[HS_MAX_HOOKS], hook_ns[HS_MAX_HOOKS];
+} hs_counters;
+
+typedef struct hs_state hs_state;
+struct hs_state {
+    hs_host *host; /* reference held */
+    lua_State *L;
+    hs_state *prev, *next; /* host's list of live states */
+    int scratch;           /* a load-time validation state, not in the list */
+
+    hs_prog *prog; /* reference held; NULL before the first rehydration */
+    const hs_prog *modprog; /* while rehydrating: the program require looks in */
+    uint64_t gen;
+    int nslots;
+    hs_slot *slots;
+    hs_hookcache *hooks; /* nhooks entries */
+
+    /* registry references made once at state creation */
+    int env_ref, txn_ref, errh_ref, loaded_ref;
+
+    /* the fire in progress */
+    hs_txn *txn;
+    int hook, slot, ctx_live;
+    const char *cur_name; /* script whose code runs now (for logs) */
+    uint64_t deadline_ns; /* 0: no deadline */
+    int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
+
+    /* memory accounting (counting allocator) */
+    _Atomic size_t heap;
+    size_t heap_limit;
+    int in_errh, mem_refused;
+
+    hs_error err;   /* last fire error of this thread */
+    hs_buf logs;    /* log records of the last fire */
+    hs_buf pending; /* scratch only: modules compiled during this load (hs_module*) */
+    hs_counters c;
+};
+
+hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err);
+void hs_state_close(hs_state *S);
+hs_state *hs_state_current(hs_host *h, hs_error **err); /* this thread's, created lazily */
+int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err set */
+/* Run the chunk on top of the stack in the state's environment; leaves the class. */
+int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
+int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);
+uint64_t hs_now_ns(void);
+void hs_state_deadline(hs_state *S, uint64_t start_ns);
+void hs_state_end_deadline(hs_state *S);
+void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...);
+void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script);
+
+/* ---- sandbox and require (sandbox.c) ---- */
+int hs_sandbox_open(hs_state *S); /* builds the script environment; registry env_ref */
+
+/* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
+int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
+int hs_lapi_errh(lua_State *L);
+void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len);
+extern const char hs_done_sentinel;
+
+/* ---- the embedded Lua library (generated from src/lua at build time) ---- */
+typedef struct hs_lualib_entry {
+    const char *name;
+    const char *src;
+    size_t len;
+} hs_lualib_entry;
+extern const hs_lualib_entry hs_lualib[]; /* ends with a NULL name */
+
+/* ---- txn ctx codec (ctx.c) ---- */
+int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen);
+int hs_ctx_decode(lua_State *L, const char *p, size_t len); /* pushes a table; 0 ok */
+
+/* ---- transaction internals (txn.c) ---- */
+typedef struct hs_hdr {
+    uint32_t noff, nlen, voff, vlen;
+} hs_hdr;
+
+typedef struct hs_hdrs {
+    hs_buf arena; /* names and values */
+    hs_hdr *e;
+    size_t n, cap;
+    size_t garbage; /* arena bytes no entry refers to */
+} hs_hdrs;
+
+struct hs_txn {
+    hs_buf method, uri, body, ctx;
+    int status;
+    hs_hdrs hdr[2];
+    hs_buf pack; /* scratch for hs_txn_headers */
+    unsigned changed;
+    int responded;
+};
+
+int hs_hdr_valid_name(const char *p, size_t n);
+int hs_hdr_valid_value(const char *p, size_t n);
+long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
+int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
+int hs_hdrs_set(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
+void hs_hdrs_remove(hs_hdrs *hs, const char *name, size_t nlen);
+
+/* ---- host (host.c) ---- */
+struct hs_host {
+    atomic_int refs; /* the host handle itself + each live state */
+    pthread_key_t key;
+    int nhooks;
+    char **hooks;
+    unsigned *hookflags;
+    double time_limit;
+    size_t memory_limit;
+    int sandbox;
+    char **lua_path;
+    int nlua_path;
+
+    pthread_mutex_t load_mu; /* serializes hs_load/hs_unload (compile outside mu) */
+    pthread_mutex_t mu;      /* guards prog, states, retired, modules, counters below */
+    hs_prog *prog;
+    _Atomic uint64_t gen; /* == prog->gen; read without the lock on every fire */
+    hs_state *states;
+    uint64_t nstates;
+    hs_counters retired; /* counters of states that ended */
+    uint64_t compilations, next_script_id;
+    hs_buf load_logs;
+    hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
+    int closed;
+};
+
+void hs_host_unref(hs_host *h);
+void hs_host_retire_counters(hs_host *h, const hs_counters *c);
+
+#endif

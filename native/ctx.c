@@ -1,0 +1,204 @@
+/*
+ * ctx.c — txn.ctx between fires: a Lua table of plain data serialized into the C
+ * transaction, so the next hook can decode it in another thread's state.
+ *
+ * Format (little-endian, read by hostscript/_ctx.py too):
+ *   'f' | 't'                  false | true
+ *   'i' int64                  integer (LuaJIT: a number with an exact integer value)
+ *   'd' double                 other numbers
+ *   's' u32 len, bytes         string
+ *   'T' u32 npairs, (key value) * npairs      table; keys are strings, numbers, booleans
+ * Anything else (functions, userdata, threads, cycles, nesting beyond HS_CTX_DEPTH)
+ * is refused with the path to the offending value.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core.h"
+
+#define HS_CTX_DEPTH 32
+
+typedef struct enc {
+    lua_State *L;
+    hs_buf *out;
+    char *err;
+    size_t errlen;
+    char path[512];
+} enc;
+
+static int put_u32(hs_buf *b, uint32_t v) { return hs_buf_put(b, &v, 4); }
+
+static void path_push(enc *e, lua_State *L, int kidx, size_t *mark) {
+    *mark = strlen(e->path);
+    size_t cap = sizeof e->path - *mark;
+    if (lua_type(L, kidx) == LUA_TSTRING)
+        snprintf(e->path + *mark, cap, ".%s", lua_tostring(L, kidx));
+    else if (lua_type(L, kidx) == LUA_TNUMBER)
+        snprintf(e->path + *mark, cap, "[%.14g]", lua_tonumber(L, kidx));
+    else
+        snprintf(e->path + *mark, cap, "[%s]", lua_toboolean(L, kidx) ? "true" : "false");
+}
+
+static int enc_value(enc *e, int idx, int depth, int is_key);
+
+static int enc_table(enc *e, int idx, int depth) {
+    lua_State *L = e->L;
+    if (depth >= HS_CTX_DEPTH) {
+        snprintf(e->err, e->errlen, "txn%s nests tables deeper than %d (or refers to itself); "
+                 "ctx keeps plain data only", e->path, HS_CTX_DEPTH);
+        return -1;
+    }
+    if (hs_buf_put(e->out, "T", 1) || put_u32(e->out, 0)) goto nomem;
+    size_t countpos = e->out->len - 4;
+    uint32_t n = 0;
+    lua_checkstack(L, 4);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        int k = lua_gettop(L) - 1, v = k + 1;
+        size_t mark;
+        path_push(e, L, k, &mark);
+        int kt = lua_type(L, k);
+        if (kt != LUA_TSTRING && kt != LUA_TNUMBER && kt != LUA_TBOOLEAN) {
+            e->path[mark] = 0;
+            snprintf(e->err, e->errlen, "txn%s has a %s key; ctx keys must be strings, numbers or "
+                     "booleans", e->path, luaL_typename(L, k));
+            lua_pop(L, 2);
+            return -1;
+        }
+        if (enc_value(e, k, depth + 1, 1) || enc_value(e, v, depth + 1, 0)) {
+            lua_pop(L, 2);
+            return -1;
+        }
+        e->path[mark] = 0;
+        n++;
+        lua_pop(L, 1);
+    }
+    memcpy(e->out->p + countpos, &n, 4);
+    return 0;
+nomem:
+    snprintf(e->err, e->errlen, "out of memory saving txn.ctx");
+    return -1;
+}
+
+static int enc_value(enc *e, int idx, int depth, int is_key) {
+    lua_State *L = e->L;
+    hs_buf *b = e->out;
+    switch (lua_type(L, idx)) {
+    case LUA_TBOOLEAN:
+        return hs_buf_put(b, lua_toboolean(L, idx) ? "t" : "f", 1);
+    case LUA_TNUMBER: {
+        lua_Number d = lua_tonumber(L, idx);
+        int as_int = hs_isinteger(L, idx);
+#ifdef HS_ENGINE_LUAJIT
+        as_int = d == floor(d) && fabs(d) < 9007199254740992.0;
+#endif
+        if (as_int) {
+            int64_t i = (int64_t)lua_tointeger(L, idx);
+#ifdef HS_ENGINE_LUAJIT
+            i = (int64_t)d;
+#endif
+            return hs_buf_put(b, "i", 1) || hs_buf_put(b, &i, 8);
+        }
+        double v = (double)d;
+        return hs_buf_put(b, "d", 1) || hs_buf_put(b, &v, 8);
+    }
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return hs_buf_put(b, "s", 1) || put_u32(b, (uint32_t)n) || hs_buf_put(b, s, n);
+    }
+    case LUA_TTABLE:
+        if (!is_key) return enc_table(e, hs_absindex(L, idx), depth);
+        /* fallthrough */
+    default:
+        snprintf(e->err, e->errlen,
+                 "txn%s holds a %s; ctx keeps plain data only (nil, boolean, number, string, "
+                 "tables of these)", e->path, luaL_typename(L, idx));
+        return -1;
+    }
+}
+
+int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen) {
+    enc e = {L, out, err, errlen, ".ctx"};
+    if (!lua_istable(L, idx)) {
+        snprintf(err, errlen, "txn.ctx must be a table, not %s", luaL_typename(L, idx));
+        return -1;
+    }
+    return enc_table(&e, hs_absindex(L, idx), 0);
+}
+
+typedef struct dec {
+    const char *p, *end;
+} dec;
+
+static int dec_value(lua_State *L, dec *d, int depth) {
+    if (d->p >= d->end || depth > HS_CTX_DEPTH + 1) return -1;
+    char tag = *d->p++;
+    switch (tag) {
+    case 'f':
+    case 't':
+        lua_pushboolean(L, tag == 't');
+        return 0;
+    case 'i': {
+        int64_t i;
+        if (d->end - d->p < 8) return -1;
+        memcpy(&i, d->p, 8);
+        d->p += 8;
+#ifdef HS_ENGINE_LUAJIT
+        lua_pushnumber(L, (lua_Number)i);
+#else
+        lua_pushinteger(L, (lua_Integer)i);
+#endif
+        return 0;
+    }
+    case 'd': {
+        double v;
+        if (d->end - d->p < 8) return -1;
+        memcpy(&v, d->p, 8);
+        d->p += 8;
+        lua_pushnumber(L, v);
+        return 0;
+    }
+    case 's': {
+        uint32_t n;
+        if (d->end - d->p < 4) return -1;
+        memcpy(&n, d->p, 4);
+        d->p += 4;
+        if ((size_t)(d->end - d->p) < n) return -1;
+        lua_pushlstring(L, d->p, n);
+        d->p += n;
+        return 0;
+    }
+    case 'T': {
+        uint32_t n;
+        if (d->end - d->p < 4) return -1;
+        memcpy(&n, d->p, 4);
+        d->p += 4;
+        lua_checkstack(L, 4);
+        lua_createtable(L, 0, (int)(n < 1024 ? n : 1024));
+        for (uint32_t i = 0; i < n; i++) {
+            if (dec_value(L, d, depth + 1) || dec_value(L, d, depth + 1)) return -1;
+            lua_rawset(L, -3);
+        }
+        return 0;
+    }
+    default:
+        return -1;
+    }
+}
+
+int hs_ctx_decode(lua_State *L, const char *p, size_t len) {
+    if (len == 0) {
+        lua_newtable(L);
+        return 0;
+    }
+    dec d = {p, p + len};
+    int top = lua_gettop(L);
+    if (dec_value(L, &d, 0) != 0 || !lua_istable(L, -1)) {
+        lua_settop(L, top);
+        return -1;
+    }
+    return 0;
+}

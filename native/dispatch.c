@@ -1,0 +1,123 @@
+/*
+ * dispatch.c — hs_fire, the hot path.
+ *
+ * A fire touches only the calling thread's state, one atomic load of the host's
+ * program generation, and the transaction: no lock, no allocation in the common
+ * case. When the generation moved, the state rehydrates first (state.c); a thread
+ * therefore runs one program for a whole fire, never half of a reload.
+ *
+ * Handlers of the hook run in load order as Class:on_<hook>(txn), each through
+ * lua_pcall with the message handler that records message and traceback. The
+ * first error, `return hs.DONE` or txn:respond() ends the hook. Afterwards txn.ctx,
+ * if the fire touched it, is serialized back into the transaction (ctx.c).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "core.h"
+
+#define BUMP(x) atomic_store_explicit(&(x), atomic_load_explicit(&(x), memory_order_relaxed) + 1, \
+                                      memory_order_relaxed)
+#define ADD(x, n) atomic_store_explicit(&(x), atomic_load_explicit(&(x), memory_order_relaxed) + (n), \
+                                        memory_order_relaxed)
+
+/* Serialize txn.ctx back into the transaction; 0 ok, -1 with S->err set. */
+static int save_ctx(hs_state *S, hs_txn *t) {
+    lua_State *L = S->L;
+    S->ctx_live = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
+    lua_pushliteral(L, "ctx");
+    lua_rawget(L, -2);
+    hs_buf out = {0};
+    char err[512];
+    int rc = hs_ctx_encode(L, -1, &out, err, sizeof err);
+    lua_pop(L, 1);
+    lua_pushliteral(L, "ctx");
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    if (rc != 0) {
+        hs_buf_free(&out);
+        hs_error_set(&S->err, HS_ERR_CTX, S->cur_name, S->host->hooks[S->hook], "%s", err);
+        return -1;
+    }
+    hs_buf_free(&t->ctx);
+    t->ctx = out;
+    t->changed |= HS_CH_CTX;
+    return 0;
+}
+
+static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
+    lua_State *L = S->L;
+    hs_hookcache *hc = &S->hooks[hook];
+    int status = HS_CONTINUE;
+    int base = lua_gettop(L);
+    S->txn = t;
+    S->hook = hook;
+    t->responded = 0;
+    hs_state_deadline(S, start);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->errh_ref); /* base + 1 */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);  /* base + 2 */
+    for (int i = 0; i < hc->n; i++) {
+        hs_handler *it = &hc->items[i];
+        S->slot = it->slot;
+        S->cur_name = S->slots[it->slot].script->name;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, it->fn_ref);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, it->self_ref);
+        lua_pushvalue(L, base + 2);
+        int rc = lua_pcall(L, 2, 1, base + 1);
+        if (rc != 0) {
+            hs_error_from_lua(S, &S->err, rc, S->cur_name);
+            snprintf(S->err.hook, sizeof S->err.hook, "%s", S->host->hooks[hook]);
+            if (S->err.kind == HS_ERR_TIMEOUT) BUMP(S->c.timeouts);
+            if (S->err.kind == HS_ERR_MEMORY) BUMP(S->c.memory_errors);
+            status = HS_ERROR;
+            break;
+        }
+        int done = t->responded || lua_touserdata(L, -1) == (void *)&hs_done_sentinel;
+        lua_pop(L, 1);
+        if (done) {
+            status = HS_DONE;
+            break;
+        }
+    }
+    if (S->ctx_live && save_ctx(S, t) != 0 && status != HS_ERROR) status = HS_ERROR;
+    lua_settop(L, base);
+    hs_state_end_deadline(S);
+    S->txn = NULL;
+    S->hook = -1;
+    S->slot = -1;
+    S->cur_name = NULL;
+    return status;
+}
+
+int hs_fire(hs_host *h, int hook, hs_txn *t) {
+    hs_error *cerr;
+    hs_state *S = hs_state_current(h, &cerr);
+    if (!S) return HS_ERROR;
+    if (hook < 0 || hook >= h->nhooks) {
+        hs_error_set(&S->err, HS_ERR_USAGE, "", "", "no hook with index %d", hook);
+        return HS_ERROR;
+    }
+    t->changed = 0;
+    if (S->logs.len) S->logs.len = 0;
+    uint64_t start = hs_now_ns();
+    int status;
+    if (S->gen != atomic_load_explicit(&h->gen, memory_order_acquire) && hs_state_rehydrate(S) != 0) {
+        snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
+        status = HS_ERROR;
+    } else if (S->hooks[hook].n == 0) {
+        status = HS_CONTINUE;
+    } else {
+        status = run_handlers(S, hook, t, start);
+    }
+    BUMP(S->c.fires);
+    BUMP(S->c.hook_fires[hook]);
+    if (status == HS_ERROR) {
+        BUMP(S->c.errors);
+        BUMP(S->c.hook_errors[hook]);
+    }
+    ADD(S->c.hook_ns[hook], hs_now_ns() - start);
+    unsigned changed = t->changed | (S->logs.len ? HS_CH_LOGS : 0);
+    return status | (int)(changed << 2);
+}

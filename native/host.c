@@ -1,0 +1,239 @@
+/*
+ * host.c — the host: its configuration, its list of live thread states, and the
+ * statistics summed over them.
+ *
+ * A host is shared by every thread that fires. The only thing the hot path reads
+ * from it is the atomic program generation (see dispatch.c); everything else here
+ * runs at set-up, at thread start/end, or when someone asks for stats, under
+ * host->mu.
+ *
+ * Lifetime: the host is reference-counted by its handle and by each live state, so
+ * a thread ending after hs_host_free (its pthread key destructor already removed)
+ * or a state closing concurrently never touches freed memory.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+static void state_key_destructor(void *p) {
+    hs_state *S = p;
+    hs_host *h = S->host;
+    int mine = 0;
+    pthread_mutex_lock(&h->mu);
+    if (!h->closed) {
+        /* unlink here; hs_host_free closes the ones still linked */
+        if (S->prev) S->prev->next = S->next;
+        else h->states = S->next;
+        if (S->next) S->next->prev = S->prev;
+        h->nstates--;
+        hs_host_retire_counters(h, &S->c);
+        mine = 1;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (mine) hs_state_close(S);
+}
+
+static char *dupstr(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *p = malloc(n);
+    if (p) memcpy(p, s, n);
+    return p;
+}
+
+static int valid_hook_name(const char *s) {
+    if (!*s) return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_')) return 0;
+    return 1;
+}
+
+hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
+    if (cfg->nhooks < 1 || cfg->nhooks > HS_MAX_HOOKS) {
+        hs_error_set(err, HS_ERR_USAGE, "", "", "a host needs 1 to %d hooks", HS_MAX_HOOKS);
+        return NULL;
+    }
+    for (int i = 0; i < cfg->nhooks; i++) {
+        if (!valid_hook_name(cfg->hooks[i])) {
+            hs_error_set(err, HS_ERR_USAGE, "", "", "invalid hook name '%s' (use a-z, 0-9, _)",
+                         cfg->hooks[i]);
+            return NULL;
+        }
+        for (int j = 0; j < i; j++)
+            if (!strcmp(cfg->hooks[i], cfg->hooks[j])) {
+                hs_error_set(err, HS_ERR_USAGE, "", "", "hook '%s' declared twice", cfg->hooks[i]);
+                return NULL;
+            }
+    }
+    hs_host *h = calloc(1, sizeof *h);
+    if (!h) goto nomem;
+    atomic_init(&h->refs, 1);
+    h->nhooks = cfg->nhooks;
+    h->hooks = calloc(cfg->nhooks, sizeof *h->hooks);
+    h->hookflags = calloc(cfg->nhooks, sizeof *h->hookflags);
+    if (!h->hooks || !h->hookflags) goto nomem;
+    for (int i = 0; i < cfg->nhooks; i++) {
+        if (!(h->hooks[i] = dupstr(cfg->hooks[i]))) goto nomem;
+        if (!strcmp(cfg->hooks[i], "log")) h->hookflags[i] |= HS_HOOK_OBSERVE_ONLY;
+    }
+    h->time_limit = cfg->time_limit > 0 ? cfg->time_limit : 0;
+    h->memory_limit = cfg->memory_limit;
+    h->sandbox = cfg->sandbox;
+    if (cfg->nlua_path > 0) {
+        h->lua_path = calloc(cfg->nlua_path, sizeof *h->lua_path);
+        if (!h->lua_path) goto nomem;
+        h->nlua_path = cfg->nlua_path;
+        for (int i = 0; i < cfg->nlua_path; i++)
+            if (!(h->lua_path[i] = dupstr(cfg->lua_path[i]))) goto nomem;
+    }
+    h->prog = calloc(1, sizeof *h->prog);
+    if (!h->prog) goto nomem;
+    atomic_init(&h->prog->refs, 1);
+    h->prog->gen = 1;
+    atomic_init(&h->gen, 1);
+    if (pthread_key_create(&h->key, state_key_destructor)) goto nomem;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_mutex_init(&h->load_mu, NULL);
+
+    /* Prove the configuration yields a working state (memory limit large enough...). */
+    hs_state *probe = hs_state_new(h, 1, err);
+    if (!probe) {
+        hs_host_free(h);
+        return NULL;
+    }
+    hs_state_close(probe);
+    return h;
+nomem:
+    hs_error_set(err, HS_ERR_MEMORY, "", "", "out of memory creating the host");
+    if (h) {
+        /* partially built: free what exists without touching key/mutexes */
+        if (h->hooks)
+            for (int i = 0; i < h->nhooks; i++) free(h->hooks[i]);
+        free(h->hooks);
+        free(h->hookflags);
+        if (h->lua_path)
+            for (int i = 0; i < h->nlua_path; i++) free(h->lua_path[i]);
+        free(h->lua_path);
+        free(h->prog);
+        free(h);
+    }
+    return NULL;
+}
+
+static void host_destroy(hs_host *h) {
+    hs_prog_release(h->prog);
+    for (int i = 0; i < h->nhooks; i++) free(h->hooks[i]);
+    free(h->hooks);
+    free(h->hookflags);
+    for (int i = 0; i < h->nlua_path; i++) free(h->lua_path[i]);
+    free(h->lua_path);
+    hs_buf_free(&h->load_logs);
+    hs_module **mods = (hs_module **)h->modules.p;
+    for (size_t i = 0; i < h->modules.len / sizeof *mods; i++) {
+        free(mods[i]->name);
+        free(mods[i]->bc);
+        free(mods[i]);
+    }
+    hs_buf_free(&h->modules);
+    pthread_mutex_destroy(&h->mu);
+    pthread_mutex_destroy(&h->load_mu);
+    free(h);
+}
+
+void hs_host_unref(hs_host *h) {
+    if (atomic_fetch_sub(&h->refs, 1) == 1) host_destroy(h);
+}
+
+void hs_host_free(hs_host *h) {
+    if (!h) return;
+    pthread_key_delete(h->key);
+    pthread_mutex_lock(&h->mu);
+    h->closed = 1;
+    hs_state *list = h->states;
+    h->states = NULL;
+    h->nstates = 0;
+    pthread_mutex_unlock(&h->mu);
+    /* Each close drops a host reference; ours keeps h alive until the end. */
+    while (list) {
+        hs_state *next = list->next;
+        hs_state_close(list);
+        list = next;
+    }
+    hs_host_unref(h);
+}
+
+int hs_hook_index(const hs_host *h, const char *name) {
+    for (int i = 0; i < h->nhooks; i++)
+        if (!strcmp(h->hooks[i], name)) return i;
+    return -1;
+}
+
+const char *hs_engine(void) { return HS_ENGINE_NAME; }
+const char *hs_engine_version(void) { return HS_ENGINE_VERSION; }
+
+#define LOAD(x) atomic_load_explicit(&(x), memory_order_relaxed)
+
+static void add_counters(hs_counters *dst, const hs_counters *src, int nhooks) {
+    dst->fires += LOAD(src->fires);
+    dst->errors += LOAD(src->errors);
+    dst->timeouts += LOAD(src->timeouts);
+    dst->memory_errors += LOAD(src->memory_errors);
+    dst->rehydrations += LOAD(src->rehydrations);
+    for (int i = 0; i < nhooks; i++) {
+        dst->hook_fires[i] += LOAD(src->hook_fires[i]);
+        dst->hook_errors[i] += LOAD(src->hook_errors[i]);
+        dst->hook_ns[i] += LOAD(src->hook_ns[i]);
+    }
+}
+
+/* Caller holds h->mu. */
+void hs_host_retire_counters(hs_host *h, const hs_counters *c) {
+    add_counters(&h->retired, c, h->nhooks);
+}
+
+void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
+    hs_counters *sum = calloc(1, sizeof *sum);
+    memset(out, 0, sizeof *out);
+    if (!sum) return;
+    pthread_mutex_lock(&h->mu);
+    add_counters(sum, &h->retired, h->nhooks);
+    for (hs_state *S = h->states; S; S = S->next) {
+        add_counters(sum, &S->c, h->nhooks);
+        size_t heap = LOAD(S->heap);
+        out->heap_bytes += heap;
+        if (heap > out->heap_max) out->heap_max = heap;
+    }
+    out->states = h->nstates;
+    out->compilations = h->compilations;
+    out->generation = LOAD(h->gen);
+    pthread_mutex_unlock(&h->mu);
+    out->fires = sum->fires;
+    out->errors = sum->errors;
+    out->timeouts = sum->timeouts;
+    out->memory_errors = sum->memory_errors;
+    out->rehydrations = sum->rehydrations;
+    if (hooks)
+        for (int i = 0; i < h->nhooks; i++) {
+            hooks[i].fires = sum->hook_fires[i];
+            hooks[i].errors = sum->hook_errors[i];
+            hooks[i].total_ns = sum->hook_ns[i];
+        }
+    free(sum);
+}
+
+size_t hs_scripts(hs_host *h, char *buf, size_t cap) {
+    hs_prog *p = hs_prog_acquire(h);
+    size_t need = 0;
+    for (int i = 0; i < p->nscripts; i++) {
+        size_t n = strlen(p->scripts[i]->name) + 1;
+        if (buf && need + n <= cap) memcpy(buf + need, p->scripts[i]->name, n);
+        need += n;
+    }
+    hs_prog_release(p);
+    return need;
+}
+
+const char *hs_load_logs(hs_host *h, size_t *len) {
+    *len = h->load_logs.len;
+    return h->load_logs.p;
+}

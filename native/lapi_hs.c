@@ -1,0 +1,486 @@
+/*
+ * lapi_hs.c — what a handler sees: the `hs` table (DONE, log, now) and the `txn`
+ * object with its req/resp/headers proxies, plus the message handler that turns a
+ * Lua error into a message and traceback.
+ *
+ * The txn object and its proxies are built once per state and reused by every
+ * fire: a fire only points S->txn at the C transaction, so calling a handler costs
+ * no allocation. Reads go straight to the C transaction (headers are looked up
+ * lazily, on access); writes mark what changed so the host copies back only that.
+ * Using a saved txn after its hook returned is an error, not a stale read.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "core.h"
+
+const char hs_done_sentinel = 'D';
+
+#define STATE(L) ((hs_state *)lua_touserdata((L), lua_upvalueindex(1)))
+
+static hs_txn *active_txn(lua_State *L, hs_state *S) {
+    if (!S->txn) luaL_error(L, "txn is only valid during the hook call it was passed to");
+    return S->txn;
+}
+
+static void check_phase(lua_State *L, hs_state *S, const char *api, unsigned forbidden) {
+    if (S->hook >= 0 && (S->host->hookflags[S->hook] & forbidden))
+        luaL_error(L, "%s is not available in hook %s", api, S->host->hooks[S->hook]);
+}
+
+/* ---- message handler ---- */
+
+int hs_lapi_errh(lua_State *L) {
+    hs_state *S = STATE(L);
+    S->in_errh = 1;
+    if (S->abort == HS_ERR_TIMEOUT) {
+        snprintf(S->err.message, sizeof S->err.message, "time limit exceeded");
+    } else if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER) {
+        snprintf(S->err.message, sizeof S->err.message, "%s", lua_tostring(L, 1));
+    } else if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+        snprintf(S->err.message, sizeof S->err.message, "%s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    } else {
+        snprintf(S->err.message, sizeof S->err.message, "(error object is a %s value)",
+                 luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, NULL, 1);
+    snprintf(S->err.traceback, sizeof S->err.traceback, "%s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    S->in_errh = 0;
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* ---- hs.log ---- */
+
+void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
+    const char *script = S->cur_name ? S->cur_name : "";
+    size_t slen = strlen(script);
+    if (slen > UINT16_MAX) slen = UINT16_MAX;
+    if (S->logs.len + len + slen + 7 > HS_LOGS_MAX) return; /* the rest of this fire is dropped */
+    uint8_t lv = (uint8_t)level;
+    uint16_t sl = (uint16_t)slen;
+    uint32_t ml = (uint32_t)len;
+    hs_buf_put(&S->logs, &lv, 1);
+    hs_buf_put(&S->logs, &sl, 2);
+    hs_buf_put(&S->logs, script, slen);
+    hs_buf_put(&S->logs, &ml, 4);
+    hs_buf_put(&S->logs, msg, len);
+}
+
+static int l_log(lua_State *L) {
+    hs_state *S = STATE(L);
+    int level = (int)lua_tointeger(L, lua_upvalueindex(2));
+    int n = lua_gettop(L);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int i = 1; i <= n; i++) {
+        lua_getglobal(L, "tostring");
+        lua_pushvalue(L, i);
+        lua_call(L, 1, 1);
+        if (!lua_isstring(L, -1)) return luaL_error(L, "'tostring' must return a string");
+        if (i > 1) luaL_addchar(&b, ' ');
+        luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+    size_t len;
+    const char *msg = lua_tolstring(L, -1, &len);
+    hs_lapi_log(S, level, msg, len);
+    return 0;
+}
+
+static int l_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+    return 1;
+}
+
+/* ---- request / response fields ---- */
+
+static void push_buf(lua_State *L, const hs_buf *b) { lua_pushlstring(L, b->p ? b->p : "", b->len); }
+
+static int set_buf(lua_State *L, hs_buf *b, int idx) {
+    size_t n;
+    const char *v = luaL_checklstring(L, idx, &n);
+    b->len = 0;
+    if (hs_buf_put(b, v, n) != 0) return luaL_error(L, "not enough memory");
+    return 0;
+}
+
+static int req_index(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "method")) push_buf(L, &t->method);
+    else if (k && !strcmp(k, "uri")) push_buf(L, &t->uri);
+    else lua_pushnil(L);
+    return 1;
+}
+
+static int req_newindex(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "method")) {
+        set_buf(L, &t->method, 3);
+        t->changed |= HS_CH_METHOD;
+    } else if (k && !strcmp(k, "uri")) {
+        set_buf(L, &t->uri, 3);
+        t->changed |= HS_CH_URI;
+    } else {
+        return luaL_error(L, "txn.req.%s cannot be assigned (method, uri and headers can)",
+                          k ? k : "?");
+    }
+    return 0;
+}
+
+static int check_status(lua_State *L, int idx) {
+    lua_Number n = luaL_checknumber(L, idx);
+    if (n != (lua_Number)(int)n || n < 100 || n > 999)
+        luaL_argerror(L, idx, "status must be an integer from 100 to 999");
+    return (int)n;
+}
+
+static int resp_index(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "status")) {
+        if (t->status) lua_pushinteger(L, t->status);
+        else lua_pushnil(L);
+    } else if (k && !strcmp(k, "body")) {
+        push_buf(L, &t->body);
+    } else {
+        lua_pushnil(L);
+    }
+    return 1;
+}
+
+static int resp_newindex(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "status")) {
+        t->status = check_status(L, 3);
+        t->changed |= HS_CH_STATUS;
+    } else if (k && !strcmp(k, "body")) {
+        set_buf(L, &t->body, 3);
+        t->changed |= HS_CH_BODY;
+    } else {
+        return luaL_error(L, "txn.resp.%s cannot be assigned (status, body and headers can)",
+                          k ? k : "?");
+    }
+    return 0;
+}
+
+/* ---- headers: upvalue 1 = state, 2 = HS_REQ/HS_RESP, 3 = methods table ---- */
+
+#define WHICH(L) ((int)lua_tointeger((L), lua_upvalueindex(2)))
+
+static const char *check_name(lua_State *L, int idx, size_t *n) {
+    const char *k = luaL_checklstring(L, idx, n);
+    if (!hs_hdr_valid_name(k, *n)) luaL_error(L, "invalid header name '%s'", k);
+    return k;
+}
+
+static const char *check_value(lua_State *L, int idx, size_t *n) {
+    if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
+        luaL_error(L, "header value must be a string or number, not %s", luaL_typename(L, idx));
+    const char *v = lua_tolstring(L, idx, n);
+    if (!hs_hdr_valid_value(v, *n)) luaL_error(L, "invalid header value (control characters)");
+    return v;
+}
+
+static void mark_headers(hs_txn *t, int which) {
+    t->changed |= which == HS_REQ ? HS_CH_REQ_HEADERS : HS_CH_RESP_HEADERS;
+}
+
+static int push_first(lua_State *L, hs_txn *t, int which, const char *k, size_t n) {
+    hs_hdrs *hs = &t->hdr[which];
+    long i = hs_hdrs_find(hs, k, n, 0);
+    if (i < 0) lua_pushnil(L);
+    else lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+    return 1;
+}
+
+static int hdr_index(lua_State *L) {
+    hs_state *S = STATE(L);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, lua_upvalueindex(3));
+    if (!lua_isnil(L, -1)) return 1;
+    hs_txn *t = active_txn(L, S);
+    size_t n;
+    const char *k = luaL_checklstring(L, 2, &n);
+    return push_first(L, t, WHICH(L), k, n);
+}
+
+/* Set (replace) NAME to the value(s) at idx: string/number, list of them, or nil. */
+static void set_header(lua_State *L, hs_txn *t, int which, const char *k, size_t kn, int idx) {
+    hs_hdrs *hs = &t->hdr[which];
+    size_t vn;
+    if (lua_isnil(L, idx)) {
+        hs_hdrs_remove(hs, k, kn);
+    } else if (lua_istable(L, idx)) {
+        size_t len = hs_rawlen(L, idx);
+        for (size_t i = 1; i <= len; i++) { /* validate all before changing anything */
+            lua_rawgeti(L, idx, (int)i);
+            check_value(L, -1, &vn);
+            lua_pop(L, 1);
+        }
+        hs_hdrs_remove(hs, k, kn);
+        for (size_t i = 1; i <= len; i++) {
+            lua_rawgeti(L, idx, (int)i);
+            const char *v = check_value(L, -1, &vn);
+            if (hs_hdrs_add(hs, k, kn, v, vn)) luaL_error(L, "not enough memory");
+            lua_pop(L, 1);
+        }
+    } else {
+        const char *v = check_value(L, idx, &vn);
+        if (hs_hdrs_set(hs, k, kn, v, vn)) luaL_error(L, "not enough memory");
+    }
+    mark_headers(t, which);
+}
+
+static int hdr_newindex(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t kn;
+    const char *k = check_name(L, 2, &kn);
+    set_header(L, t, WHICH(L), k, kn, 3);
+    return 0;
+}
+
+static int hdr_get(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t n;
+    const char *k = luaL_checklstring(L, 2, &n);
+    return push_first(L, t, WHICH(L), k, n);
+}
+
+static int hdr_get_all(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t n;
+    const char *k = luaL_checklstring(L, 2, &n);
+    hs_hdrs *hs = &t->hdr[WHICH(L)];
+    lua_newtable(L);
+    int j = 0;
+    for (long i = hs_hdrs_find(hs, k, n, 0); i >= 0; i = hs_hdrs_find(hs, k, n, i + 1)) {
+        lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+        lua_rawseti(L, -2, ++j);
+    }
+    return 1;
+}
+
+static int hdr_set(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t kn;
+    const char *k = check_name(L, 2, &kn);
+    lua_settop(L, 3);
+    set_header(L, t, WHICH(L), k, kn, 3);
+    return 0;
+}
+
+static int hdr_add(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t kn, vn;
+    const char *k = check_name(L, 2, &kn);
+    const char *v = check_value(L, 3, &vn);
+    if (hs_hdrs_add(&t->hdr[WHICH(L)], k, kn, v, vn)) return luaL_error(L, "not enough memory");
+    mark_headers(t, WHICH(L));
+    return 0;
+}
+
+static int hdr_remove(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    size_t kn;
+    const char *k = luaL_checklstring(L, 2, &kn);
+    hs_hdrs_remove(&t->hdr[WHICH(L)], k, kn);
+    mark_headers(t, WHICH(L));
+    return 0;
+}
+
+/* for name, value in headers:each() do ... end — upvalue 4: next index */
+static int hdr_each_step(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    hs_hdrs *hs = &t->hdr[WHICH(L)];
+    lua_Integer i = lua_tointeger(L, lua_upvalueindex(3));
+    if ((size_t)i >= hs->n) return 0;
+    lua_pushinteger(L, i + 1);
+    lua_replace(L, lua_upvalueindex(3));
+    lua_pushlstring(L, hs->arena.p + hs->e[i].noff, hs->e[i].nlen);
+    lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+    return 2;
+}
+
+static int hdr_each(lua_State *L) {
+    hs_state *S = STATE(L);
+    active_txn(L, S);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_pushinteger(L, 0);
+    lua_pushcclosure(L, hdr_each_step, 3);
+    return 1;
+}
+
+static const luaL_Reg hdr_methods[] = {
+    {"get", hdr_get}, {"get_all", hdr_get_all}, {"set", hdr_set}, {"add", hdr_add},
+    {"remove", hdr_remove}, {"each", hdr_each}, {NULL, NULL}};
+
+/* Pushes a headers proxy for WHICH. */
+static void new_headers(lua_State *L, hs_state *S, int which) {
+    lua_newtable(L); /* proxy */
+    lua_newtable(L); /* metatable */
+    lua_newtable(L); /* methods */
+    int methods = lua_gettop(L);
+    for (const luaL_Reg *r = hdr_methods; r->name; r++) {
+        lua_pushlightuserdata(L, S);
+        lua_pushinteger(L, which);
+        lua_pushcclosure(L, r->func, 2);
+        lua_setfield(L, methods, r->name);
+    }
+    lua_pushlightuserdata(L, S);
+    lua_pushinteger(L, which);
+    lua_pushvalue(L, methods);
+    lua_pushcclosure(L, hdr_index, 3);
+    lua_setfield(L, -3, "__index");
+    lua_pushlightuserdata(L, S);
+    lua_pushinteger(L, which);
+    lua_pushcclosure(L, hdr_newindex, 2);
+    lua_setfield(L, -3, "__newindex");
+    lua_pushliteral(L, "headers");
+    lua_setfield(L, -3, "__metatable");
+    lua_pop(L, 1);
+    lua_setmetatable(L, -2);
+}
+
+/* Pushes a req/resp table: {headers = proxy} with field metamethods. */
+static void new_message(lua_State *L, hs_state *S, int which, lua_CFunction idx, lua_CFunction nidx) {
+    lua_newtable(L);
+    new_headers(L, S, which);
+    lua_setfield(L, -2, "headers");
+    lua_newtable(L);
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, idx, 1);
+    lua_setfield(L, -2, "__index");
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, nidx, 1);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+}
+
+/* ---- txn ---- */
+
+static int txn_respond(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    check_phase(L, S, "txn:respond", HS_HOOK_OBSERVE_ONLY);
+    int status = check_status(L, 2);
+    if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+    if (!lua_isnoneornil(L, 3)) {
+        set_buf(L, &t->body, 3);
+    } else {
+        t->body.len = 0;
+    }
+    if (!lua_isnoneornil(L, 4)) {
+        lua_pushnil(L);
+        while (lua_next(L, 4)) {
+            size_t kn;
+            const char *k = check_name(L, -2, &kn);
+            set_header(L, t, HS_RESP, k, kn, lua_gettop(L));
+            lua_pop(L, 1);
+        }
+    }
+    t->status = status;
+    t->responded = 1;
+    t->changed |= HS_CH_STATUS | HS_CH_BODY | HS_CH_RESP_HEADERS;
+    return 0;
+}
+
+/* txn.ctx on first access in a fire: the C transaction's ctx, decoded. */
+static int txn_fields_index(lua_State *L) {
+    hs_state *S = STATE(L);
+    const char *k = lua_tostring(L, 2);
+    if (!k || strcmp(k, "ctx")) return 0;
+    hs_txn *t = active_txn(L, S);
+    if (hs_ctx_decode(L, t->ctx.p, t->ctx.len) != 0) return luaL_error(L, "corrupt txn.ctx");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
+    lua_pushliteral(L, "ctx");
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    S->ctx_live = 1;
+    return 1;
+}
+
+static int txn_newindex(lua_State *L) {
+    hs_state *S = STATE(L);
+    const char *k = lua_tostring(L, 2);
+    active_txn(L, S);
+    if (!k || strcmp(k, "ctx"))
+        return luaL_error(L, "txn.%s cannot be assigned (keep per-request data in txn.ctx)",
+                          k ? k : "?");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_rawset(L, 1);
+    S->ctx_live = 1;
+    return 0;
+}
+
+static void new_txn(lua_State *L, hs_state *S) {
+    lua_newtable(L); /* txn: only ctx is ever stored in it */
+    lua_newtable(L); /* fields, txn's __index */
+    new_message(L, S, HS_REQ, req_index, req_newindex);
+    lua_setfield(L, -2, "req");
+    new_message(L, S, HS_RESP, resp_index, resp_newindex);
+    lua_setfield(L, -2, "resp");
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, txn_respond, 1);
+    lua_setfield(L, -2, "respond");
+    lua_newtable(L); /* fields' metatable: ctx is made on demand */
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, txn_fields_index, 1);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
+    lua_newtable(L); /* txn's metatable */
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "__index");
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, txn_newindex, 1);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "txn");
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, -2);
+    S->txn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+int hs_lapi_open(hs_state *S) {
+    lua_State *L = S->L;
+    new_txn(L, S);
+    lua_newtable(L); /* hs */
+    lua_pushlightuserdata(L, (void *)&hs_done_sentinel);
+    lua_setfield(L, -2, "DONE");
+    lua_pushcfunction(L, l_now);
+    lua_setfield(L, -2, "now");
+    lua_pushstring(L, HS_ENGINE_NAME);
+    lua_setfield(L, -2, "engine");
+    static const struct { const char *name; int level; } levels[] = {
+        {"debug", 10}, {"info", 20}, {"warn", 30}, {"error", 40}};
+    lua_newtable(L);
+    for (size_t i = 0; i < sizeof levels / sizeof *levels; i++) {
+        lua_pushlightuserdata(L, S);
+        lua_pushinteger(L, levels[i].level);
+        lua_pushcclosure(L, l_log, 2);
+        lua_setfield(L, -2, levels[i].name);
+    }
+    lua_setfield(L, -2, "log");
+    return 0;
+}

@@ -1,0 +1,325 @@
+/*
+ * sandbox.c — the environment scripts run in, and `require`.
+ *
+ * Sandboxed (the default), a script sees a fresh environment table whose reads
+ * fall through to a table of safe globals: base functions without file or
+ * bytecode access, string (without dump), table, math, utf8, coroutine, bit,
+ * a few os time functions, and hs. Reading or writing an undeclared global is an
+ * error. Without the sandbox, scripts run in the state's ordinary globals.
+ *
+ * In both modes:
+ *   - pcall/xpcall cannot swallow the time limit: once it fired they re-raise;
+ *   - load accepts source text only (bytecode comes from the core alone);
+ *   - require finds Lua modules only: compiled bytecode in the program first,
+ *     then the embedded library (src/lua) and the host's lua_path directories,
+ *     compiled from text. A module compiled while hs_load validates a script is
+ *     published with the program, so worker threads rehydrate it instead of
+ *     compiling it again.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+#define STATE(L) ((hs_state *)lua_touserdata((L), lua_upvalueindex(1)))
+
+static int strict_index(lua_State *L) {
+    const char *k = lua_tostring(L, 2);
+    return luaL_error(L, "undeclared global '%s'", k ? k : "?");
+}
+
+static int strict_newindex(lua_State *L) {
+    const char *k = lua_tostring(L, 2);
+    return luaL_error(L, "assignment to undeclared global '%s' (use local, or txn.ctx / hs.shared "
+                         "for data that must outlive the call)",
+                      k ? k : "?");
+}
+
+/* ---- pcall / xpcall that cannot catch the time limit ---- */
+
+static int finish_pcall(lua_State *L, hs_state *S, int status, int base) {
+    if (S->abort) return lua_error(L); /* the error value is on top */
+    lua_pushboolean(L, status == 0);
+    lua_insert(L, base);
+    return lua_gettop(L) - base + 1;
+}
+
+static int sb_pcall(lua_State *L) {
+    hs_state *S = STATE(L);
+    luaL_checkany(L, 1);
+    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    return finish_pcall(L, S, status, 1);
+}
+
+static int sb_xpcall(lua_State *L) {
+    hs_state *S = STATE(L);
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_replace(L, 1);
+    lua_replace(L, 2); /* msgh, f, args... */
+    int status = lua_pcall(L, n - 2, LUA_MULTRET, 1);
+    return finish_pcall(L, S, status, 2);
+}
+
+/* load(text [, chunkname [, mode [, env]]]) — text only */
+static int sb_load(lua_State *L) {
+    hs_state *S = STATE(L);
+    size_t len;
+    if (lua_type(L, 1) != LUA_TSTRING) return luaL_error(L, "load: only source strings can be loaded here");
+    const char *s = lua_tolstring(L, 1, &len);
+    const char *name = luaL_optstring(L, 2, "=(load)");
+    const char *mode = luaL_optstring(L, 3, "t");
+    if (!strchr(mode, 't')) return luaL_error(L, "load: bytecode cannot be loaded here (mode must allow \"t\")");
+    int envi = lua_isnoneornil(L, 4) ? 0 : 4;
+    if (luaL_loadbufferx(L, s, len, name, "t") != 0) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    if (envi) lua_pushvalue(L, envi);
+    else lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
+    hs_setenv(L, lua_gettop(L) - 1);
+    return 1;
+}
+
+static int sb_collectgarbage(lua_State *L) {
+    const char *opt = luaL_optstring(L, 1, "collect");
+    if (!strcmp(opt, "count")) {
+        lua_pushnumber(L, lua_gc(L, LUA_GCCOUNT, 0) + lua_gc(L, LUA_GCCOUNTB, 0) / 1024.0);
+        return 1;
+    }
+    if (!strcmp(opt, "collect") || !strcmp(opt, "step")) {
+        lua_gc(L, LUA_GCCOLLECT, 0);
+        lua_pushinteger(L, 0);
+        return 1;
+    }
+    return luaL_error(L, "collectgarbage('%s') is not available in the sandbox", opt);
+}
+
+static int sb_print(lua_State *L) {
+    lua_pushvalue(L, lua_upvalueindex(2)); /* hs.log.info */
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 0);
+    return 0;
+}
+
+/* ---- require ---- */
+
+static int valid_module_name(const char *s) {
+    if (!*s || *s == '.') return 0;
+    for (const char *p = s; *p; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '_' || *p == '-' || *p == '.'))
+            return 0;
+        if (p[0] == '.' && p[1] == '.') return 0;
+    }
+    return 1;
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    hs_buf b = {0};
+    char chunk[8192];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        if (hs_buf_put(&b, chunk, n)) {
+            hs_buf_free(&b);
+            fclose(f);
+            return NULL;
+        }
+    fclose(f);
+    if (!b.p) b.p = calloc(1, 1);
+    *len = b.len;
+    return b.p;
+}
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+    (void)L;
+    return hs_buf_put(ud, p, sz);
+}
+
+/* Compile module NAME from text; scratch states keep the bytecode for the program. */
+static int compile_module(lua_State *L, hs_state *S, const char *name, const char *src, size_t len) {
+    char chunkname[300];
+    snprintf(chunkname, sizeof chunkname, "@%s", name);
+    if (luaL_loadbufferx(L, src, len, chunkname, "t") != 0) return lua_error(L);
+    pthread_mutex_lock(&S->host->mu);
+    S->host->compilations++;
+    pthread_mutex_unlock(&S->host->mu);
+    if (!S->scratch) return 0;
+    hs_module *m = calloc(1, sizeof *m);
+    hs_buf bc = {0};
+    if (!m || !(m->name = strdup(name)) || hs_dump(L, dump_writer, &bc) != 0 ||
+        hs_buf_put(&S->pending, &m, sizeof m) != 0) {
+        if (m) free(m->name);
+        free(m);
+        hs_buf_free(&bc);
+        return luaL_error(L, "not enough memory");
+    }
+    m->bc = bc.p;
+    m->bclen = bc.len;
+    return 0;
+}
+
+/* Push the loaded chunk of module NAME, or raise "module not found". */
+static void find_module(lua_State *L, hs_state *S, const char *name) {
+    const hs_module *m = hs_prog_module(S->modprog ? S->modprog : S->prog, name);
+    hs_module **pend = (hs_module **)S->pending.p;
+    for (size_t i = 0; !m && i < S->pending.len / sizeof *pend; i++)
+        if (!strcmp(pend[i]->name, name)) m = pend[i];
+    if (m) {
+        char chunkname[300];
+        snprintf(chunkname, sizeof chunkname, "@%s", name);
+        if (luaL_loadbufferx(L, m->bc, m->bclen, chunkname, "b") != 0) lua_error(L);
+        return;
+    }
+    for (const hs_lualib_entry *e = hs_lualib; e->name; e++)
+        if (!strcmp(e->name, name)) {
+            compile_module(L, S, name, e->src, e->len);
+            return;
+        }
+    luaL_Buffer tried;
+    luaL_buffinit(L, &tried);
+    luaL_addstring(&tried, "the embedded library");
+    hs_host *h = S->host;
+    for (int i = 0; i < h->nlua_path; i++) {
+        char path[4096];
+        int n = snprintf(path, sizeof path, "%s/", h->lua_path[i]);
+        for (const char *p = name; *p && n < (int)sizeof path - 5; p++) path[n++] = *p == '.' ? '/' : *p;
+        snprintf(path + n, sizeof path - n, ".lua");
+        size_t len;
+        char *src = read_file(path, &len);
+        if (src) {
+            /* the display name is the module name, as for embedded modules */
+            lua_pushlstring(L, src, len);
+            free(src);
+            compile_module(L, S, name, lua_tostring(L, -1), len);
+            lua_remove(L, -2);
+            return;
+        }
+        luaL_addstring(&tried, ", ");
+        luaL_addstring(&tried, path);
+    }
+    luaL_pushresult(&tried);
+    luaL_error(L, "module '%s' not found (searched %s)", name, lua_tostring(L, -1));
+}
+
+static int sb_require(lua_State *L) {
+    hs_state *S = STATE(L);
+    const char *name = luaL_checkstring(L, 1);
+    if (!valid_module_name(name)) return luaL_error(L, "invalid module name '%s'", name);
+    lua_settop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->loaded_ref); /* 2 */
+    lua_getfield(L, 2, name);
+    if (!lua_isnil(L, -1)) return 1;
+    lua_pop(L, 1);
+    find_module(L, S, name); /* 3 */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
+    hs_setenv(L, 3);
+    const char *outer = S->cur_name;
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    S->cur_name = outer;
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushboolean(L, 1);
+    }
+    lua_pushvalue(L, -1);
+    lua_setfield(L, 2, name);
+    return 1;
+}
+
+/* ---- building the environment ---- */
+
+static void set_closure(lua_State *L, int t, const char *name, lua_CFunction f, hs_state *S) {
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, f, 1);
+    lua_setfield(L, t, name);
+}
+
+static void copy_fields(lua_State *L, int from, int to, const char *const *names) {
+    for (; *names; names++) {
+        lua_getfield(L, from, *names);
+        lua_setfield(L, to, *names);
+    }
+}
+
+int hs_sandbox_open(hs_state *S) {
+    lua_State *L = S->L;
+    lua_newtable(L);
+    S->loaded_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+    lua_pushglobaltable(L);
+    int G = lua_gettop(L);
+    /* in both modes: these replace the standard ones */
+    set_closure(L, G, "pcall", sb_pcall, S);
+    set_closure(L, G, "xpcall", sb_xpcall, S);
+    set_closure(L, G, "load", sb_load, S);
+    set_closure(L, G, "require", sb_require, S);
+
+    if (!S->host->sandbox) {
+        lua_pushvalue(L, G);
+        S->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_pop(L, 1);
+        return 0;
+    }
+
+    static const char *const base_names[] = {
+        "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawset", "select",
+        "setmetatable", "getmetatable", "tonumber", "tostring", "type", "_VERSION", "pcall",
+        "xpcall", "load", "require", "hs", "string", "table", "math", "coroutine",
+#ifdef HS_ENGINE_LUAJIT
+        "unpack", "bit",
+#else
+        "rawlen", "utf8",
+#endif
+        NULL};
+    static const char *const os_names[] = {"time", "clock", "date", "difftime", NULL};
+
+    lua_newtable(L); /* safe globals */
+    int base = lua_gettop(L);
+    copy_fields(L, G, base, base_names);
+    lua_newtable(L);
+    lua_getglobal(L, "os");
+    copy_fields(L, -1, -2, os_names);
+    lua_pop(L, 1);
+    lua_setfield(L, base, "os");
+    set_closure(L, base, "collectgarbage", sb_collectgarbage, S);
+    lua_pushlightuserdata(L, S);
+    lua_getglobal(L, "hs");
+    lua_getfield(L, -1, "log");
+    lua_getfield(L, -1, "info");
+    lua_replace(L, -3);
+    lua_pop(L, 1);
+    lua_pushcclosure(L, sb_print, 2);
+    lua_setfield(L, base, "print");
+    lua_getglobal(L, "string"); /* bytecode never leaves the core */
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushcfunction(L, strict_index);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, base);
+
+    lua_newtable(L); /* the environment */
+    int env = lua_gettop(L);
+    lua_newtable(L);
+    lua_pushvalue(L, base);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, strict_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "sandbox");
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, env);
+    lua_pushvalue(L, env);
+    lua_setfield(L, base, "_G");
+    lua_pushvalue(L, env);
+    S->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_settop(L, G - 1);
+    return 0;
+}

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Install what building hostscript needs on Debian/Ubuntu, when it is missing:
+# the Lua dev packages pkg-config finds, a compiler, and deb-src entries so that
+# tools/build-lua.sh can fetch the matching Lua sources. Runs apt only as root.
+set -eu
+pkgs="liblua5.4-dev libluajit2-5.1-dev pkg-config dpkg-dev gcc make python3-venv"
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+# python3-venv is only needed when the interpreter lacks venv/ensurepip
+if python3 -c 'import venv, ensurepip' 2>/dev/null; then missing=$(echo "$missing" | sed 's/python3-venv//'); fi
+missing=$(echo "$missing" | xargs)
+
+need_src=0
+if [ ! -f build/lua/lua54/liblua.a ] || [ ! -f build/lua/luajit/libluajit.a ]; then
+    apt-cache showsrc lua5.4 2>/dev/null | grep -q '^Package:' || need_src=1
+fi
+
+[ -z "$missing" ] && [ "$need_src" = 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "hostscript: missing system packages: ${missing:-none}; deb-src entries: $([ $need_src = 1 ] && echo missing || echo ok)" >&2
+    echo "hostscript: run 'sudo make deps' (or install them yourself) and retry" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+if [ "$need_src" = 1 ]; then
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+        sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+            > /etc/apt/sources.list.d/hostscript-src.sources
+    else
+        . /etc/os-release
+        printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$VERSION_CODENAME" > /etc/apt/sources.list.d/hostscript-src.sources
+    fi
+fi
+apt-get update -qq
+[ -n "$missing" ] && apt-get install -y -qq $missing
+exit 0
