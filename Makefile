@@ -20,7 +20,6 @@ $(LUA_LIBS): tools/build-lua.sh
 $(VENV)/.installed: $(LUA_LIBS) $(NATIVE) setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
 	sh tools/install-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -101,18 +101,23 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     }
     t->changed = 0;
     if (S->logs.len) S->logs.len = 0;
-    uint64_t start = hs_now_ns();
+    uint64_t start = 0;
     int status;
-    if (S->gen != atomic_load_explicit(&h->gen, memory_order_acquire) && hs_state_rehydrate(S) != 0) {
-        snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
-        status = HS_ERROR;
-    } else if (S->hooks[hook].n == 0) {
-        status = HS_CONTINUE;
-    } else {
-        status = run_handlers(S, hook, t, start);
-    }
     BUMP(S->c.fires);
     BUMP(S->c.hook_fires[hook]);
+    if (S->gen != atomic_load_explicit(&h->gen, memory_order_acquire)) {
+        start = hs_now_ns(); /* rehydration counts in the hook's time */
+        if (hs_state_rehydrate(S) != 0) {
+            snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
+            status = HS_ERROR;
+            goto done;
+        }
+    }
+    if (S->hooks[hook].n == 0) /* nothing to run, nothing worth timing */
+        return HS_CONTINUE | (S->logs.len ? HS_CH_LOGS << 2 : 0);
+    if (!start) start = hs_now_ns();
+    status = run_handlers(S, hook, t, start);
+done:
     if (status == HS_ERROR) {
         BUMP(S->c.errors);
         BUMP(S->c.hook_errors[hook]);

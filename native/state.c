@@ -482,7 +482,7 @@ int hs_state_rehydrate(hs_state *S) {
         char msg[sizeof S->err.message];
         snprintf(msg, sizeof msg, "%s", S->err.message);
         snprintf(S->err.message, sizeof S->err.message,
-                 "cannot prepare the program on this thread: %s", msg);
+                 "cannot prepare the program on this thread: %.970s", msg);
         rehydration_undo(S, &r);
         hs_prog_release(r.p);
         return -1;
