@@ -75,19 +75,17 @@ static int l_log(lua_State *L) {
     hs_state *S = STATE(L);
     int level = (int)lua_tointeger(L, lua_upvalueindex(2));
     int n = lua_gettop(L);
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (int i = 1; i <= n; i++) {
+    luaL_checkstack(L, 2 * n + 2, "too many arguments to log");
+    for (int i = 1; i <= n; i++) { /* tostring(arg), " ", ... then one concat */
+        if (i > 1) lua_pushliteral(L, " ");
         lua_getglobal(L, "tostring");
         lua_pushvalue(L, i);
         lua_call(L, 1, 1);
         if (!lua_isstring(L, -1)) return luaL_error(L, "'tostring' must return a string");
-        if (i > 1) luaL_addchar(&b, ' ');
-        luaL_addvalue(&b);
     }
-    luaL_pushresult(&b);
-    size_t len;
-    const char *msg = lua_tolstring(L, -1, &len);
+    if (n > 1) lua_concat(L, 2 * n - 1);
+    size_t len = 0;
+    const char *msg = n ? lua_tolstring(L, -1, &len) : "";
     hs_lapi_log(S, level, msg, len);
     return 0;
 }

@@ -134,6 +134,11 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
                      (int)sizeof err->script - 1);
         return -1;
     }
+    if (len > 0 && src[0] == LUA_SIGNATURE[0]) {
+        hs_error_set(err, HS_ERR_SYNTAX, name, "", "%s: bytecode is not accepted; load Lua source text",
+                     name);
+        return -1;
+    }
     pthread_mutex_lock(&h->load_mu);
     int ret = -1;
     hs_buf bc = {0};

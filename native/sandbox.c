@@ -36,32 +36,36 @@ static int strict_newindex(lua_State *L) {
                       k ? k : "?");
 }
 
-/* ---- pcall / xpcall that cannot catch the time limit ---- */
+/* ---- pcall / xpcall that cannot catch the time limit ----
+ * Written in Lua around the engine's own pcall/xpcall so that coroutines may still
+ * yield inside them (a C wrapper would be a yield barrier on both engines). */
 
-static int finish_pcall(lua_State *L, hs_state *S, int status, int base) {
-    if (S->abort) return lua_error(L); /* the error value is on top */
-    lua_pushboolean(L, status == 0);
-    lua_insert(L, base);
-    return lua_gettop(L) - base + 1;
+static const char wrap_pcall_src[] =
+    "local pcall, xpcall, error, aborted = ...\n"
+    "local function finish(ok, ...)\n"
+    "  if not ok and aborted() then error((...), 0) end\n"
+    "  return ok, ...\n"
+    "end\n"
+    "return function(f, ...) return finish(pcall(f, ...)) end,\n"
+    "       function(f, h, ...) return finish(xpcall(f, h, ...)) end\n";
+
+static int sb_aborted(lua_State *L) {
+    lua_pushboolean(L, STATE(L)->abort != 0);
+    return 1;
 }
 
-static int sb_pcall(lua_State *L) {
-    hs_state *S = STATE(L);
-    luaL_checkany(L, 1);
-    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    return finish_pcall(L, S, status, 1);
-}
-
-static int sb_xpcall(lua_State *L) {
-    hs_state *S = STATE(L);
-    int n = lua_gettop(L);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    lua_pushvalue(L, 1);
-    lua_pushvalue(L, 2);
-    lua_replace(L, 1);
-    lua_replace(L, 2); /* msgh, f, args... */
-    int status = lua_pcall(L, n - 2, LUA_MULTRET, 1);
-    return finish_pcall(L, S, status, 2);
+/* Replace G.pcall and G.xpcall. */
+static void wrap_pcall(lua_State *L, hs_state *S, int G) {
+    if (luaL_loadbuffer(L, wrap_pcall_src, sizeof wrap_pcall_src - 1, "=[hs pcall]") != 0)
+        lua_error(L);
+    lua_getfield(L, G, "pcall");
+    lua_getfield(L, G, "xpcall");
+    lua_getfield(L, G, "error");
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, sb_aborted, 1);
+    lua_call(L, 4, 2);
+    lua_setfield(L, G, "xpcall");
+    lua_setfield(L, G, "pcall");
 }
 
 /* load(text [, chunkname [, mode [, env]]]) — text only */
@@ -182,9 +186,8 @@ static void find_module(lua_State *L, hs_state *S, const char *name) {
             compile_module(L, S, name, e->src, e->len);
             return;
         }
-    luaL_Buffer tried;
-    luaL_buffinit(L, &tried);
-    luaL_addstring(&tried, "the embedded library");
+    char tried[2048];
+    size_t off = (size_t)snprintf(tried, sizeof tried, "the embedded library");
     hs_host *h = S->host;
     for (int i = 0; i < h->nlua_path; i++) {
         char path[4096];
@@ -201,11 +204,9 @@ static void find_module(lua_State *L, hs_state *S, const char *name) {
             lua_remove(L, -2);
             return;
         }
-        luaL_addstring(&tried, ", ");
-        luaL_addstring(&tried, path);
+        if (off < sizeof tried) off += (size_t)snprintf(tried + off, sizeof tried - off, ", %s", path);
     }
-    luaL_pushresult(&tried);
-    luaL_error(L, "module '%s' not found (searched %s)", name, lua_tostring(L, -1));
+    luaL_error(L, "module '%s' not found (searched %s)", name, tried);
 }
 
 static int sb_require(lua_State *L) {
@@ -217,9 +218,10 @@ static int sb_require(lua_State *L) {
     lua_getfield(L, 2, name);
     if (!lua_isnil(L, -1)) return 1;
     lua_pop(L, 1);
-    find_module(L, S, name); /* 3 */
+    find_module(L, S, name);
+    int chunk = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
-    hs_setenv(L, 3);
+    hs_setenv(L, chunk);
     const char *outer = S->cur_name;
     lua_pushvalue(L, 1);
     lua_call(L, 1, 1);
@@ -242,6 +244,8 @@ static void set_closure(lua_State *L, int t, const char *name, lua_CFunction f, 
 }
 
 static void copy_fields(lua_State *L, int from, int to, const char *const *names) {
+    from = hs_absindex(L, from);
+    to = hs_absindex(L, to);
     for (; *names; names++) {
         lua_getfield(L, from, *names);
         lua_setfield(L, to, *names);
@@ -256,8 +260,7 @@ int hs_sandbox_open(hs_state *S) {
     lua_pushglobaltable(L);
     int G = lua_gettop(L);
     /* in both modes: these replace the standard ones */
-    set_closure(L, G, "pcall", sb_pcall, S);
-    set_closure(L, G, "xpcall", sb_xpcall, S);
+    wrap_pcall(L, S, G);
     set_closure(L, G, "load", sb_load, S);
     set_closure(L, G, "require", sb_require, S);
 

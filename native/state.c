@@ -41,10 +41,14 @@ void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, c
     e->traceback[0] = 0;
 }
 
-/* "name:LINE: ..." -> LINE */
-static int line_of(const char *msg, const char *script) {
-    size_t n = strlen(script);
-    if (n && !strncmp(msg, script, n) && msg[n] == ':') return atoi(msg + n + 1);
+/* The line of "chunk:LINE: message" — Lua may shorten a long chunk name to
+ * "...tail", so look for the first ":digits:" rather than for the name. */
+static int line_of(const char *msg) {
+    for (const char *p = strchr(msg, ':'); p; p = strchr(p + 1, ':')) {
+        const char *d = p + 1;
+        while (*d >= '0' && *d <= '9') d++;
+        if (d > p + 1 && *d == ':') return atoi(p + 1);
+    }
     return 0;
 }
 
@@ -73,7 +77,7 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
     snprintf(e->script, sizeof e->script, "%s", script);
     memcpy(e->message, msg, sizeof msg);
     memcpy(e->traceback, tb, sizeof tb);
-    e->line = line_of(e->message, script);
+    e->line = line_of(e->message);
     if (kind == HS_ERR_MEMORY) lua_gc(L, LUA_GCCOLLECT, 0);
 }
 
