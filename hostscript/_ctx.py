@@ -1,5 +1,6 @@
 """Decoder for txn.ctx as the core serializes it (native/ctx.c documents the format):
-sequences (keys 1..n) become lists, other tables dicts."""
+sequences (keys 1..n) become lists, other tables dicts. A boolean key that equals a
+number key in Python (true/1, false/0) is shown as the string "true"/"false"."""
 from __future__ import annotations
 
 import struct
@@ -43,6 +44,21 @@ def _value(buf: memoryview, pos: int) -> Tuple[Any, int]:
         for _ in range(n):
             k, pos = _value(buf, pos)
             v, pos = _value(buf, pos)
+            if k in table:
+                # Lua keeps t[1] and t[true] apart, a dict cannot: the boolean key
+                # is shown as the string "true"/"false" rather than lose a value.
+                if isinstance(k, bool):
+                    bkey, bval = k, v
+                else:
+                    bkey = next(x for x in table if x == k)
+                    bval = table.pop(bkey)
+                    table[k] = v
+                name = "true" if bkey else "false"
+                if name in table:
+                    raise ValueError("txn.ctx has keys 1, true and \"true\" (or 0, false and "
+                                     "\"false\") in one table; Python cannot show them apart")
+                table[name] = bval
+                continue
             table[k] = v
         if table and all(isinstance(k, int) and not isinstance(k, bool) for k in table) \
                 and sorted(table) == list(range(1, len(table) + 1)):

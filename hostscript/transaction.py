@@ -7,6 +7,7 @@ is pushed before a fire, what Lua changed is pulled back after it.
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _ctx
@@ -20,11 +21,20 @@ _HS_REQ, _HS_RESP = 0, 1
 _F_METHOD, _F_URI, _F_BODY = 0, 1, 2
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
 def _check(kind: str, s: str) -> str:
     if not isinstance(s, str):
         raise TypeError(f"header {kind} must be str, not {type(s).__name__}")
-    if any(c in s for c in _BAD) or (kind == "name" and (not s or ":" in s or " " in s)):
+    if kind == "name" and not _TOKEN.match(s):
+        raise ValueError(f"invalid header name: {s!r}")
+    if any(c in s for c in _BAD):
         raise ValueError(f"invalid header {kind}: {s!r}")
+    try:
+        s.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header {kind} must be latin-1 text: {s!r}") from None
     return s
 
 

@@ -110,6 +110,13 @@ static int enc_value(enc *e, int idx, int depth, int is_key) {
         return hs_buf_put(b, "s", 1) || put_u32(b, (uint32_t)n) || hs_buf_put(b, s, n);
     }
     case LUA_TTABLE:
+        if (!is_key && lua_getmetatable(L, idx)) {
+            lua_pop(L, 1);
+            snprintf(e->err, e->errlen, "txn%s is a table with a metatable (a headers proxy or an "
+                     "object); ctx keeps plain data only (nil, boolean, number, string, tables of these)",
+                     e->path);
+            return -1;
+        }
         if (!is_key) return enc_table(e, hs_absindex(L, idx), depth);
         /* fallthrough */
     default:

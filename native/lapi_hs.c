@@ -138,7 +138,7 @@ static int req_newindex(lua_State *L) {
 
 static int check_status(lua_State *L, int idx) {
     lua_Number n = luaL_checknumber(L, idx);
-    if (n != (lua_Number)(int)n || n < 100 || n > 999)
+    if (!(n >= 100 && n <= 999) || n != (lua_Number)(int)n)
         luaL_argerror(L, idx, "status must be an integer from 100 to 999");
     return (int)n;
 }
@@ -378,22 +378,48 @@ static void new_message(lua_State *L, hs_state *S, int which, lua_CFunction idx,
 
 /* ---- txn ---- */
 
+/* Validate a header table {name = value | {values}} at idx without changing anything. */
+static void check_header_table(lua_State *L, int idx) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        size_t n;
+        if (lua_type(L, -2) != LUA_TSTRING)
+            luaL_error(L, "header names must be strings, not %s", luaL_typename(L, -2));
+        check_name(L, -2, &n);
+        if (lua_istable(L, -1)) {
+            size_t len = hs_rawlen(L, -1);
+            for (size_t i = 1; i <= len; i++) {
+                lua_rawgeti(L, -1, (int)i);
+                check_value(L, -1, &n);
+                lua_pop(L, 1);
+            }
+        } else {
+            check_value(L, -1, &n);
+        }
+        lua_pop(L, 1);
+    }
+}
+
 static int txn_respond(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
     check_phase(L, S, "txn:respond", HS_HOOK_OBSERVE_ONLY);
+    /* check everything first: a refused respond changes nothing */
     int status = check_status(L, 2);
-    if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
-    if (!lua_isnoneornil(L, 3)) {
-        set_buf(L, &t->body, 3);
-    } else {
-        t->body.len = 0;
+    size_t blen = 0;
+    const char *body = lua_isnoneornil(L, 3) ? "" : luaL_checklstring(L, 3, &blen);
+    int has_headers = !lua_isnoneornil(L, 4);
+    if (has_headers) {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        check_header_table(L, 4);
     }
-    if (!lua_isnoneornil(L, 4)) {
+    t->body.len = 0;
+    if (hs_buf_put(&t->body, body, blen)) return luaL_error(L, "not enough memory");
+    if (has_headers) {
         lua_pushnil(L);
         while (lua_next(L, 4)) {
             size_t kn;
-            const char *k = check_name(L, -2, &kn);
+            const char *k = lua_tolstring(L, -2, &kn);
             set_header(L, t, HS_RESP, k, kn, lua_gettop(L));
             lua_pop(L, 1);
         }
