@@ -40,6 +40,8 @@ static int strict_newindex(lua_State *L) {
  * Written in Lua around the engine's own pcall/xpcall so that coroutines may still
  * yield inside them (a C wrapper would be a yield barrier on both engines). */
 
+/* A message handler may run inside the time-limit hook with hooks off, so once
+ * the limit fired, the user's handler is skipped rather than trusted to return. */
 static const char wrap_pcall_src[] =
     "local pcall, xpcall, error, aborted = ...\n"
     "local function finish(ok, ...)\n"
@@ -47,7 +49,10 @@ static const char wrap_pcall_src[] =
     "  return ok, ...\n"
     "end\n"
     "return function(f, ...) return finish(pcall(f, ...)) end,\n"
-    "       function(f, h, ...) return finish(xpcall(f, h, ...)) end\n";
+    "       function(f, h, ...)\n"
+    "         local function guarded(e) if aborted() then return e end return h(e) end\n"
+    "         return finish(xpcall(f, guarded, ...))\n"
+    "       end\n";
 
 static int sb_aborted(lua_State *L) {
     lua_pushboolean(L, STATE(L)->abort != 0);
@@ -101,6 +106,20 @@ static int sb_collectgarbage(lua_State *L) {
         return 1;
     }
     return luaL_error(L, "collectgarbage('%s') is not available in the sandbox", opt);
+}
+
+/* Lua 5.4 runs __gc finalizers with hooks off: no time limit could stop one. */
+static int sb_setmetatable(lua_State *L) {
+    if (lua_istable(L, 2)) {
+        lua_pushliteral(L, "__gc");
+        lua_rawget(L, 2);
+        if (!lua_isnil(L, -1)) return luaL_error(L, "__gc metamethods are not available in the sandbox");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
 }
 
 static int sb_print(lua_State *L) {
@@ -292,6 +311,9 @@ int hs_sandbox_open(hs_state *S) {
     lua_pop(L, 1);
     lua_setfield(L, base, "os");
     set_closure(L, base, "collectgarbage", sb_collectgarbage, S);
+    lua_getfield(L, G, "setmetatable");
+    lua_pushcclosure(L, sb_setmetatable, 1);
+    lua_setfield(L, base, "setmetatable");
     lua_pushlightuserdata(L, S);
     lua_getglobal(L, "hs");
     lua_getfield(L, -1, "log");

@@ -58,13 +58,14 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
     lua_State *L = S->L;
     int kind = HS_ERR_RUNTIME;
     char msg[sizeof e->message];
+    const char *sep = *script ? ": " : "";
     if (rc == LUA_ERRMEM || S->mem_refused) {
         kind = HS_ERR_MEMORY;
-        snprintf(msg, sizeof msg, "%s: memory limit exceeded (%zu bytes per state)", script,
+        snprintf(msg, sizeof msg, "%s%smemory limit exceeded (%zu bytes per state)", script, sep,
                  S->heap_limit);
     } else if (S->abort == HS_ERR_TIMEOUT) {
         kind = HS_ERR_TIMEOUT;
-        snprintf(msg, sizeof msg, "%s: time limit exceeded (%g s)", script, S->host->time_limit);
+        snprintf(msg, sizeof msg, "%s%stime limit exceeded (%g s)", script, sep, S->host->time_limit);
     } else if (S->err.message[0]) {
         snprintf(msg, sizeof msg, "%s", S->err.message);
     } else {
@@ -206,7 +207,7 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     S->host = h;
     atomic_fetch_add(&h->refs, 1);
     S->scratch = scratch;
-    S->heap_limit = h->memory_limit;
+    S->heap_limit = 0; /* LuaJIT cannot survive running out of memory inside lua_newstate */
     S->hook = -1;
     S->slot = -1;
     S->hooks = calloc(h->nhooks, sizeof *S->hooks);
@@ -222,6 +223,15 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
         hs_state_close(S);
         return NULL;
     }
+    size_t base = atomic_load_explicit(&S->heap, memory_order_relaxed);
+    if (h->memory_limit && base + (base >> 1) > h->memory_limit) {
+        hs_error_set(err, HS_ERR_MEMORY, "", "",
+                     "memory_limit of %zu bytes is too small: a fresh %s state already takes %zu "
+                     "bytes (allow at least %zu)", h->memory_limit, HS_ENGINE_NAME, base, 2 * base);
+        hs_state_close(S);
+        return NULL;
+    }
+    S->heap_limit = h->memory_limit;
     if (h->time_limit > 0) lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
     if (scratch) {
         S->prog = hs_prog_acquire(h);
@@ -332,13 +342,14 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     S->slot = -1;
     S->cur_name = name;
     int rc = call_user(S, 0, 1);
-    hs_state_end_deadline(S);
     if (rc != 0) {
-        hs_error_from_lua(S, err, rc, name);
+        hs_error_from_lua(S, err, rc, name); /* before the deadline ends: it tells a timeout */
+        hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_pop(L, 1);
         return -1;
     }
+    hs_state_end_deadline(S);
     if (!lua_istable(L, -1)) {
         hs_error_set(err, HS_ERR_SCRIPT, name, "",
                      "%s: the script must return a handler class (a table), not %s", name,
@@ -374,13 +385,14 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
         return -1;
     }
     rc = call_user(S, 0, 1);
-    hs_state_end_deadline(S);
     if (rc != 0) {
         hs_error_from_lua(S, err, rc, name);
+        hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_settop(L, cls - 1);
         return -1;
     }
+    hs_state_end_deadline(S);
     if (lua_isnil(L, -1)) {
         hs_error_set(err, HS_ERR_SCRIPT, name, "", "%s: new() returned nil, not the handler instance",
                      name);
