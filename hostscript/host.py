@@ -10,13 +10,17 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
 
-from . import _engine
+from . import _engine, _fire
 from .errors import Error, HandlerError, ScriptError
 from .transaction import CH_LOGS, Transaction
 
 log = logging.getLogger("hostscript")
 
 DEFAULT_HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
+
+# A fire whose hook ran longer than this recently (on its thread) releases the GIL;
+# shorter ones keep it, since handing the GIL over costs more than they do.
+RELEASE_GIL_AFTER = 50e-6
 
 _KINDS = {1: "syntax", 2: "script", 3: "runtime", 4: "timeout", 5: "memory", 6: "ctx", 7: "usage"}
 _U16 = struct.Struct("<H")
@@ -105,6 +109,10 @@ class Host:
             raise ValueError(ffi.string(err.message).decode("utf-8", "replace"))
         self._holder: List[Any] = [h]
         self._h = h
+        lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _fire.release_address()),
+                                RELEASE_GIL_AFTER)
+        self._fire = _fire.Firer(int(ffi.cast("uintptr_t", ffi.addressof(lib, "hs_fire"))),
+                                 int(ffi.cast("uintptr_t", h)))
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
         self._lock = threading.Lock()
@@ -193,10 +201,10 @@ class Host:
         if h is None:
             raise Error("the host is closed")
         lib = self._lib
-        c = txn._prepare(self._ffi, lib) if (txn._lib is not lib or txn._dirty
-                                               or txn.request.headers._dirty
-                                               or txn.response.headers._dirty) else txn._c
-        r = lib.hs_fire(h, i, c)
+        if (txn._lib is not lib or txn._dirty or txn.request.headers._dirty
+                or txn.response.headers._dirty):
+            txn._prepare(self._ffi, lib)
+        r = self._fire(i, txn._addr)
         if r < 2:
             return _OUT_DONE if r else _OUT_CONTINUE
         return self._finish(r, hook, txn)
@@ -245,14 +253,14 @@ class Host:
 
     def stats(self) -> Dict[str, Any]:
         """Counters over all thread states: fires, errors, timeouts, memory_errors,
-        rehydrations, compilations, states, heap_bytes, heap_max, generation, and
+        rehydrations, releases (fires that ran long and let go of the GIL), compilations, states, heap_bytes, heap_max, generation, and
         ``hooks``: {name: {fires, errors, total_ns}}."""
         ffi, lib = self._ffi, self._lib
         st = ffi.new("hs_stats *")
         hk = ffi.new("hs_hook_stats[]", len(self.hooks))
         lib.hs_host_stats(self._live(), st, hk)
         out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
-            "fires", "errors", "timeouts", "memory_errors", "rehydrations", "compilations",
+            "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation")}
         out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
                                "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}

@@ -220,6 +220,7 @@ class Transaction:
         self._lib: Any = None
         self._ffi: Any = None
         self._c: Any = None
+        self._addr = 0
 
     @property
     def ctx(self) -> dict:
@@ -239,6 +240,7 @@ class Transaction:
             self._c = ffi.gc(lib.hs_txn_new(), lib.hs_txn_free)
             if self._c == ffi.NULL:
                 raise MemoryError("cannot allocate a transaction")
+            self._addr = int(ffi.cast("uintptr_t", self._c))
             self._dirty = CH_METHOD | CH_URI | CH_STATUS | CH_BODY
             self.request.headers._dirty = self.response.headers._dirty = True
             if self._ctx_bytes:

@@ -84,7 +84,7 @@ typedef struct hs_hookcache {
 } hs_hookcache;
 
 typedef struct hs_counters {
-    _Atomic uint64_t fires, errors, timeouts, memory_errors, rehydrations;
+    _Atomic uint64_t fires, errors, timeouts, memory_errors, rehydrations, releases;
     _Atomic uint64_t hook_fires[HS_MAX_HOOKS], hook_errors[HS_MAX_HOOKS], hook_ns[HS_MAX_HOOKS];
 } hs_counters;
 
@@ -110,6 +110,9 @@ struct hs_state {
     int hook, slot, ctx_live;
     const char *cur_name; /* script whose code runs now (for logs) */
     uint64_t deadline_ns; /* 0: no deadline */
+    uint64_t release_at_ns; /* 0: the host's lock is not to be released during this fire */
+    int released;
+    uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this thread's fire time per hook */
     int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
 
     /* memory accounting (counting allocator) */
@@ -206,6 +209,8 @@ struct hs_host {
     uint64_t nstates;
     hs_counters retired; /* counters of states that ended */
     uint64_t compilations, next_script_id;
+    void (*release)(void); /* hs_host_set_release: set before the first fire */
+    uint64_t long_ns;
     hs_buf load_logs;
     hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
     int closed;

@@ -56,6 +56,16 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     S->hook = hook;
     t->responded = 0;
     hs_state_deadline(S, start);
+    if (S->host->release) {
+        S->released = 0;
+        if (S->recent_ns[hook] > S->host->long_ns) {
+            S->released = 1; /* this hook runs long here: don't hold the host's lock */
+            S->host->release();
+            BUMP(S->c.releases);
+        } else {
+            S->release_at_ns = start + S->host->long_ns; /* checked by the time-limit hook */
+        }
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->errh_ref); /* base + 1 */
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);  /* base + 2 */
     for (int i = 0; i < hc->n; i++) {
@@ -84,6 +94,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     if (S->ctx_live && save_ctx(S, t) != 0 && status != HS_ERROR) status = HS_ERROR;
     lua_settop(L, base);
     hs_state_end_deadline(S);
+    S->release_at_ns = 0;
     S->txn = NULL;
     S->hook = -1;
     S->slot = -1;
@@ -101,10 +112,10 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     }
     t->changed = 0;
     if (S->logs.len) S->logs.len = 0;
-    uint64_t start = 0;
-    int status;
     BUMP(S->c.fires);
     BUMP(S->c.hook_fires[hook]);
+    uint64_t start = 0;
+    int status;
     if (S->gen != atomic_load_explicit(&h->gen, memory_order_acquire)) {
         start = hs_now_ns(); /* rehydration counts in the hook's time */
         if (hs_state_rehydrate(S) != 0) {
@@ -117,12 +128,14 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
         return HS_CONTINUE | (S->logs.len ? HS_CH_LOGS << 2 : 0);
     if (!start) start = hs_now_ns();
     status = run_handlers(S, hook, t, start);
-done:
+done:;
+    uint64_t took = hs_now_ns() - start;
+    S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;
+    ADD(S->c.hook_ns[hook], took);
     if (status == HS_ERROR) {
         BUMP(S->c.errors);
         BUMP(S->c.hook_errors[hook]);
     }
-    ADD(S->c.hook_ns[hook], hs_now_ns() - start);
     unsigned changed = t->changed | (S->logs.len ? HS_CH_LOGS : 0);
     return status | (int)(changed << 2);
 }

@@ -162,6 +162,11 @@ void hs_host_free(hs_host *h) {
     hs_host_unref(h);
 }
 
+void hs_host_set_release(hs_host *h, void (*release)(void), double long_seconds) {
+    h->long_ns = long_seconds > 0 ? (uint64_t)(long_seconds * 1e9) : 0;
+    h->release = release;
+}
+
 int hs_hook_index(const hs_host *h, const char *name) {
     for (int i = 0; i < h->nhooks; i++)
         if (!strcmp(h->hooks[i], name)) return i;
@@ -179,6 +184,7 @@ static void add_counters(hs_counters *dst, const hs_counters *src, int nhooks) {
     dst->timeouts += LOAD(src->timeouts);
     dst->memory_errors += LOAD(src->memory_errors);
     dst->rehydrations += LOAD(src->rehydrations);
+    dst->releases += LOAD(src->releases);
     for (int i = 0; i < nhooks; i++) {
         dst->hook_fires[i] += LOAD(src->hook_fires[i]);
         dst->hook_errors[i] += LOAD(src->hook_errors[i]);
@@ -212,6 +218,7 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
     out->timeouts = sum->timeouts;
     out->memory_errors = sum->memory_errors;
     out->rehydrations = sum->rehydrations;
+    out->releases = sum->releases;
     if (hooks)
         for (int i = 0; i < h->nhooks; i++) {
             hooks[i].fires = sum->hook_fires[i];

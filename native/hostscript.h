@@ -75,6 +75,7 @@ typedef struct hs_hook_stats {
 typedef struct hs_stats {
     uint64_t fires, errors, timeouts, memory_errors;
     uint64_t rehydrations;  /* scripts loaded from bytecode into thread states */
+    uint64_t releases;      /* fires that ran long enough to release the host's lock */
     uint64_t compilations;  /* scripts and modules compiled from source */
     uint64_t states;        /* thread states alive */
     uint64_t heap_bytes;    /* Lua heap over all live states */
@@ -110,6 +111,13 @@ void hs_last_error(hs_host *h, hs_error *out);
  * u16, name, message length u32, message (lengths little-endian). Levels as Python
  * logging: 10 debug, 20 info, 30 warn, 40 error. */
 const char *hs_logs(hs_host *h, size_t *len);
+
+/* Let the host release a lock it holds around hs_fire (Python's GIL) while Lua runs
+ * long: RELEASE is called on the firing thread, at most once per fire, before the
+ * handlers of a hook whose recent fires took longer than LONG_SECONDS on this
+ * thread, or from the time-limit hook once a fire passes LONG_SECONDS. The host
+ * takes its lock back after hs_fire returns. Short fires never call it. */
+void hs_host_set_release(hs_host *h, void (*release)(void), double long_seconds);
 
 /* Counters summed over live and ended states; hooks gets nhooks entries (may be NULL). */
 void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks);

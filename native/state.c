@@ -112,6 +112,12 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
     void *ud;
     lua_getallocf(L, &ud);
     hs_state *S = ud;
+    if (S->release_at_ns && !S->released && hs_now_ns() >= S->release_at_ns) {
+        S->released = 1; /* running long: let the host's other threads go on */
+        S->host->release();
+        atomic_store_explicit(&S->c.releases, atomic_load_explicit(&S->c.releases, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    }
     if (!S->deadline_ns) return;
     if (!S->abort && hs_now_ns() < S->deadline_ns) return;
     if (!S->abort) {
