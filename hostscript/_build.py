@@ -18,10 +18,8 @@ from cffi import FFI
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
 LUA_BUILD = ROOT / "build" / "lua"
-ENGINES = {
-    "lua54": {"archive": "liblua.a", "macros": []},
-    "luajit": {"archive": "libluajit.a", "macros": [("HS_ENGINE_LUAJIT", "1")]},
-}
+ARCHIVES = {"lua54": "liblua.a", "luajit": "libluajit.a"}
+MACROS = {"lua54": [], "luajit": [("HS_ENGINE_LUAJIT", "1")]}
 
 
 def _rel(path: pathlib.Path) -> str:
@@ -42,7 +40,7 @@ def _cdef() -> str:
 
 
 def _ensure_lua(engine: str) -> pathlib.Path:
-    archive = LUA_BUILD / engine / ENGINES[engine]["archive"]
+    archive = LUA_BUILD / engine / ARCHIVES[engine]
     if not archive.exists():
         script = ROOT / "tools" / "build-lua.sh"
         if subprocess.call(["sh", str(script)]) != 0 or not archive.exists():
@@ -71,7 +69,7 @@ def make_ffi(engine: str) -> FFI:
         '#include "hostscript.h"',
         sources=[_rel(p) for p in sources],
         include_dirs=[_rel(NATIVE), _rel(LUA_BUILD / engine / "include")],
-        define_macros=ENGINES[engine]["macros"],
+        define_macros=MACROS[engine],
         extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall"],
         extra_objects=[str(archive)],
         extra_link_args=["-Wl,--exclude-libs,ALL"],

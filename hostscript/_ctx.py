@@ -40,7 +40,7 @@ def _value(buf: memoryview, pos: int) -> Tuple[Any, int]:
     if tag == 0x54:  # T
         (n,) = _U32.unpack_from(buf, pos)
         pos += 4
-        table = {}
+        table: dict = {}
         for _ in range(n):
             k, pos = _value(buf, pos)
             v, pos = _value(buf, pos)

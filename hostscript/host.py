@@ -253,8 +253,9 @@ class Host:
 
     def stats(self) -> Dict[str, Any]:
         """Counters over all thread states: fires, errors, timeouts, memory_errors,
-        rehydrations, releases (fires that ran long and let go of the GIL), compilations, states, heap_bytes, heap_max, generation, and
-        ``hooks``: {name: {fires, errors, total_ns}}."""
+        rehydrations, releases (fires that ran long and let go of the GIL),
+        compilations, states, heap_bytes, heap_max, generation, and ``hooks``:
+        {name: {fires, errors, total_ns}}."""
         ffi, lib = self._ffi, self._lib
         st = ffi.new("hs_stats *")
         hk = ffi.new("hs_hook_stats[]", len(self.hooks))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 import hostscript
 
 SHORT = "local C = {} function C:on_read_request(txn) txn.ctx.n = 1 end return C"

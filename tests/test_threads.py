@@ -279,7 +279,7 @@ def test_concurrent_fires_never_see_half_a_reload(make_host):
             host.load(VERSIONED % {"version": k, "key": "v2"}, name="s2.lua")
             if k % 20 == 0:
                 # every thread keeps firing throughout the reloads
-                if not wait_for(lambda: all(c > l for c, l in zip(counts, last)), 20):
+                if not wait_for(lambda: all(c > prev for c, prev in zip(counts, last)), 20):
                     stalled.append((k, [i for i in range(nthreads) if counts[i] <= last[i]]))
                 last = list(counts)
     finally:
