@@ -133,7 +133,8 @@ int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err 
 /* Run the chunk on top of the stack in the state's environment; leaves the class. */
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
 int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);
-uint64_t hs_now_ns(void);
+uint64_t hs_now_ns(void); /* clock.c */
+void hs_clock_init(void);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
 void hs_state_end_deadline(hs_state *S);
 void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...);

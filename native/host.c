@@ -65,6 +65,7 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
                 return NULL;
             }
     }
+    hs_clock_init();
     hs_host *h = calloc(1, sizeof *h);
     if (!h) goto nomem;
     atomic_init(&h->refs, 1);

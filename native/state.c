@@ -23,12 +23,6 @@
 
 static __thread hs_error tls_create_error; /* when a thread's state cannot be created */
 
-uint64_t hs_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...) {
     e->kind = kind;
     e->line = 0;
