@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE := $(wildcard native/*.c native/*.h) $(shell find src/lua -name '*.lua')
 LUA_LIBS := build/lua/lua54/liblua.a build/lua/luajit/libluajit.a
 
-.PHONY: all deps install test test-c run clean
+.PHONY: all deps install test test-c run bench clean
 
 all: install
 
@@ -17,7 +17,7 @@ $(LUA_LIBS): tools/build-lua.sh
 	sh tools/install-deps.sh
 	sh tools/build-lua.sh
 
-$(VENV)/.installed: $(LUA_LIBS) $(NATIVE) hostscript/_fire.c setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
+$(VENV)/.installed: $(LUA_LIBS) $(NATIVE) hostscript/_bridge.c setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
 	sh tools/install-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
@@ -31,5 +31,14 @@ test: install
 run: install
 	$(PY) -m hostscript demo
 
+# The comparison against peers (hostscript/bench.py, benchmarks/): prints the table,
+# writes build/bench.json and build/bench.png. `make test` runs only its --quick smoke.
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) -m hostscript bench --json build/bench.json --plot build/bench.png
+
 clean:
-	rm -rf build/c build/temp* hostscript/_lua54*.so hostscript/_luajit*.so $(VENV) *.egg-info
+	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so $(VENV) *.egg-info

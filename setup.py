@@ -5,6 +5,6 @@ setup(
         "hostscript/_build.py:ffi_lua54",
         "hostscript/_build.py:ffi_luajit",
     ],
-    # hs_fire's entry point from Python: keeps the GIL for short fires (hostscript/_fire.c)
-    ext_modules=[Extension("hostscript._fire", ["hostscript/_fire.c"], extra_compile_args=["-O2"])],
+    # the hot path from Python, keeping the GIL for short fires (hostscript/_bridge.c)
+    ext_modules=[Extension("hostscript._bridge", ["hostscript/_bridge.c"], extra_compile_args=["-O2"])],
 )

@@ -10,7 +10,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
 
-from . import _engine, _fire
+from . import _bridge, _engine
 from .errors import Error, HandlerError, ScriptError
 from .transaction import CH_LOGS, Transaction
 
@@ -84,8 +84,8 @@ class Host:
         if memory_limit is not None and memory_limit <= 0:
             raise ValueError("memory_limit must be positive bytes or None")
         self.engine = engine or _engine.default()
-        self._ffi, self._lib = _engine.load(self.engine)
-        ffi, lib = self._ffi, self._lib
+        self._eng = _engine.load(self.engine)
+        ffi, lib = self._ffi, self._lib = self._eng.ffi, self._eng.lib
         self.hooks = tuple(hooks)
         self.time_limit = time_limit
         self.memory_limit = memory_limit
@@ -109,10 +109,10 @@ class Host:
             raise ValueError(ffi.string(err.message).decode("utf-8", "replace"))
         self._holder: List[Any] = [h]
         self._h = h
-        lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _fire.release_address()),
+        lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _bridge.release_address()),
                                 RELEASE_GIL_AFTER)
-        self._fire = _fire.Firer(int(ffi.cast("uintptr_t", ffi.addressof(lib, "hs_fire"))),
-                                 int(ffi.cast("uintptr_t", h)))
+        self._addr: Optional[int] = int(ffi.cast("uintptr_t", h))
+        self._fire = self._eng.bridge.fire
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
         self._lock = threading.Lock()
@@ -197,22 +197,24 @@ class Host:
         i = self._index.get(hook)
         if i is None:
             raise ValueError(f"undeclared hook {hook!r} (declared: {', '.join(self.hooks)})")
-        h = self._h
+        h = self._addr
         if h is None:
             raise Error("the host is closed")
-        lib = self._lib
-        if (txn._lib is not lib or txn._dirty or txn.request.headers._dirty
-                or txn.response.headers._dirty):
-            txn._prepare(self._ffi, lib)
-        r = self._fire(i, txn._addr)
+        eng = self._eng
+        if (txn._engine is not eng or txn._dirty or txn.request._headers._dirty
+                or txn.response._headers._dirty):
+            txn._prepare(eng)
+        r = self._fire(h, i, txn._addr)
         if r < 2:
             return _OUT_DONE if r else _OUT_CONTINUE
+        if not r & 0x202:  # neither an error nor log records: just note what changed
+            txn._stale |= r >> 2
+            return _OUT_DONE if r & 1 else _OUT_CONTINUE
         return self._finish(r, hook, txn)
 
     def _finish(self, r: int, hook: str, txn: Transaction) -> Outcome:
         changes = r >> 2
-        if changes & ~CH_LOGS:
-            txn._pull(changes)
+        txn._stale |= changes & ~CH_LOGS
         if changes & CH_LOGS:
             n = self._ffi.new("size_t *")
             p = self._lib.hs_logs(self._h, n)
@@ -270,7 +272,7 @@ class Host:
     def close(self) -> None:
         """Close every thread's Lua state and free the host. Idempotent."""
         with self._lock:
-            self._h = None
+            self._h = self._addr = None
             self._finalizer()
 
     @property

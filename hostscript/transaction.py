@@ -1,41 +1,51 @@
 """Transaction: one request's method, URI, headers, response and ctx, as the host sees it.
 
 The Python objects are the host's view; the C transaction is what handlers see.
-Changes cross in one packed buffer per direction and per fire: what Python changed
-is pushed before a fire, what Lua changed is pulled back after it.
+Changes cross in one call per direction: what Python changed is pushed, packed,
+before a fire; what Lua changed is only marked after it and pulled, packed, when
+Python first reads that part — a hook chain that never looks at a field in Python
+never copies it.
 """
 from __future__ import annotations
 
 import itertools
 import re
-from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _ctx
 
-_BAD = ("\0", "\r", "\n")
+if TYPE_CHECKING:
+    from ._engine import Engine
 
-# what a fire changed (native/hostscript.h HS_CH_*)
+# what a fire changed (native/hostscript.h HS_CH_*) and the fields to read (HS_T_*)
 CH_REQ_HEADERS, CH_RESP_HEADERS, CH_METHOD, CH_URI, CH_STATUS, CH_BODY, CH_CTX, CH_LOGS = (
     1 << i for i in range(8))
-_HS_REQ, _HS_RESP = 0, 1
-_F_METHOD, _F_URI, _F_BODY = 0, 1, 2
+_ALL = CH_REQ_HEADERS | CH_RESP_HEADERS | CH_METHOD | CH_URI | CH_STATUS | CH_BODY | CH_CTX
+_T_METHOD, _T_URI, _T_BODY, _T_REQ_HEADERS, _T_RESP_HEADERS, _T_CTX = range(6)
+
+_NAMES_OK = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
+_NAME_OK = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z").match
+_VALUE_BAD = re.compile(r"[\r\n\0]|[^\x00-\xff]").search
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
-def _check(kind: str, s: str) -> str:
-    if not isinstance(s, str):
-        raise TypeError(f"header {kind} must be str, not {type(s).__name__}")
-    if kind == "name" and not _TOKEN.match(s):
-        raise ValueError(f"invalid header name: {s!r}")
-    if any(c in s for c in _BAD):
-        raise ValueError(f"invalid header {kind}: {s!r}")
+def _validated(items: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The (name, value) pairs as a list, checked all at once: names are tokens,
+    values latin-1 text without CR, LF or NUL."""
+    out = [(k, v) for k, v in items]
+    if not out:
+        return out
     try:
-        s.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ValueError(f"header {kind} must be latin-1 text: {s!r}") from None
-    return s
+        names = "\n".join([k for k, _ in out])
+        values = "".join([v for _, v in out])
+    except TypeError:
+        raise TypeError("header names and values must be str") from None
+    if not _NAMES_OK(names) or names.count("\n") != len(out) - 1 or _VALUE_BAD(values):
+        for k, v in out:  # find the culprit for the message
+            if not isinstance(k, str) or not _NAME_OK(k):
+                raise ValueError(f"invalid header name: {k!r}")
+            if _VALUE_BAD(v):
+                raise ValueError(f"invalid header value for {k}: {v!r} (CR, LF, NUL or non-latin-1)")
+    return out
 
 
 class Headers:
@@ -46,15 +56,24 @@ class Headers:
     removes all. Iteration yields ``(name, value)`` pairs.
     """
 
-    __slots__ = ("_items", "_dirty")
+    __slots__ = ("_items", "_dirty", "_owner", "_bit")
 
-    def __init__(self, items: Iterable[Tuple[str, str]] = ()) -> None:
-        self._items: List[Tuple[str, str]] = [(_check("name", k), _check("value", v)) for k, v in items]
+    def __init__(self, items: Iterable[Tuple[str, str]] = (), *, _owner: Optional["Transaction"] = None,
+                 _bit: int = 0) -> None:
+        self._items: List[Tuple[str, str]] = _validated(items)
         self._dirty = True
+        self._owner = _owner
+        self._bit = _bit
+
+    def _fresh(self) -> List[Tuple[str, str]]:
+        o = self._owner
+        if o is not None and o._stale & self._bit:
+            o._pull(self._bit)
+        return self._items
 
     def __getitem__(self, name: str) -> str:
         low = name.lower()
-        for k, v in self._items:
+        for k, v in self._fresh():
             if k.lower() == low:
                 return v
         raise KeyError(name)
@@ -67,20 +86,19 @@ class Headers:
 
     def get_all(self, name: str) -> List[str]:
         low = name.lower()
-        return [v for k, v in self._items if k.lower() == low]
+        return [v for k, v in self._fresh() if k.lower() == low]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         low = name.lower()
-        return any(k.lower() == low for k, _ in self._items)
+        return any(k.lower() == low for k, _ in self._fresh())
 
     def __setitem__(self, name: str, value: str) -> None:
-        _check("name", name)
-        _check("value", value)
+        _validated([(name, value)])
         low = name.lower()
         out, done = [], False
-        for k, v in self._items:
+        for k, v in self._fresh():
             if k.lower() == low:
                 if not done:
                     out.append((k, value))
@@ -93,12 +111,12 @@ class Headers:
         self._dirty = True
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((_check("name", name), _check("value", value)))
+        self._fresh().extend(_validated([(name, value)]))
         self._dirty = True
 
     def remove(self, name: str) -> None:
         low = name.lower()
-        self._items = [(k, v) for k, v in self._items if k.lower() != low]
+        self._items = [(k, v) for k, v in self._fresh() if k.lower() != low]
         self._dirty = True
 
     def __delitem__(self, name: str) -> None:
@@ -107,31 +125,30 @@ class Headers:
         self.remove(name)
 
     def items(self) -> List[Tuple[str, str]]:
-        return list(self._items)
+        return list(self._fresh())
 
     def __iter__(self) -> Iterator[Tuple[str, str]]:
-        return iter(list(self._items))
+        return iter(list(self._fresh()))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._fresh())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Headers):
-            return self._items == other._items
+            return self._fresh() == other._fresh()
         if isinstance(other, (list, tuple)):
-            return self._items == [tuple(p) for p in other]
+            return self._fresh() == [tuple(p) for p in other]
         return NotImplemented
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self._fresh()!r})"
 
     def _pack(self) -> bytes:
         return "\0".join(itertools.chain.from_iterable(self._items)).encode("latin-1")
 
     def _unpack(self, data: bytes) -> None:
         if data:
-            flat = data.decode("latin-1").split("\0")
-            it = iter(flat)
+            it = iter(data.decode("latin-1").split("\0"))
             self._items = list(zip(it, it))
         else:
             self._items = []
@@ -141,90 +158,126 @@ class Headers:
 class Request:
     """The request as handlers see it: ``method``, ``uri``, ``headers``."""
 
-    __slots__ = ("_txn", "_method", "_uri", "headers")
+    __slots__ = ("_txn", "_method", "_uri", "_headers")
 
     def __init__(self, txn: "Transaction", method: str, uri: str, headers: Headers) -> None:
         self._txn = txn
         self._method = method
         self._uri = uri
-        self.headers = headers
+        self._headers = headers
+
+    def _get(self, bit: int) -> None:
+        if self._txn._stale & bit:
+            self._txn._pull(bit)
 
     @property
     def method(self) -> str:
+        self._get(CH_METHOD)
         return self._method
 
     @method.setter
     def method(self, value: str) -> None:
+        self._txn._stale &= ~CH_METHOD
         self._method = value
         self._txn._dirty |= CH_METHOD
 
     @property
     def uri(self) -> str:
+        self._get(CH_URI)
         return self._uri
 
     @uri.setter
     def uri(self, value: str) -> None:
+        self._txn._stale &= ~CH_URI
         self._uri = value
         self._txn._dirty |= CH_URI
 
+    @property
+    def headers(self) -> Headers:
+        self._get(CH_REQ_HEADERS)
+        return self._headers
+
     def __repr__(self) -> str:
-        return f"Request({self._method!r}, {self._uri!r}, {self.headers!r})"
+        return f"Request({self.method!r}, {self.uri!r}, {self.headers!r})"
 
 
 class Response:
     """The response: ``status`` (None until set), ``headers``, ``body`` (bytes)."""
 
-    __slots__ = ("_txn", "_status", "_body", "headers")
+    __slots__ = ("_txn", "_status", "_body", "_headers")
 
     def __init__(self, txn: "Transaction", status: Optional[int], headers: Headers, body: bytes) -> None:
         self._txn = txn
         self._status = status
         self._body = body
-        self.headers = headers
+        self._headers = headers
+
+    def _get(self, bit: int) -> None:
+        if self._txn._stale & bit:
+            self._txn._pull(bit)
 
     @property
     def status(self) -> Optional[int]:
+        self._get(CH_STATUS)
         return self._status
 
     @status.setter
     def status(self, value: Optional[int]) -> None:
+        self._txn._stale &= ~CH_STATUS
         self._status = value
         self._txn._dirty |= CH_STATUS
 
     @property
     def body(self) -> bytes:
+        self._get(CH_BODY)
         return self._body
 
     @body.setter
     def body(self, value: Union[bytes, str]) -> None:
+        self._txn._stale &= ~CH_BODY
         self._body = value.encode() if isinstance(value, str) else bytes(value)
         self._txn._dirty |= CH_BODY
 
+    @property
+    def headers(self) -> Headers:
+        self._get(CH_RESP_HEADERS)
+        return self._headers
+
     def __repr__(self) -> str:
-        return f"Response({self._status!r}, {self.headers!r}, {self._body!r})"
+        return f"Response({self.status!r}, {self.headers!r}, {self.body!r})"
 
 
 class Transaction:
     """One request passing through the host's hooks. Fire its hooks from any thread,
     one fire at a time; ``ctx`` (handlers' ``txn.ctx``) follows it across threads."""
 
+    __slots__ = ("request", "response", "_dirty", "_stale", "_ctx_bytes", "_ctx", "_engine",
+                 "_addr", "__weakref__")
+
     def __init__(self, method: str = "GET", uri: str = "/",
                  headers: Iterable[Tuple[str, str]] = (), *, status: Optional[int] = None,
                  response_headers: Iterable[Tuple[str, str]] = (), body: Union[bytes, str] = b"") -> None:
-        self._dirty = CH_METHOD | CH_URI | CH_STATUS | CH_BODY
-        self.request = Request(self, method, uri, Headers(headers))
-        self.response = Response(self, status, Headers(response_headers),
+        self._engine: Optional["Engine"] = None
+        self._addr = 0  # the C transaction, made on the first fire
+        self._dirty = CH_METHOD | CH_URI | CH_STATUS | CH_BODY  # Python-side changes to push
+        self._stale = 0  # C-side changes not yet pulled
+        self.request = Request(self, method, uri, Headers(headers, _owner=self, _bit=CH_REQ_HEADERS))
+        self.response = Response(self, status,
+                                 Headers(response_headers, _owner=self, _bit=CH_RESP_HEADERS),
                                  body.encode() if isinstance(body, str) else bytes(body))
         self._ctx_bytes = b""
         self._ctx: Optional[dict] = None
-        self._lib: Any = None
-        self._ffi: Any = None
-        self._c: Any = None
-        self._addr = 0
+
+    def __del__(self) -> None:
+        if self._addr:
+            self._engine.bridge.txn_free(self._addr)  # type: ignore[union-attr]
+            self._addr = 0
 
     @property
     def ctx(self) -> dict:
         """A snapshot of the handlers' ``txn.ctx``: sequences become lists, tables dicts."""
+        if self._stale & CH_CTX:
+            self._pull(CH_CTX)
         if self._ctx is None:
             self._ctx = _ctx.decode(self._ctx_bytes)
         return self._ctx
@@ -234,59 +287,53 @@ class Transaction:
 
     # ---- crossing into C (used by Host.fire) ----
 
-    def _prepare(self, ffi: Any, lib: Any) -> Any:
-        if self._lib is not lib:
-            self._ffi, self._lib = ffi, lib
-            self._c = ffi.gc(lib.hs_txn_new(), lib.hs_txn_free)
-            if self._c == ffi.NULL:
-                raise MemoryError("cannot allocate a transaction")
-            self._addr = int(ffi.cast("uintptr_t", self._c))
-            self._dirty = CH_METHOD | CH_URI | CH_STATUS | CH_BODY
-            self.request.headers._dirty = self.response.headers._dirty = True
-            if self._ctx_bytes:
-                lib.hs_txn_set_ctx(self._c, self._ctx_bytes, len(self._ctx_bytes))
-        c, d = self._c, self._dirty
-        if d:
-            if d & CH_METHOD:
-                m = self.request._method.encode("latin-1")
-                lib.hs_txn_set(c, _F_METHOD, m, len(m))
-            if d & CH_URI:
-                u = self.request._uri.encode("latin-1")
-                lib.hs_txn_set(c, _F_URI, u, len(u))
-            if d & CH_STATUS:
-                lib.hs_txn_set_status(c, self.response._status or 0)
-            if d & CH_BODY:
-                lib.hs_txn_set(c, _F_BODY, self.response._body, len(self.response._body))
+    def _prepare(self, engine: "Engine") -> None:
+        """Make the C transaction of ENGINE hold everything Python changed."""
+        req, resp = self.request, self.response
+        if self._engine is not engine:
+            if self._stale:
+                self._pull(self._stale)
+            old, addr = self._engine, self._addr
+            self._addr = engine.bridge.txn_new()
+            self._engine = engine
+            if addr:
+                old.bridge.txn_free(addr)  # type: ignore[union-attr]
+            what = _ALL
+        else:
+            what = self._dirty
+            if req._headers._dirty:
+                what |= CH_REQ_HEADERS
+            if resp._headers._dirty:
+                what |= CH_RESP_HEADERS
+        if what:
+            engine.bridge.txn_load(
+                self._addr, what,
+                req._method.encode("latin-1") if what & CH_METHOD else None,
+                req._uri.encode("latin-1") if what & CH_URI else None,
+                resp._status or 0,
+                resp._body if what & CH_BODY else None,
+                req._headers._pack() if what & CH_REQ_HEADERS else None,
+                resp._headers._pack() if what & CH_RESP_HEADERS else None,
+                self._ctx_bytes if what & CH_CTX else None)
             self._dirty = 0
-        for which, hdrs in ((_HS_REQ, self.request.headers), (_HS_RESP, self.response.headers)):
-            if hdrs._dirty:
-                packed = hdrs._pack()
-                if lib.hs_txn_set_headers(c, which, packed, len(packed)) != 0:
-                    raise MemoryError("cannot copy headers")
-                hdrs._dirty = False
-        return c
+            req._headers._dirty = resp._headers._dirty = False
 
-    def _pull(self, changes: int) -> None:
-        ffi, lib, c = self._ffi, self._lib, self._c
-        n = ffi.new("size_t *")
-        if changes & CH_REQ_HEADERS:
-            p = lib.hs_txn_headers(c, _HS_REQ, n)
-            self.request.headers._unpack(ffi.buffer(p, n[0])[:])
-        if changes & CH_RESP_HEADERS:
-            p = lib.hs_txn_headers(c, _HS_RESP, n)
-            self.response.headers._unpack(ffi.buffer(p, n[0])[:])
-        if changes & CH_METHOD:
-            p = lib.hs_txn_get(c, _F_METHOD, n)
-            self.request._method = ffi.buffer(p, n[0])[:].decode("latin-1")
-        if changes & CH_URI:
-            p = lib.hs_txn_get(c, _F_URI, n)
-            self.request._uri = ffi.buffer(p, n[0])[:].decode("latin-1")
-        if changes & CH_STATUS:
-            self.response._status = lib.hs_txn_status(c) or None
-        if changes & CH_BODY:
-            p = lib.hs_txn_get(c, _F_BODY, n)
-            self.response._body = ffi.buffer(p, n[0])[:]
-        if changes & CH_CTX:
-            p = lib.hs_txn_ctx(c, n)
-            self._ctx_bytes = ffi.buffer(p, n[0])[:] if n[0] else b""
+    def _pull(self, bits: int) -> None:
+        """Copy the fields in BITS back from the C transaction."""
+        b, a = self._engine.bridge, self._addr  # type: ignore[union-attr]
+        self._stale &= ~bits
+        if bits & CH_REQ_HEADERS:
+            self.request._headers._unpack(b.txn_field(a, _T_REQ_HEADERS))
+        if bits & CH_RESP_HEADERS:
+            self.response._headers._unpack(b.txn_field(a, _T_RESP_HEADERS))
+        if bits & CH_METHOD:
+            self.request._method = b.txn_field(a, _T_METHOD).decode("latin-1")
+        if bits & CH_URI:
+            self.request._uri = b.txn_field(a, _T_URI).decode("latin-1")
+        if bits & CH_STATUS:
+            self.response._status = b.txn_status(a) or None
+        if bits & CH_BODY:
+            self.response._body = b.txn_field(a, _T_BODY)
+        if bits & CH_CTX:
+            self._ctx_bytes = b.txn_field(a, _T_CTX)
             self._ctx = None

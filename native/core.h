@@ -122,6 +122,7 @@ struct hs_state {
 
     hs_error err;   /* last fire error of this thread */
     hs_buf logs;    /* log records of the last fire */
+    hs_buf ctxbuf;  /* txn.ctx is encoded here, then copied: no allocation per fire */
     hs_buf pending; /* scratch only: modules compiled during this load (hs_module*) */
     hs_counters c;
 };

@@ -28,21 +28,22 @@ static int save_ctx(hs_state *S, hs_txn *t) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
     lua_pushliteral(L, "ctx");
     lua_rawget(L, -2);
-    hs_buf out = {0};
+    hs_buf *out = &S->ctxbuf;
     char err[512];
-    int rc = hs_ctx_encode(L, -1, &out, err, sizeof err);
+    out->len = 0;
+    int rc = hs_ctx_encode(L, -1, out, err, sizeof err);
     lua_pop(L, 1);
     lua_pushliteral(L, "ctx");
     lua_pushnil(L);
     lua_rawset(L, -3);
     lua_pop(L, 1);
+    if (rc == 0 && hs_txn_set_ctx(t, out->p, out->len) != 0)
+        snprintf(err, sizeof err, "out of memory saving txn.ctx"), rc = -1;
+    if (out->cap > (64 << 10)) hs_buf_free(out); /* don't keep a huge one around */
     if (rc != 0) {
-        hs_buf_free(&out);
         hs_error_set(&S->err, HS_ERR_CTX, S->cur_name, S->host->hooks[S->hook], "%s", err);
         return -1;
     }
-    hs_buf_free(&t->ctx);
-    t->ctx = out;
     t->changed |= HS_CH_CTX;
     return 0;
 }

@@ -145,6 +145,16 @@ const char *hs_txn_ctx(const hs_txn *t, size_t *len);
 /* Replace txn.ctx with data previously read by hs_txn_ctx (same engine or not). */
 int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len);
 
+/* Batched access for bindings, one call per direction. hs_txn_load sets the fields
+ * whose HS_CH_* bit is in WHAT (headers packed as for hs_txn_set_headers, ctx as
+ * hs_txn_ctx gives it); 0 ok, -1 no memory. hs_txn_field reads one HS_T_* field;
+ * the pointer is valid until the transaction next changes. */
+enum { HS_T_METHOD = 0, HS_T_URI, HS_T_BODY, HS_T_REQ_HEADERS, HS_T_RESP_HEADERS, HS_T_CTX };
+int hs_txn_load(hs_txn *t, unsigned what, const char *method, size_t mlen, const char *uri,
+                size_t ulen, int status, const char *body, size_t blen, const char *req,
+                size_t reqlen, const char *resp, size_t resplen, const char *ctx, size_t ctxlen);
+const char *hs_txn_field(hs_txn *t, int field, size_t *len);
+
 #ifdef __cplusplus
 }
 #endif

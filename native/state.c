@@ -268,6 +268,7 @@ void hs_state_close(hs_state *S) {
     }
     hs_buf_free(&S->pending);
     hs_buf_free(&S->logs);
+    hs_buf_free(&S->ctxbuf);
     hs_host *h = S->host;
     free(S);
     hs_host_unref(h);

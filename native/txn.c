@@ -259,3 +259,29 @@ int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len) {
     t->ctx.len = 0;
     return hs_buf_put(&t->ctx, data, len);
 }
+
+int hs_txn_load(hs_txn *t, unsigned what, const char *method, size_t mlen, const char *uri,
+                size_t ulen, int status, const char *body, size_t blen, const char *req,
+                size_t reqlen, const char *resp, size_t resplen, const char *ctx, size_t ctxlen) {
+    int rc = 0;
+    if (what & HS_CH_METHOD) rc |= hs_txn_set(t, HS_F_METHOD, method, mlen);
+    if (what & HS_CH_URI) rc |= hs_txn_set(t, HS_F_URI, uri, ulen);
+    if (what & HS_CH_STATUS) t->status = status;
+    if (what & HS_CH_BODY) rc |= hs_txn_set(t, HS_F_BODY, body, blen);
+    if (what & HS_CH_REQ_HEADERS) rc |= hs_txn_set_headers(t, HS_REQ, req, reqlen);
+    if (what & HS_CH_RESP_HEADERS) rc |= hs_txn_set_headers(t, HS_RESP, resp, resplen);
+    if (what & HS_CH_CTX) rc |= hs_txn_set_ctx(t, ctx, ctxlen);
+    return rc ? -1 : 0;
+}
+
+const char *hs_txn_field(hs_txn *t, int field, size_t *len) {
+    switch (field) {
+    case HS_T_METHOD: return hs_txn_get(t, HS_F_METHOD, len);
+    case HS_T_URI: return hs_txn_get(t, HS_F_URI, len);
+    case HS_T_BODY: return hs_txn_get(t, HS_F_BODY, len);
+    case HS_T_REQ_HEADERS: return hs_txn_headers(t, HS_REQ, len);
+    case HS_T_RESP_HEADERS: return hs_txn_headers(t, HS_RESP, len);
+    case HS_T_CTX: *len = t->ctx.len; return t->ctx.p ? t->ctx.p : "";
+    default: *len = 0; return "";
+    }
+}
