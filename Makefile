@@ -41,4 +41,4 @@ bench: $(VENV)/.bench
 	$(PY) -m hostscript bench --json build/bench.json --plot build/bench.png
 
 clean:
-	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so $(VENV) *.egg-info
+	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info
