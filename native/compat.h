@@ -32,10 +32,19 @@ static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
     lua_call(L, 1, 0);
 }
 
-/* A count hook is not run inside compiled traces, so a state with a time limit
- * runs on the interpreter only: the limit must hold for loops LuaJIT would compile. */
-static inline void hs_engine_setup(lua_State *L, int time_limited) {
+/* Opening the jit library is what turns LuaJIT's compiler on (scripts do not see
+ * it in the sandbox). A count hook is not run inside compiled traces, so a state
+ * with a time limit runs on the interpreter only: the limit must hold for loops
+ * LuaJIT would compile. Returns whether the compiler is on. */
+static inline int hs_engine_setup(lua_State *L, int time_limited) {
+    hs_openlib(L, LUA_JITLIBNAME, luaopen_jit);
     if (time_limited) luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    lua_getglobal(L, "jit");
+    lua_getfield(L, -1, "status");
+    lua_call(L, 0, 1);
+    int on = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    return on;
 }
 
 #else /* Lua 5.4 */
@@ -56,9 +65,10 @@ static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
     lua_pop(L, 1);
 }
 
-static inline void hs_engine_setup(lua_State *L, int time_limited) {
+static inline int hs_engine_setup(lua_State *L, int time_limited) {
     (void)L;
     (void)time_limited;
+    return 0;
 }
 #endif
 

@@ -196,7 +196,10 @@ static int init_body(hs_state *S, void *arg) {
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, hs_lapi_errh, 1);
     S->errh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    int jit = hs_engine_setup(L, h->time_limit > 0);
     hs_lapi_open(S); /* leaves hs */
+    lua_pushboolean(L, jit);
+    lua_setfield(L, -2, "jit");
     lua_setglobal(L, "hs");
     return hs_sandbox_open(S);
 }
@@ -214,7 +217,6 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     if (!S->hooks) goto nomem;
     S->L = lua_newstate(hs_alloc, S);
     if (!S->L) goto nomem;
-    hs_engine_setup(S->L, h->time_limit > 0);
     if (hs_protected(S, init_body, NULL, err, "") != 0) {
         char msg[sizeof err->message];
         snprintf(msg, sizeof msg, "%s", err->message);
