@@ -1,4 +1,5 @@
-"""Command line: ``hostscript demo`` (what ``make run`` shows) and ``hostscript check``."""
+"""Command line: ``hostscript demo`` (what ``make run`` shows), ``hostscript check`` and
+``hostscript bench`` (the comparison against peers, ``make bench``)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +77,32 @@ def check(args: argparse.Namespace) -> int:
     return status
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as benchmarks
+
+    if args.plot:
+        try:
+            benchmarks.require_matplotlib()
+        except ImportError as e:
+            print(f"hostscript bench: {e}", file=sys.stderr)
+            return 2
+    engines_ = args.engine or engines()
+    progress = (lambda s: None) if args.silent else (
+        lambda s: print(f"  measuring {s} ...", file=sys.stderr, flush=True))
+    report = benchmarks.run(engines_, quick=args.quick, progress=progress)
+    print(benchmarks.table(report))
+    if args.markdown:
+        print()
+        print(benchmarks.markdown(report))
+    if args.json:
+        benchmarks.write_json(report, args.json)
+        print(f"\nJSON: {args.json}")
+    if args.plot:
+        benchmarks.plot(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hostscript", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -90,5 +117,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--hooks", default=",".join(HOOKS))
     c.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     c.set_defaults(func=check)
+    b = sub.add_parser("bench", help="benchmark against pure Python, lupa and bare C; print the table")
+    b.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not figures")
+    b.add_argument("--json", metavar="PATH", help="write the report (machine info and rows) as JSON")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    b.add_argument("--engine", action="append", choices=["luajit", "lua54"])
+    b.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=bench)
     args = ap.parse_args(argv)
     return args.func(args)
