@@ -213,6 +213,7 @@ struct hs_host {
     uint64_t compilations, next_script_id;
     void (*release)(void); /* hs_host_set_release: set before the first fire */
     uint64_t long_ns;
+    hs_buf wrap_bc; /* the pcall wrappers, compiled by the first state (sandbox.c) */
     hs_buf load_logs;
     hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
     int closed;

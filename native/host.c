@@ -129,6 +129,7 @@ static void host_destroy(hs_host *h) {
     for (int i = 0; i < h->nlua_path; i++) free(h->lua_path[i]);
     free(h->lua_path);
     hs_buf_free(&h->load_logs);
+    hs_buf_free(&h->wrap_bc);
     hs_module **mods = (hs_module **)h->modules.p;
     for (size_t i = 0; i < h->modules.len / sizeof *mods; i++) {
         free(mods[i]->name);

@@ -36,6 +36,8 @@ static int strict_newindex(lua_State *L) {
                       k ? k : "?");
 }
 
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud);
+
 /* ---- pcall / xpcall that cannot catch the time limit ----
  * Written in Lua around the engine's own pcall/xpcall so that coroutines may still
  * yield inside them (a C wrapper would be a yield barrier on both engines). */
@@ -59,10 +61,18 @@ static int sb_aborted(lua_State *L) {
     return 1;
 }
 
-/* Replace G.pcall and G.xpcall. */
+/* Replace G.pcall and G.xpcall. The wrapper is parsed once per host (by the state
+ * hs_host_new makes first, before any other thread can see the host) and loaded
+ * from that bytecode afterwards: parsing it was a fifth of creating a state. */
 static void wrap_pcall(lua_State *L, hs_state *S, int G) {
-    if (luaL_loadbuffer(L, wrap_pcall_src, sizeof wrap_pcall_src - 1, "=[hs pcall]") != 0)
+    hs_buf *bc = &S->host->wrap_bc;
+    if (!bc->len) {
+        if (luaL_loadbuffer(L, wrap_pcall_src, sizeof wrap_pcall_src - 1, "=[hs pcall]") != 0)
+            lua_error(L);
+        if (hs_dump(L, dump_writer, bc) != 0) bc->len = 0;
+    } else if (luaL_loadbufferx(L, bc->p, bc->len, "=[hs pcall]", "b") != 0) {
         lua_error(L);
+    }
     lua_getfield(L, G, "pcall");
     lua_getfield(L, G, "xpcall");
     lua_getfield(L, G, "error");

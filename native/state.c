@@ -506,6 +506,7 @@ int hs_state_rehydrate(hs_state *S) {
         hs_prog_release(r.p);
         return -1;
     }
+    int had_program = S->nslots > 0;
     /* Swap in: drop what the new program no longer uses. */
     for (int j = 0; j < S->nslots; j++) {
         int kept = 0;
@@ -535,6 +536,6 @@ int hs_state_rehydrate(hs_state *S) {
     S->prog = r.p;
     S->gen = r.p->gen;
     atomic_fetch_add_explicit(&S->c.rehydrations, r.nloaded, memory_order_relaxed);
-    lua_gc(L, LUA_GCCOLLECT, 0); /* old classes are garbage now; start the new program lean */
+    if (had_program) lua_gc(L, LUA_GCCOLLECT, 0); /* old classes are garbage now */
     return 0;
 }
