@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <structmember.h>
 
 typedef int (*fire_fn)(void *host, int hook, void *txn);
 typedef void *(*txn_new_fn)(void);
@@ -178,6 +179,172 @@ static PyTypeObject BridgeType = {
     .tp_methods = Bridge_methods,
 };
 
+/* ---- TxnBase: the fields of a Transaction the fast path reads ----
+ * hostscript.Transaction derives from it, so HostFire can tell from C whether the
+ * transaction is bound to this engine and has nothing to push. */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long addr;  /* the C transaction, 0 before the first fire */
+    PyObject *engine;    /* the Engine addr belongs to, or NULL */
+    unsigned int dirty;  /* HS_CH_* bits Python changed and has not pushed */
+    unsigned int stale;  /* HS_CH_* bits Lua changed and Python has not pulled */
+} TxnBase;
+
+static PyMemberDef TxnBase_members[] = {
+    {"_addr", T_ULONG, offsetof(TxnBase, addr), 0, NULL},
+    {"_engine", T_OBJECT, offsetof(TxnBase, engine), 0, NULL},
+    {"_dirty", T_UINT, offsetof(TxnBase, dirty), 0, NULL},
+    {"_stale", T_UINT, offsetof(TxnBase, stale), 0, NULL},
+    {NULL, 0, 0, 0, NULL}};
+
+static void TxnBase_dealloc(PyObject *self) {
+    Py_CLEAR(((TxnBase *)self)->engine);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyTypeObject TxnBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hostscript._bridge.TxnBase",
+    .tp_basicsize = sizeof(TxnBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Base of hostscript.Transaction: the fields Host.fire reads from C.",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = TxnBase_dealloc,
+    .tp_members = TxnBase_members,
+};
+
+/* ---- HostFire: Host.fire for the common case, in C ----
+ * fire(hook, txn) with a declared hook and a transaction that is bound to this
+ * engine and has nothing to push: call hs_fire and return the shared Outcome for
+ * CONTINUE/DONE. Everything else — first fire of a transaction, pending changes,
+ * errors, log records, a closed host, bad arguments — goes to Host's Python code. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    fire_fn fire;
+    void *host;         /* NULL once the host is closed */
+    PyObject *engine;
+    PyObject *hooks;    /* dict: hook name -> index */
+    PyObject *out[2];   /* Outcome CONTINUE, DONE */
+    PyObject *slow;     /* Python: (hook, txn) -> Outcome */
+    PyObject *finish;   /* Python: (result, hook, txn) -> Outcome */
+} HostFire;
+
+static PyObject *HostFire_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kw) {
+    HostFire *f = (HostFire *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n != 2 || kw || !f->host || !PyObject_TypeCheck(args[1], &TxnBaseType))
+        return PyObject_Vectorcall(f->slow, args, nargsf, kw);
+    TxnBase *t = (TxnBase *)args[1];
+    if (t->engine != f->engine || t->dirty) return PyObject_Vectorcall(f->slow, args, nargsf, kw);
+    PyObject *idx = PyDict_GetItemWithError(f->hooks, args[0]);
+    if (!idx) {
+        if (PyErr_Occurred()) return NULL;
+        return PyObject_Vectorcall(f->slow, args, nargsf, kw);
+    }
+    int r = f->fire(f->host, (int)PyLong_AsLong(idx), (void *)t->addr);
+    if (released) {
+        PyEval_RestoreThread(released);
+        released = NULL;
+    }
+    if (!(r & 0x202)) { /* neither an error nor log records */
+        t->stale |= (unsigned)r >> 2;
+        PyObject *o = f->out[r & 1];
+        Py_INCREF(o);
+        return o;
+    }
+    PyObject *rr = PyLong_FromLong(r);
+    if (!rr) return NULL;
+    PyObject *fargs[3] = {rr, args[0], args[1]};
+    PyObject *res = PyObject_Vectorcall(f->finish, fargs, 3, NULL);
+    Py_DECREF(rr);
+    return res;
+}
+
+static PyObject *HostFire_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *bridge, *host, *engine, *hooks, *o0, *o1, *slow, *finish;
+    (void)kw;
+    if (!PyArg_ParseTuple(args, "O!OOO!OOOO:HostFire", &BridgeType, &bridge, &host, &engine,
+                          &PyDict_Type, &hooks, &o0, &o1, &slow, &finish))
+        return NULL;
+    void *hp = PyLong_AsVoidPtr(host);
+    if (PyErr_Occurred()) return NULL;
+    HostFire *f = (HostFire *)type->tp_alloc(type, 0);
+    if (!f) return NULL;
+    f->vectorcall = HostFire_call;
+    f->fire = ((Bridge *)bridge)->fire;
+    f->host = hp;
+    Py_INCREF(engine);
+    f->engine = engine;
+    Py_INCREF(hooks);
+    f->hooks = hooks;
+    Py_INCREF(o0);
+    f->out[0] = o0;
+    Py_INCREF(o1);
+    f->out[1] = o1;
+    Py_INCREF(slow);
+    f->slow = slow;
+    Py_INCREF(finish);
+    f->finish = finish;
+    return (PyObject *)f;
+}
+
+static int HostFire_traverse(PyObject *self, visitproc visit, void *arg) {
+    HostFire *f = (HostFire *)self;
+    Py_VISIT(f->engine);
+    Py_VISIT(f->hooks);
+    Py_VISIT(f->out[0]);
+    Py_VISIT(f->out[1]);
+    Py_VISIT(f->slow);
+    Py_VISIT(f->finish);
+    return 0;
+}
+
+static int HostFire_clear(PyObject *self) {
+    HostFire *f = (HostFire *)self;
+    f->host = NULL;
+    Py_CLEAR(f->engine);
+    Py_CLEAR(f->hooks);
+    Py_CLEAR(f->out[0]);
+    Py_CLEAR(f->out[1]);
+    Py_CLEAR(f->slow);
+    Py_CLEAR(f->finish);
+    return 0;
+}
+
+static void HostFire_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
+    HostFire_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *HostFire_disable(PyObject *self, PyObject *unused) {
+    (void)unused;
+    ((HostFire *)self)->host = NULL; /* the host is closing: only the Python path from now on */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef HostFire_methods[] = {
+    {"disable", HostFire_disable, METH_NOARGS, "Send every call to the Python path (host closed)."},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject HostFireType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hostscript._bridge.HostFire",
+    .tp_basicsize = sizeof(HostFire),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "HostFire(bridge, host, engine, hooks, continue, done, slow, finish)(hook, txn)",
+    .tp_new = HostFire_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HostFire, vectorcall),
+    .tp_traverse = HostFire_traverse,
+    .tp_clear = HostFire_clear,
+    .tp_dealloc = HostFire_dealloc,
+    .tp_methods = HostFire_methods,
+};
+
 static PyObject *release_address(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -192,12 +359,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "hostscript._bridge", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__bridge(void) {
-    if (PyType_Ready(&BridgeType) < 0) return NULL;
+    if (PyType_Ready(&BridgeType) < 0 || PyType_Ready(&TxnBaseType) < 0 ||
+        PyType_Ready(&HostFireType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    Py_INCREF(&BridgeType);
-    if (PyModule_AddObject(m, "Bridge", (PyObject *)&BridgeType) < 0) {
-        Py_DECREF(&BridgeType);
+    if (PyModule_AddObjectRef(m, "Bridge", (PyObject *)&BridgeType) < 0 ||
+        PyModule_AddObjectRef(m, "TxnBase", (PyObject *)&TxnBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "HostFire", (PyObject *)&HostFireType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

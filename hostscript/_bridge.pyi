@@ -1,5 +1,5 @@
 """Types of the CPython bridge built from hostscript/_bridge.c."""
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 class Bridge:
     def __init__(self, functions: Tuple[int, int, int, int, int, int]) -> None: ...
@@ -13,3 +13,16 @@ class Bridge:
     def txn_status(self, txn: int) -> int: ...
 
 def release_address() -> int: ...
+
+class TxnBase:
+    _addr: int
+    _engine: Any
+    _dirty: int
+    _stale: int
+
+class HostFire:
+    def __init__(self, bridge: Bridge, host: int, engine: Any, hooks: Dict[str, int],
+                 out_continue: Any, out_done: Any, slow: Callable[..., Any],
+                 finish: Callable[..., Any]) -> None: ...
+    def __call__(self, hook: str, txn: Any) -> Any: ...
+    def disable(self) -> None: ...

@@ -115,6 +115,10 @@ class Host:
         self._fire = self._eng.bridge.fire
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
+        # The common case of fire() in C; it hands everything else to _fire_py.
+        self._fast = _bridge.HostFire(self._eng.bridge, self._addr, self._eng, self._index,
+                                      _OUT_CONTINUE, _OUT_DONE, self._fire_py, self._finish)
+        self.fire = self._fast  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._paths: Dict[str, Optional[str]] = {}
         self._tls = threading.local()
@@ -194,15 +198,19 @@ class Host:
 
     def fire(self, hook: str, txn: Transaction) -> Outcome:
         """Run the handlers of *hook* for *txn* in the calling thread's Lua state."""
+        return self._fire_py(hook, txn)  # instances use the C fast path set in __init__
+
+    def _fire_py(self, hook: str, txn: Transaction) -> Outcome:
         i = self._index.get(hook)
         if i is None:
             raise ValueError(f"undeclared hook {hook!r} (declared: {', '.join(self.hooks)})")
         h = self._addr
         if h is None:
             raise Error("the host is closed")
+        if not isinstance(txn, Transaction):
+            raise TypeError(f"fire() needs a hostscript.Transaction, not {type(txn).__name__}")
         eng = self._eng
-        if (txn._engine is not eng or txn._dirty or txn.request._headers._dirty
-                or txn.response._headers._dirty):
+        if txn._engine is not eng or txn._dirty:
             txn._prepare(eng)
         r = self._fire(h, i, txn._addr)
         if r < 2:
@@ -272,6 +280,7 @@ class Host:
     def close(self) -> None:
         """Close every thread's Lua state and free the host. Idempotent."""
         with self._lock:
+            self._fast.disable()
             self._h = self._addr = None
             self._finalizer()
 

@@ -12,7 +12,7 @@ import itertools
 import re
 from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import _ctx
+from . import _bridge, _ctx
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -65,6 +65,11 @@ class Headers:
         self._owner = _owner
         self._bit = _bit
 
+    def _changed(self) -> None:
+        self._dirty = True
+        if self._owner is not None:
+            self._owner._dirty |= self._bit
+
     def _fresh(self) -> List[Tuple[str, str]]:
         o = self._owner
         if o is not None and o._stale & self._bit:
@@ -108,16 +113,16 @@ class Headers:
         if not done:
             out.append((name, value))
         self._items = out
-        self._dirty = True
+        self._changed()
 
     def add(self, name: str, value: str) -> None:
         self._fresh().extend(_validated([(name, value)]))
-        self._dirty = True
+        self._changed()
 
     def remove(self, name: str) -> None:
         low = name.lower()
         self._items = [(k, v) for k, v in self._fresh() if k.lower() != low]
-        self._dirty = True
+        self._changed()
 
     def __delitem__(self, name: str) -> None:
         if name not in self:
@@ -247,20 +252,21 @@ class Response:
         return f"Response({self.status!r}, {self.headers!r}, {self.body!r})"
 
 
-class Transaction:
+class Transaction(_bridge.TxnBase):
     """One request passing through the host's hooks. Fire its hooks from any thread,
-    one fire at a time; ``ctx`` (handlers' ``txn.ctx``) follows it across threads."""
+    one fire at a time; ``ctx`` (handlers' ``txn.ctx``) follows it across threads.
 
-    __slots__ = ("request", "response", "_dirty", "_stale", "_ctx_bytes", "_ctx", "_engine",
-                 "_addr", "__weakref__")
+    The C base keeps ``_addr`` (the C transaction), ``_engine``, ``_dirty`` (HS_CH_*
+    bits Python changed, headers included) and ``_stale`` (bits Lua changed) where
+    the C fast path of Host.fire reads them."""
+
+    __slots__ = ("request", "response", "_ctx_bytes", "_ctx", "__weakref__")
+    _engine: Optional["Engine"]
 
     def __init__(self, method: str = "GET", uri: str = "/",
                  headers: Iterable[Tuple[str, str]] = (), *, status: Optional[int] = None,
                  response_headers: Iterable[Tuple[str, str]] = (), body: Union[bytes, str] = b"") -> None:
-        self._engine: Optional["Engine"] = None
-        self._addr = 0  # the C transaction, made on the first fire
-        self._dirty = CH_METHOD | CH_URI | CH_STATUS | CH_BODY  # Python-side changes to push
-        self._stale = 0  # C-side changes not yet pulled
+        self._dirty = _ALL & ~CH_CTX  # everything is to push on the first fire
         self.request = Request(self, method, uri, Headers(headers, _owner=self, _bit=CH_REQ_HEADERS))
         self.response = Response(self, status,
                                  Headers(response_headers, _owner=self, _bit=CH_RESP_HEADERS),
@@ -301,10 +307,6 @@ class Transaction:
             what = _ALL
         else:
             what = self._dirty
-            if req._headers._dirty:
-                what |= CH_REQ_HEADERS
-            if resp._headers._dirty:
-                what |= CH_RESP_HEADERS
         if what:
             engine.bridge.txn_load(
                 self._addr, what,

@@ -628,3 +628,26 @@ def test_generation_moves_on_load_replace_and_unload(host):
     host.load(stamp("a2"), name="a.lua")
     host.unload("a.lua")
     assert host.stats()["generation"] == g0 + 3
+
+
+def test_fire_saved_before_close_raises_instead_of_touching_the_freed_host(make_host):
+    host = make_host(("read_request",))
+    host.load("local C = {} function C:on_read_request(txn) txn.ctx.n = 1 end return C", name="a.lua")
+    fire = host.fire
+    txn = hostscript.Transaction()
+    assert fire("read_request", txn).status is hostscript.Outcome.CONTINUE
+    host.close()
+    with pytest.raises(hostscript.Error, match="closed"):
+        fire("read_request", txn)
+
+
+def test_fire_accepts_keywords_and_refuses_what_is_not_a_transaction(make_host):
+    host = make_host(("read_request",))
+    host.load("local C = {} function C:on_read_request(txn) txn:respond(204) end return C", name="a.lua")
+    txn = hostscript.Transaction()
+    assert host.fire(hook="read_request", txn=txn).status is hostscript.Outcome.DONE
+    assert txn.response.status == 204
+    with pytest.raises(TypeError, match="Transaction"):
+        host.fire("read_request", {"method": "GET"})
+    with pytest.raises(ValueError, match="undeclared hook"):
+        host.fire("nope", txn)
