@@ -27,7 +27,11 @@
 #define HS_ERRH_SLACK (256 << 10)   /* heap allowed over the limit while reporting an error */
 #define HS_LOGS_MAX (64 << 10)      /* log bytes kept per fire */
 
-enum { HS_HOOK_OBSERVE_ONLY = 1 };  /* hook flags: "log" may not answer the request */
+enum { HS_HOOK_OBSERVE_ONLY = 1 };
+
+/* A worker state keeps its message handler and txn object at the bottom of its
+ * stack for its whole life, so a fire pushes them without a registry look-up. */
+enum { HS_STACK_ERRH = 1, HS_STACK_TXN = 2 };  /* hook flags: "log" may not answer the request */
 
 /* ---- growable byte buffer (txn.c) ---- */
 typedef struct hs_buf {

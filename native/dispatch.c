@@ -67,16 +67,14 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
             S->release_at_ns = start + S->host->long_ns; /* checked by the time-limit hook */
         }
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, S->errh_ref); /* base + 1 */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);  /* base + 2 */
     for (int i = 0; i < hc->n; i++) {
         hs_handler *it = &hc->items[i];
         S->slot = it->slot;
         S->cur_name = S->slots[it->slot].script->name;
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->fn_ref);
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->self_ref);
-        lua_pushvalue(L, base + 2);
-        int rc = lua_pcall(L, 2, 1, base + 1);
+        lua_pushvalue(L, HS_STACK_TXN);
+        int rc = lua_pcall(L, 2, 1, HS_STACK_ERRH);
         if (rc != 0) {
             hs_error_from_lua(S, &S->err, rc, S->cur_name);
             snprintf(S->err.hook, sizeof S->err.hook, "%s", S->host->hooks[hook]);

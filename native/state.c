@@ -234,6 +234,8 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
         return NULL;
     }
     S->heap_limit = h->memory_limit;
+    lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->errh_ref); /* HS_STACK_ERRH */
+    lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->txn_ref);  /* HS_STACK_TXN */
     if (h->time_limit > 0) lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
     if (scratch) {
         S->prog = hs_prog_acquire(h);
