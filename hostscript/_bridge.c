@@ -17,6 +17,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 #include <structmember.h>
 
 typedef int (*fire_fn)(void *host, int hook, void *txn);
@@ -345,6 +347,189 @@ static PyTypeObject HostFireType = {
     .tp_methods = HostFire_methods,
 };
 
+/* ---- txn.ctx for Python ----
+ * Decodes the core's ctx format (native/ctx.c) into Python objects: a table whose
+ * keys are exactly 1..n becomes a list, any other table a dict, strings str (bytes
+ * when not UTF-8). Lua keeps t[1] and t[true] apart and a dict cannot: the boolean
+ * key is then shown as the string "true"/"false" rather than lose a value. */
+
+#define CTX_DEPTH 40
+
+typedef struct {
+    const unsigned char *p, *end;
+} ctx_reader;
+
+static PyObject *ctx_corrupt(void) {
+    PyErr_SetString(PyExc_ValueError, "corrupt txn.ctx data");
+    return NULL;
+}
+
+static int ctx_take(ctx_reader *r, void *out, size_t n) {
+    if ((size_t)(r->end - r->p) < n) return -1;
+    memcpy(out, r->p, n);
+    r->p += n;
+    return 0;
+}
+
+static PyObject *ctx_value(ctx_reader *r, int depth);
+
+/* t[k] = v, keeping a boolean key apart from the number it equals. Steals k, v. */
+static int ctx_set(PyObject *t, PyObject *k, PyObject *v) {
+    int has = PyDict_Contains(t, k);
+    if (has <= 0) {
+        int rc = has < 0 ? -1 : PyDict_SetItem(t, k, v);
+        Py_DECREF(k);
+        Py_DECREF(v);
+        return rc;
+    }
+    PyObject *bkey, *bval;
+    if (PyBool_Check(k)) {
+        bkey = k;
+        bval = v;
+    } else { /* the boolean is already there under this number: move it aside */
+        int one = PyObject_RichCompareBool(k, Py_True, Py_EQ);
+        bkey = one ? Py_True : Py_False;
+        Py_INCREF(bkey);
+        bval = PyDict_GetItemWithError(t, k);
+        Py_XINCREF(bval);
+        if (!bval || PyDict_DelItem(t, k) < 0 || PyDict_SetItem(t, k, v) < 0) {
+            Py_XDECREF(bval);
+            Py_DECREF(bkey);
+            Py_DECREF(k);
+            Py_DECREF(v);
+            return -1;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    PyObject *name = PyUnicode_FromString(bkey == Py_True ? "true" : "false");
+    int rc = -1;
+    if (name) {
+        int taken = PyDict_Contains(t, name);
+        if (taken > 0)
+            PyErr_SetString(PyExc_ValueError, "txn.ctx has keys 1, true and \"true\" (or 0, false "
+                                              "and \"false\") in one table; Python cannot show them apart");
+        else if (taken == 0)
+            rc = PyDict_SetItem(t, name, bval);
+        Py_DECREF(name);
+    }
+    Py_DECREF(bkey);
+    Py_DECREF(bval);
+    return rc;
+}
+
+/* A dict whose keys are exactly the integers 1..n becomes a list. */
+static PyObject *ctx_maybe_list(PyObject *t) {
+    Py_ssize_t n = PyDict_GET_SIZE(t), pos = 0;
+    PyObject *k, *v;
+    if (n == 0) return t;
+    while (PyDict_Next(t, &pos, &k, &v)) {
+        if (!PyLong_CheckExact(k)) return t;
+        long long i = PyLong_AsLongLong(k);
+        if (i == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return t;
+        }
+        if (i < 1 || i > n) return t;
+    }
+    PyObject *list = PyList_New(n);
+    if (!list) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyLong_FromSsize_t(i + 1);
+        PyObject *item = key ? PyDict_GetItemWithError(t, key) : NULL;
+        Py_XDECREF(key);
+        if (!item) {
+            Py_DECREF(list);
+            Py_DECREF(t);
+            return PyErr_Occurred() ? NULL : ctx_corrupt();
+        }
+        Py_INCREF(item);
+        PyList_SET_ITEM(list, i, item);
+    }
+    Py_DECREF(t);
+    return list;
+}
+
+static PyObject *ctx_value(ctx_reader *r, int depth) {
+    unsigned char tag;
+    if (depth > CTX_DEPTH || ctx_take(r, &tag, 1)) return ctx_corrupt();
+    switch (tag) {
+    case 't': Py_RETURN_TRUE;
+    case 'f': Py_RETURN_FALSE;
+    case 'i': {
+        int64_t i;
+        if (ctx_take(r, &i, 8)) return ctx_corrupt();
+        return PyLong_FromLongLong(i);
+    }
+    case 'd': {
+        double d;
+        if (ctx_take(r, &d, 8)) return ctx_corrupt();
+        return PyFloat_FromDouble(d);
+    }
+    case 's': {
+        uint32_t n;
+        if (ctx_take(r, &n, 4) || (size_t)(r->end - r->p) < n) return ctx_corrupt();
+        const char *p = (const char *)r->p;
+        r->p += n;
+        PyObject *str = PyUnicode_DecodeUTF8(p, n, NULL);
+        if (str) return str;
+        PyErr_Clear();
+        return PyBytes_FromStringAndSize(p, n);
+    }
+    case 'T': {
+        uint32_t n;
+        if (ctx_take(r, &n, 4)) return ctx_corrupt();
+        PyObject *t = PyDict_New();
+        if (!t) return NULL;
+        for (uint32_t i = 0; i < n; i++) {
+            PyObject *k = ctx_value(r, depth + 1);
+            PyObject *v = k ? ctx_value(r, depth + 1) : NULL;
+            if (!v) {
+                Py_XDECREF(k);
+                Py_DECREF(t);
+                return NULL;
+            }
+            if (ctx_set(t, k, v) < 0) {
+                Py_DECREF(t);
+                return NULL;
+            }
+        }
+        return ctx_maybe_list(t);
+    }
+    default:
+        return ctx_corrupt();
+    }
+}
+
+/* ctx_decode(data) -> dict (a top-level sequence keeps its integer keys) */
+static PyObject *ctx_decode(PyObject *self, PyObject *data) {
+    (void)self;
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "ctx_decode needs bytes");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(data) == 0) return PyDict_New();
+    ctx_reader r = {(const unsigned char *)PyBytes_AS_STRING(data),
+                    (const unsigned char *)PyBytes_AS_STRING(data) + PyBytes_GET_SIZE(data)};
+    PyObject *v = ctx_value(&r, 0);
+    if (!v || PyDict_Check(v)) return v;
+    if (!PyList_Check(v)) {
+        Py_DECREF(v);
+        return ctx_corrupt();
+    }
+    PyObject *d = PyDict_New();
+    for (Py_ssize_t i = 0; d && i < PyList_GET_SIZE(v); i++) {
+        PyObject *key = PyLong_FromSsize_t(i + 1);
+        if (!key || PyDict_SetItem(d, key, PyList_GET_ITEM(v, i)) < 0) Py_CLEAR(d);
+        Py_XDECREF(key);
+    }
+    Py_DECREF(v);
+    return d;
+}
+
 static PyObject *release_address(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -354,6 +539,7 @@ static PyObject *release_address(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"release_address", release_address, METH_NOARGS,
      "Address of the function the core calls to release the GIL while Lua runs long."},
+    {"ctx_decode", ctx_decode, METH_O, "ctx_decode(data: bytes) -> dict: txn.ctx as Python data"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "hostscript._bridge", NULL, -1, methods};

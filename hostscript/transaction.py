@@ -12,7 +12,7 @@ import itertools
 import re
 from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import _bridge, _ctx
+from . import _bridge
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -285,7 +285,7 @@ class Transaction(_bridge.TxnBase):
         if self._stale & CH_CTX:
             self._pull(CH_CTX)
         if self._ctx is None:
-            self._ctx = _ctx.decode(self._ctx_bytes)
+            self._ctx = _bridge.ctx_decode(self._ctx_bytes)
         return self._ctx
 
     def __repr__(self) -> str:

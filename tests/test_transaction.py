@@ -885,3 +885,11 @@ def test_python_changes_between_engines_are_carried_over(make_host, engine):
     txn.request.headers["X-Py"] = "set-in-python"
     ok(b.fire("read_request", txn))
     assert txn.ctx["r"] == {"status": 202, "m": "PATCH", "x": "set-in-python", "a": 1}
+
+
+@pytest.mark.parametrize("data", [b"T", b"T\x02\x00\x00\x00s\x01\x00\x00\x00a", b"x", b"s\xff\x00\x00\x00ab",
+                                  b"T\x01\x00\x00\x00" * 100])
+def test_corrupt_ctx_data_raises_value_error_not_a_crash(data):
+    from hostscript import _bridge
+    with pytest.raises(ValueError, match="corrupt"):
+        _bridge.ctx_decode(data)
