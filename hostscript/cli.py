@@ -71,7 +71,7 @@ def check(args: argparse.Namespace) -> int:
             host.load_file(path)
             print(f"{path}: ok")
         except ScriptError as e:
-            print(f"{path}: {e}", file=sys.stderr)
+            print(e if str(e).startswith(path) else f"{path}: {e}", file=sys.stderr)
             status = 1
     host.close()
     return status

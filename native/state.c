@@ -46,6 +46,20 @@ static int line_of(const char *msg) {
     return 0;
 }
 
+/* Lua shortens a long chunk name to "...tail"; put the whole script name back in
+ * front of "...tail:LINE: message" so the operator sees which file it was. */
+static void expand_chunkname(char *msg, size_t cap, const char *script) {
+    if (strncmp(msg, "...", 3) != 0) return;
+    const char *colon = strchr(msg + 3, ':');
+    while (colon && !(colon[1] >= '0' && colon[1] <= '9')) colon = strchr(colon + 1, ':');
+    if (!colon) return;
+    size_t tail = (size_t)(colon - (msg + 3)), slen = strlen(script);
+    if (tail > slen || strncmp(script + slen - tail, msg + 3, tail) != 0) return;
+    char out[1024];
+    snprintf(out, sizeof out, "%s%s", script, colon);
+    snprintf(msg, cap, "%s", out);
+}
+
 /* Fill E from a failed lua_pcall (rc) whose error value is on top; the message
  * handler (lapi_hs.c) may already have stored message and traceback in S->err. */
 void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
@@ -66,6 +80,7 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
         const char *m = lua_tostring(L, -1);
         snprintf(msg, sizeof msg, "%s", m ? m : "(error object is not a string)");
     }
+    expand_chunkname(msg, sizeof msg, script);
     char tb[sizeof e->traceback];
     snprintf(tb, sizeof tb, "%s", S->err.traceback);
     e->kind = kind;
