@@ -304,9 +304,8 @@ class Transaction(_bridge.TxnBase):
             self._engine = engine
             if addr:
                 old.bridge.txn_free(addr)  # type: ignore[union-attr]
-            what = _ALL
-        else:
-            what = self._dirty
+            self._dirty = _ALL  # a new C transaction: everything is to push (again if this fails)
+        what = self._dirty
         if what:
             engine.bridge.txn_load(
                 self._addr, what,

@@ -33,12 +33,14 @@ static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
 }
 
 /* Opening the jit library is what turns LuaJIT's compiler on (scripts do not see
- * it in the sandbox). A count hook is not run inside compiled traces, so a state
- * with a time limit runs on the interpreter only: the limit must hold for loops
- * LuaJIT would compile. Returns whether the compiler is on. */
-static inline int hs_engine_setup(lua_State *L, int time_limited) {
+ * it in the sandbox). A state with a limit runs on the interpreter only: a count
+ * hook is not run inside compiled traces (the time limit must hold for loops LuaJIT
+ * would compile), and compiled code that runs out of memory twice under a limiting
+ * allocator crashes LuaJIT 2.1 (seen with plain LuaJIT too). Returns whether the
+ * compiler is on. */
+static inline int hs_engine_setup(lua_State *L, int limited) {
     hs_openlib(L, LUA_JITLIBNAME, luaopen_jit);
-    if (time_limited) luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    if (limited) luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
     lua_getglobal(L, "jit");
     lua_getfield(L, -1, "status");
     lua_call(L, 0, 1);

@@ -107,7 +107,7 @@ struct hs_state {
     hs_hookcache *hooks; /* nhooks entries */
 
     /* registry references made once at state creation */
-    int env_ref, txn_ref, errh_ref, loaded_ref;
+    int env_ref, txn_ref, errh_ref, loaded_ref, trampoline_ref;
 
     /* the fire in progress */
     hs_txn *txn;
@@ -135,6 +135,9 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err);
 void hs_state_close(hs_state *S);
 hs_state *hs_state_current(hs_host *h, hs_error **err); /* this thread's, created lazily */
 int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err set */
+/* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
+int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
+                 const char *script);
 /* Run the chunk on top of the stack in the state's environment; leaves the class. */
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
 int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);

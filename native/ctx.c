@@ -53,7 +53,10 @@ static int enc_table(enc *e, int idx, int depth) {
     if (hs_buf_put(e->out, "T", 1) || put_u32(e->out, 0)) goto nomem;
     size_t countpos = e->out->len - 4;
     uint32_t n = 0;
-    lua_checkstack(L, 4);
+    if (!lua_checkstack(L, 4)) {
+        snprintf(e->err, e->errlen, "out of memory saving txn.ctx");
+        return -1;
+    }
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         int k = lua_gettop(L) - 1, v = k + 1;
@@ -183,7 +186,7 @@ static int dec_value(lua_State *L, dec *d, int depth) {
         if (d->end - d->p < 4) return -1;
         memcpy(&n, d->p, 4);
         d->p += 4;
-        lua_checkstack(L, 4);
+        if (!lua_checkstack(L, 4)) return -1;
         lua_createtable(L, 0, (int)(n < 1024 ? n : 1024));
         for (uint32_t i = 0; i < n; i++) {
             if (dec_value(L, d, depth + 1) || dec_value(L, d, depth + 1)) return -1;

@@ -21,10 +21,11 @@
 #define ADD(x, n) atomic_store_explicit(&(x), atomic_load_explicit(&(x), memory_order_relaxed) + (n), \
                                         memory_order_relaxed)
 
-/* Serialize txn.ctx back into the transaction; 0 ok, -1 with S->err set. */
-static int save_ctx(hs_state *S, hs_txn *t) {
+/* Serialize txn.ctx back into the transaction; 0 ok, -1 with S->err set.
+ * Runs protected (save_ctx below): encoding may need stack or memory. */
+static int save_ctx_body(hs_state *S, void *arg) {
+    hs_txn *t = arg;
     lua_State *L = S->L;
-    S->ctx_live = 0;
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
     lua_pushliteral(L, "ctx");
     lua_rawget(L, -2);
@@ -48,6 +49,21 @@ static int save_ctx(hs_state *S, hs_txn *t) {
     return 0;
 }
 
+static int save_ctx(hs_state *S, hs_txn *t) {
+    S->ctx_live = 0;
+    hs_error err;
+    err.kind = HS_ERR_NONE;
+    S->err.kind = HS_ERR_NONE;
+    const char *name = S->cur_name ? S->cur_name : "";
+    int rc = hs_protected(S, save_ctx_body, t, &err, name);
+    if (rc != 0 && S->err.kind != HS_ERR_CTX) {
+        /* raised (out of memory...): report it as this hook's error */
+        snprintf(err.hook, sizeof err.hook, "%s", S->host->hooks[S->hook]);
+        S->err = err;
+    }
+    return rc;
+}
+
 static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     lua_State *L = S->L;
     hs_hookcache *hc = &S->hooks[hook];
@@ -55,6 +71,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     int base = lua_gettop(L);
     S->txn = t;
     S->hook = hook;
+    S->in_errh = 0; /* a handler error inside the message handler may have left it set */
     t->responded = 0;
     hs_state_deadline(S, start);
     if (S->host->release) {
@@ -90,7 +107,15 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
             break;
         }
     }
-    if (S->ctx_live && save_ctx(S, t) != 0 && status != HS_ERROR) status = HS_ERROR;
+    if (S->ctx_live) {
+        if (status == HS_ERROR) { /* keep the handler's error; save what ctx holds anyway */
+            hs_error handler_error = S->err;
+            save_ctx(S, t);
+            S->err = handler_error;
+        } else if (save_ctx(S, t) != 0) {
+            status = HS_ERROR;
+        }
+    }
     lua_settop(L, base);
     hs_state_end_deadline(S);
     S->release_at_ns = 0;

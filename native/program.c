@@ -100,9 +100,24 @@ static int find_script(const hs_prog *p, const char *name) {
     return -1;
 }
 
-/* Compile NAME on a scratch state: bytecode into BC, the class's hook mask into MASK. */
-static int compile(hs_state *S, const char *name, const char *src, size_t len, hs_buf *bc,
-                   uint64_t *mask, hs_error *err) {
+typedef struct compilation {
+    const char *name, *src;
+    size_t len;
+    hs_buf *bc;
+    uint64_t *mask;
+    hs_error *err;
+} compilation;
+
+/* Compile NAME on a scratch state: bytecode into BC, the class's hook mask into MASK.
+ * Runs protected (compile below): any Lua call here may run out of memory. */
+static int compile_body(hs_state *S, void *arg) {
+    compilation *c = arg;
+    const char *name = c->name;
+    hs_error *err = c->err;
+    hs_buf *bc = c->bc;
+    uint64_t *mask = c->mask;
+    const char *src = c->src;
+    size_t len = c->len;
     lua_State *L = S->L;
     int rc = hs_state_load(S, name, src, len, 0);
     if (rc != 0) {
@@ -115,16 +130,22 @@ static int compile(hs_state *S, const char *name, const char *src, size_t len, h
         return -1;
     }
     if (hs_state_run_chunk(S, name, err) != 0) return -1;
-    /* The class is on top; hs_state_run_chunk validated it. Collect its hooks. */
+    /* class and self are on top; hs_state_run_chunk validated them. Collect the hooks. */
     *mask = 0;
     for (int i = 0; i < S->host->nhooks; i++) {
         lua_pushfstring(L, "on_%s", S->host->hooks[i]);
-        lua_gettable(L, -2);
+        lua_gettable(L, -3);
         if (lua_isfunction(L, -1)) *mask |= (uint64_t)1 << i;
         lua_pop(L, 1);
     }
-    lua_pop(L, 1);
+    lua_pop(L, 2);
     return 0;
+}
+
+static int compile(hs_state *S, const char *name, const char *src, size_t len, hs_buf *bc,
+                   uint64_t *mask, hs_error *err) {
+    compilation c = {name, src, len, bc, mask, err};
+    return hs_protected(S, compile_body, &c, err, name);
 }
 
 int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error *err) {

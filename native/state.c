@@ -168,12 +168,15 @@ static int protected_trampoline(lua_State *L) {
 }
 
 /* Run BODY in protected mode; a raised error (memory...) becomes -1 with ERR set. */
-static int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
-                        const char *script) {
+int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
+                 const char *script) {
     lua_State *L = S->L;
     int top = lua_gettop(L);
     protected_call pc = {S, body, arg, -1};
-    lua_pushcfunction(L, protected_trampoline);
+    /* LuaJIT allocates a closure for lua_pushcfunction, which out of memory would
+     * throw with nothing to catch it: after the first call, reuse the one made. */
+    if (S->trampoline_ref) lua_rawgeti(L, LUA_REGISTRYINDEX, S->trampoline_ref);
+    else lua_pushcfunction(L, protected_trampoline);
     lua_pushlightuserdata(L, &pc);
     S->err.message[0] = S->err.traceback[0] = 0;
     int rc = lua_pcall(L, 1, 0, 0);
@@ -211,7 +214,9 @@ static int init_body(hs_state *S, void *arg) {
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, hs_lapi_errh, 1);
     S->errh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    int jit = hs_engine_setup(L, h->time_limit > 0);
+    lua_pushcfunction(L, protected_trampoline);
+    S->trampoline_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    int jit = hs_engine_setup(L, h->time_limit > 0 || h->memory_limit > 0);
     hs_lapi_open(S); /* leaves hs */
     lua_pushboolean(L, jit);
     lua_setfield(L, -2, "jit");

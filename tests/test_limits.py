@@ -370,12 +370,13 @@ def test_too_small_memory_limit_error_names_the_limit(engine, memory_limit):
     assert "memory_limit" in msg or "memory limit" in msg, msg
 
 
-def test_luajit_compiles_unless_a_time_limit_needs_the_interpreter(make_host, engine):
+def test_luajit_compiles_unless_a_limit_needs_the_interpreter(make_host, engine):
     src = "local C = {} function C:on_read_request(txn) txn.ctx.jit = hs.jit end return C"
-    for kw, sandbox in (({}, True), ({}, False), ({"time_limit": 0.05}, True)):
+    for kw, sandbox in (({}, True), ({}, False), ({"time_limit": 0.05}, True),
+                        ({"memory_limit": 16 << 20}, True)):
         host = make_host(HOOKS, sandbox=sandbox, **kw)
         host.load(src, name="jit.lua")
         txn = hostscript.Transaction()
         assert host.fire("read_request", txn).status is Outcome.CONTINUE
-        expected = engine == "luajit" and "time_limit" not in kw
+        expected = engine == "luajit" and not kw
         assert txn.ctx["jit"] is expected, (kw, sandbox)
