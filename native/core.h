@@ -8,8 +8,12 @@
  *             that still runs it. Holds references to its hs_script entries.
  *   hs_script immutable compiled script (bytecode); refcounted by programs, so a
  *             reload of one script shares the others between old and new program.
- *   hs_state  one per (thread, host); owned by its thread (pthread key) until the
- *             thread ends or the host is freed, whichever comes first.
+ *   hs_state  one per (thread, host); listed by its host and by its thread
+ *             (thread.c), refcounted by those two listings. Whoever ends first —
+ *             the thread or the host — closes its Lua state (claimed flag); the
+ *             struct goes when both have let go.
+ *   hs_thread one per thread that fired: its list of states, refcounted by the
+ *             thread and by each state on it.
  */
 #ifndef HS_CORE_H
 #define HS_CORE_H
@@ -93,11 +97,17 @@ typedef struct hs_counters {
 } hs_counters;
 
 typedef struct hs_state hs_state;
+typedef struct hs_thread hs_thread;
 struct hs_state {
     hs_host *host; /* reference held */
     lua_State *L;
-    hs_state *prev, *next; /* host's list of live states */
-    int scratch;           /* a load-time validation state, not in the list */
+    hs_state *prev, *next; /* host's list of live states (host->mu) */
+    int linked;            /* on the host's list */
+    hs_state *tnext;       /* its thread's list (thread->mu) */
+    hs_thread *thread;     /* reference held; NULL for scratch states */
+    atomic_int refs;       /* the two listings */
+    atomic_int claimed;    /* set by whoever closes the Lua state: thread end or host free */
+    int scratch;           /* a load-time validation state, in no list */
 
     hs_prog *prog; /* reference held; NULL before the first rehydration */
     const hs_prog *modprog; /* while rehydrating: the program require looks in */
@@ -132,8 +142,15 @@ struct hs_state {
 };
 
 hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err);
-void hs_state_close(hs_state *S);
-hs_state *hs_state_current(hs_host *h, hs_error **err); /* this thread's, created lazily */
+void hs_state_close(hs_state *S);    /* scratch or unlisted: teardown + free */
+void hs_state_teardown(hs_state *S); /* close the Lua state; the struct stays */
+void hs_state_release(hs_state *S);  /* drop one listing; the last frees the struct */
+
+/* ---- which states a thread owns (thread.c) ---- */
+hs_state *hs_thread_state(hs_host *h, hs_error **err); /* this thread's, created lazily */
+hs_state *hs_thread_peek(hs_host *h);                  /* this thread's, or NULL */
+void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list */
+void hs_thread_unref(hs_thread *T);
 int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err set */
 /* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
 int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
@@ -200,7 +217,7 @@ void hs_hdrs_remove(hs_hdrs *hs, const char *name, size_t nlen);
 /* ---- host (host.c) ---- */
 struct hs_host {
     atomic_int refs; /* the host handle itself + each live state */
-    pthread_key_t key;
+    uint64_t id;     /* unique in the process: thread.c's cache tells hosts apart by it */
     int nhooks;
     char **hooks;
     unsigned *hookflags;

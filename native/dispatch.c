@@ -128,7 +128,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
 
 int hs_fire(hs_host *h, int hook, hs_txn *t) {
     hs_error *cerr;
-    hs_state *S = hs_state_current(h, &cerr);
+    hs_state *S = hs_thread_state(h, &cerr);
     if (!S) return HS_ERROR;
     if (hook < 0 || hook >= h->nhooks) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", "", "no hook with index %d", hook);

@@ -8,31 +8,15 @@
  * host->mu.
  *
  * Lifetime: the host is reference-counted by its handle and by each live state, so
- * a thread ending after hs_host_free (its pthread key destructor already removed)
- * or a state closing concurrently never touches freed memory.
+ * a thread ending while or after hs_host_free runs never touches freed memory
+ * (thread.c has the protocol).
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "core.h"
 
-static void state_key_destructor(void *p) {
-    hs_state *S = p;
-    hs_host *h = S->host;
-    int mine = 0;
-    pthread_mutex_lock(&h->mu);
-    if (!h->closed) {
-        /* unlink here; hs_host_free closes the ones still linked */
-        if (S->prev) S->prev->next = S->next;
-        else h->states = S->next;
-        if (S->next) S->next->prev = S->prev;
-        h->nstates--;
-        hs_host_retire_counters(h, &S->c);
-        mine = 1;
-    }
-    pthread_mutex_unlock(&h->mu);
-    if (mine) hs_state_close(S);
-}
+static _Atomic uint64_t next_host_id;
 
 static char *dupstr(const char *s) {
     size_t n = strlen(s) + 1;
@@ -92,7 +76,7 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
     atomic_init(&h->prog->refs, 1);
     h->prog->gen = 1;
     atomic_init(&h->gen, 1);
-    if (pthread_key_create(&h->key, state_key_destructor)) goto nomem;
+    h->id = atomic_fetch_add(&next_host_id, 1) + 1;
     pthread_mutex_init(&h->mu, NULL);
     pthread_mutex_init(&h->load_mu, NULL);
 
@@ -107,7 +91,7 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
 nomem:
     hs_error_set(err, HS_ERR_MEMORY, "", "", "out of memory creating the host");
     if (h) {
-        /* partially built: free what exists without touching key/mutexes */
+        /* partially built: free what exists without touching the mutexes */
         if (h->hooks)
             for (int i = 0; i < h->nhooks; i++) free(h->hooks[i]);
         free(h->hooks);
@@ -148,18 +132,20 @@ void hs_host_unref(hs_host *h) {
 
 void hs_host_free(hs_host *h) {
     if (!h) return;
-    pthread_key_delete(h->key);
     pthread_mutex_lock(&h->mu);
     h->closed = 1;
     hs_state *list = h->states;
     h->states = NULL;
     h->nstates = 0;
+    for (hs_state *S = list; S; S = S->next) S->linked = 0;
     pthread_mutex_unlock(&h->mu);
-    /* Each close drops a host reference; ours keeps h alive until the end. */
+    /* Each freed state drops a host reference; ours keeps h alive until the end. */
     while (list) {
-        hs_state *next = list->next;
-        hs_state_close(list);
-        list = next;
+        hs_state *S = list;
+        list = S->next;
+        if (!atomic_exchange(&S->claimed, 1)) hs_state_teardown(S); /* else its thread did */
+        hs_thread_detach(S);
+        hs_state_release(S); /* the host's listing */
     }
     hs_host_unref(h);
 }

@@ -2,10 +2,10 @@
  * state.c — the per-thread Lua state: creation, the counting allocator, running a
  * script's chunk, and rehydration from the published program.
  *
- * A worker state is created on a thread's first fire and stored under the host's
- * pthread key; it is closed when the thread ends (key destructor, host.c) or when
- * the host is freed. A "scratch" state is the same thing used once by hs_load to
- * validate a script; it is never published in the thread's key.
+ * A worker state is created on a thread's first fire and listed both by its host
+ * and by its thread (thread.c); it is closed when the thread ends or when the host
+ * is freed, whichever comes first. A "scratch" state is the same thing used once by
+ * hs_load to validate a script; it is in neither list.
  *
  * Rehydration (on the first fire after the program generation changed) loads the
  * bytecode of new or changed scripts only — unchanged scripts keep their class,
@@ -20,8 +20,6 @@
 #include <time.h>
 
 #include "core.h"
-
-static __thread hs_error tls_create_error; /* when a thread's state cannot be created */
 
 void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...) {
     e->kind = kind;
@@ -260,10 +258,12 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     if (scratch) {
         S->prog = hs_prog_acquire(h);
     } else {
+        atomic_init(&S->refs, 2); /* listed by the host and by its thread */
         pthread_mutex_lock(&h->mu);
         S->next = h->states;
         if (h->states) h->states->prev = S;
         h->states = S;
+        S->linked = 1;
         h->nstates++;
         pthread_mutex_unlock(&h->mu);
     }
@@ -274,16 +274,22 @@ nomem:
     return NULL;
 }
 
-void hs_state_close(hs_state *S) {
+/* Close the Lua state and free what it used; the struct stays (hs_state_release). */
+void hs_state_teardown(hs_state *S) {
     if (S->L) lua_close(S->L);
+    S->L = NULL;
     for (int i = 0; i < S->nslots; i++)
         hs_script_release(S->slots[i].script);
     free(S->slots);
+    S->slots = NULL;
+    S->nslots = 0;
     if (S->hooks) {
         for (int i = 0; i < S->host->nhooks; i++) free(S->hooks[i].items);
         free(S->hooks);
+        S->hooks = NULL;
     }
     hs_prog_release(S->prog);
+    S->prog = NULL;
     hs_module **mods = (hs_module **)S->pending.p;
     for (size_t i = 0; i < S->pending.len / sizeof *mods; i++) {
         free(mods[i]->name);
@@ -293,32 +299,26 @@ void hs_state_close(hs_state *S) {
     hs_buf_free(&S->pending);
     hs_buf_free(&S->logs);
     hs_buf_free(&S->ctxbuf);
+    atomic_store_explicit(&S->heap, 0, memory_order_relaxed);
+}
+
+static void state_free(hs_state *S) {
     hs_host *h = S->host;
+    hs_thread *T = S->thread;
     free(S);
     hs_host_unref(h);
+    if (T) hs_thread_unref(T);
 }
 
-hs_state *hs_state_current(hs_host *h, hs_error **errp) {
-    hs_state *S = pthread_getspecific(h->key);
-    if (S) return S;
-    S = hs_state_new(h, 0, &tls_create_error);
-    if (!S) {
-        *errp = &tls_create_error;
-        return NULL;
-    }
-    pthread_setspecific(h->key, S);
-    return S;
+/* Drop one of a worker state's two listings; the last one frees it. */
+void hs_state_release(hs_state *S) {
+    if (atomic_fetch_sub(&S->refs, 1) == 1) state_free(S);
 }
 
-void hs_last_error(hs_host *h, hs_error *out) {
-    hs_state *S = pthread_getspecific(h->key);
-    memcpy(out, S ? &S->err : &tls_create_error, sizeof *out);
-}
-
-const char *hs_logs(hs_host *h, size_t *len) {
-    hs_state *S = pthread_getspecific(h->key);
-    *len = S ? S->logs.len : 0;
-    return S ? S->logs.p : NULL;
+/* A scratch state, or a worker state that never got listed. */
+void hs_state_close(hs_state *S) {
+    hs_state_teardown(S);
+    state_free(S);
 }
 
 /* ---- loading and running chunks ---- */
