@@ -136,6 +136,7 @@ struct hs_state {
 
     hs_error err;   /* last fire error of this thread */
     hs_buf logs;    /* log records of the last fire */
+    int logs_dropped; /* records refused since the last fire began (HS_LOGS_MAX) */
     hs_buf ctxbuf;  /* txn.ctx is encoded here, then copied: no allocation per fire */
     hs_buf pending; /* scratch only: modules compiled during this load (hs_module*) */
     hs_counters c;
@@ -172,6 +173,7 @@ int hs_sandbox_open(hs_state *S); /* builds the script environment; registry env
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
 int hs_lapi_errh(lua_State *L);
 void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len);
+void hs_lapi_log_dropped(hs_state *S); /* one warning record for what hs_lapi_log dropped */
 extern const char hs_done_sentinel;
 
 /* ---- the embedded Lua library (generated from src/lua at build time) ---- */

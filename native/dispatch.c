@@ -136,6 +136,7 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     }
     t->changed = 0;
     if (S->logs.len) S->logs.len = 0;
+    S->logs_dropped = 0;
     BUMP(S->c.fires);
     BUMP(S->c.hook_fires[hook]);
     uint64_t start = 0;
@@ -153,6 +154,7 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     if (!start) start = hs_now_ns();
     status = run_handlers(S, hook, t, start);
 done:;
+    if (S->logs_dropped) hs_lapi_log_dropped(S);
     uint64_t took = hs_now_ns() - start;
     S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;
     ADD(S->c.hook_ns[hook], took);

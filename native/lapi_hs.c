@@ -56,11 +56,9 @@ int hs_lapi_errh(lua_State *L) {
 
 /* ---- hs.log ---- */
 
-void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
-    const char *script = S->cur_name ? S->cur_name : "";
+static void put_log(hs_state *S, int level, const char *script, const char *msg, size_t len) {
     size_t slen = strlen(script);
     if (slen > UINT16_MAX) slen = UINT16_MAX;
-    if (S->logs.len + len + slen + 7 > HS_LOGS_MAX) return; /* the rest of this fire is dropped */
     uint8_t lv = (uint8_t)level;
     uint16_t sl = (uint16_t)slen;
     uint32_t ml = (uint32_t)len;
@@ -69,6 +67,23 @@ void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
     hs_buf_put(&S->logs, script, slen);
     hs_buf_put(&S->logs, &ml, 4);
     hs_buf_put(&S->logs, msg, len);
+}
+
+void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
+    const char *script = S->cur_name ? S->cur_name : "";
+    if (S->logs.len + len + strlen(script) + 7 > HS_LOGS_MAX) {
+        S->logs_dropped++; /* counted, and said once at the end of the fire */
+        return;
+    }
+    put_log(S, level, script, msg, len);
+}
+
+void hs_lapi_log_dropped(hs_state *S) {
+    char msg[160];
+    int n = snprintf(msg, sizeof msg, "%d log messages dropped: over %d KiB of logs in one call",
+                     S->logs_dropped, HS_LOGS_MAX >> 10);
+    put_log(S, 30, "", msg, (size_t)n);
+    S->logs_dropped = 0;
 }
 
 static int l_log(lua_State *L) {

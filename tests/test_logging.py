@@ -240,3 +240,20 @@ def test_long_log_arguments_are_joined_intact(engine):
     assert [r["n"] for r in results] == [100, 1024, 4000, 8192]
     bad = [r for r in results if not (r["ok"] and r["status"] == "CONTINUE")]
     assert bad == []
+
+
+def test_logs_over_the_per_fire_budget_are_dropped_and_counted(make_host, caplog):
+    host = make_host(("read_request",))
+    host.load("""local C = {}
+function C:on_read_request(txn)
+  for i = 1, 2000 do hs.log.info(string.rep("x", 100), i) end
+end
+return C""", name="chatty.lua")
+    with caplog.at_level(logging.DEBUG, logger="hostscript"):
+        out = host.fire("read_request", Transaction())
+    assert out.status is Outcome.CONTINUE
+    kept = [r for r in caplog.records if getattr(r, "script", None) == "chatty.lua"]
+    dropped = [r for r in caplog.records if "log messages dropped" in r.getMessage()]
+    assert 0 < len(kept) < 2000
+    assert len(dropped) == 1 and dropped[0].levelno == logging.WARNING
+    assert f"{2000 - len(kept)} log messages dropped" in dropped[0].getMessage()
