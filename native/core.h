@@ -31,11 +31,11 @@
 #define HS_ERRH_SLACK (256 << 10)   /* heap allowed over the limit while reporting an error */
 #define HS_LOGS_MAX (64 << 10)      /* log bytes kept per fire */
 
-enum { HS_HOOK_OBSERVE_ONLY = 1 };
+enum { HS_HOOK_OBSERVE_ONLY = 1 }; /* hook flags: "log" may not answer the request */
 
 /* A worker state keeps its message handler and txn object at the bottom of its
  * stack for its whole life, so a fire pushes them without a registry look-up. */
-enum { HS_STACK_ERRH = 1, HS_STACK_TXN = 2 };  /* hook flags: "log" may not answer the request */
+enum { HS_STACK_ERRH = 1, HS_STACK_TXN = 2 };
 
 /* ---- growable byte buffer (txn.c) ---- */
 typedef struct hs_buf {
@@ -124,8 +124,7 @@ struct hs_state {
     int hook, slot, ctx_live;
     const char *cur_name; /* script whose code runs now (for logs) */
     uint64_t deadline_ns; /* 0: no deadline */
-    uint64_t release_at_ns; /* 0: the host's lock is not to be released during this fire */
-    int released;
+    uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
     uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this thread's fire time per hook */
     int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
 
@@ -162,9 +161,10 @@ int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, in
 uint64_t hs_now_ns(void); /* clock.c */
 void hs_clock_init(void);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
+void hs_state_release_host(hs_state *S); /* call the host's release callback, once per fire */
 void hs_state_end_deadline(hs_state *S);
 void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...);
-void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script);
+void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int handled);
 
 /* ---- sandbox and require (sandbox.c) ---- */
 int hs_sandbox_open(hs_state *S); /* builds the script environment; registry env_ref */

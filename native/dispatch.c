@@ -21,10 +21,16 @@
 #define ADD(x, n) atomic_store_explicit(&(x), atomic_load_explicit(&(x), memory_order_relaxed) + (n), \
                                         memory_order_relaxed)
 
-/* Serialize txn.ctx back into the transaction; 0 ok, -1 with S->err set.
+typedef struct ctx_save {
+    hs_txn *t;
+    hs_error *err;
+} ctx_save;
+
+/* Serialize txn.ctx back into the transaction; 0 ok, -1 with the error filled.
  * Runs protected (save_ctx below): encoding may need stack or memory. */
 static int save_ctx_body(hs_state *S, void *arg) {
-    hs_txn *t = arg;
+    ctx_save *cs = arg;
+    hs_txn *t = cs->t;
     lua_State *L = S->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
     lua_pushliteral(L, "ctx");
@@ -42,26 +48,20 @@ static int save_ctx_body(hs_state *S, void *arg) {
         snprintf(err, sizeof err, "out of memory saving txn.ctx"), rc = -1;
     if (out->cap > (64 << 10)) hs_buf_free(out); /* don't keep a huge one around */
     if (rc != 0) {
-        hs_error_set(&S->err, HS_ERR_CTX, S->cur_name, S->host->hooks[S->hook], "%s", err);
+        hs_error_set(cs->err, HS_ERR_CTX, S->cur_name, "", "%s", err);
         return -1;
     }
     t->changed |= HS_CH_CTX;
     return 0;
 }
 
-static int save_ctx(hs_state *S, hs_txn *t) {
+/* 0 ok; -1 with ERR filled (non-plain data, or a raised error such as out of memory). */
+static int save_ctx(hs_state *S, hs_txn *t, hs_error *err) {
     S->ctx_live = 0;
-    hs_error err;
-    err.kind = HS_ERR_NONE;
-    S->err.kind = HS_ERR_NONE;
-    const char *name = S->cur_name ? S->cur_name : "";
-    int rc = hs_protected(S, save_ctx_body, t, &err, name);
-    if (rc != 0 && S->err.kind != HS_ERR_CTX) {
-        /* raised (out of memory...): report it as this hook's error */
-        snprintf(err.hook, sizeof err.hook, "%s", S->host->hooks[S->hook]);
-        S->err = err;
-    }
-    return rc;
+    ctx_save cs = {t, err};
+    if (hs_protected(S, save_ctx_body, &cs, err, S->cur_name ? S->cur_name : "") == 0) return 0;
+    snprintf(err->hook, sizeof err->hook, "%s", S->host->hooks[S->hook]);
+    return -1;
 }
 
 static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
@@ -75,14 +75,8 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     t->responded = 0;
     hs_state_deadline(S, start);
     if (S->host->release) {
-        S->released = 0;
-        if (S->recent_ns[hook] > S->host->long_ns) {
-            S->released = 1; /* this hook runs long here: don't hold the host's lock */
-            S->host->release();
-            BUMP(S->c.releases);
-        } else {
-            S->release_at_ns = start + S->host->long_ns; /* checked by the time-limit hook */
-        }
+        S->release_at_ns = start + S->host->long_ns; /* checked by the time-limit hook */
+        if (S->recent_ns[hook] > S->host->long_ns) hs_state_release_host(S); /* runs long here */
     }
     for (int i = 0; i < hc->n; i++) {
         hs_handler *it = &hc->items[i];
@@ -93,7 +87,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
         lua_pushvalue(L, HS_STACK_TXN);
         int rc = lua_pcall(L, 2, 1, HS_STACK_ERRH);
         if (rc != 0) {
-            hs_error_from_lua(S, &S->err, rc, S->cur_name);
+            hs_error_from_lua(S, &S->err, rc, S->cur_name, 1);
             snprintf(S->err.hook, sizeof S->err.hook, "%s", S->host->hooks[hook]);
             if (S->err.kind == HS_ERR_TIMEOUT) BUMP(S->c.timeouts);
             if (S->err.kind == HS_ERR_MEMORY) BUMP(S->c.memory_errors);
@@ -107,14 +101,11 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
             break;
         }
     }
-    if (S->ctx_live) {
-        if (status == HS_ERROR) { /* keep the handler's error; save what ctx holds anyway */
-            hs_error handler_error = S->err;
-            save_ctx(S, t);
-            S->err = handler_error;
-        } else if (save_ctx(S, t) != 0) {
-            status = HS_ERROR;
-        }
+    hs_error ctx_err;
+    /* saved even after a handler error; that error stays the one reported */
+    if (S->ctx_live && save_ctx(S, t, &ctx_err) != 0 && status != HS_ERROR) {
+        S->err = ctx_err;
+        status = HS_ERROR;
     }
     lua_settop(L, base);
     hs_state_end_deadline(S);
@@ -156,7 +147,8 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
 done:;
     if (S->logs_dropped) hs_lapi_log_dropped(S);
     uint64_t took = hs_now_ns() - start;
-    S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;
+    if (h->release) /* what the next fire of this hook expects (run_handlers) */
+        S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;
     ADD(S->c.hook_ns[hook], took);
     if (status == HS_ERROR) {
         BUMP(S->c.errors);

@@ -121,7 +121,7 @@ static int compile_body(hs_state *S, void *arg) {
     lua_State *L = S->L;
     int rc = hs_state_load(S, name, src, len, 0);
     if (rc != 0) {
-        hs_error_from_lua(S, err, rc, name);
+        hs_error_from_lua(S, err, rc, name, 0);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SYNTAX;
         return -1;
     }

@@ -58,9 +58,10 @@ static void expand_chunkname(char *msg, size_t cap, const char *script) {
     snprintf(msg, cap, "%s", out);
 }
 
-/* Fill E from a failed lua_pcall (rc) whose error value is on top; the message
- * handler (lapi_hs.c) may already have stored message and traceback in S->err. */
-void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
+/* Fill E from a failed lua_pcall (rc) whose error value is on top. HANDLED: the call
+ * ran with the message handler (lapi_hs.c), which stored message and traceback in
+ * S->err; otherwise S->err is not looked at (it may hold another call's error). */
+void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int handled) {
     lua_State *L = S->L;
     int kind = HS_ERR_RUNTIME;
     char msg[sizeof e->message];
@@ -72,7 +73,7 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
     } else if (S->abort == HS_ERR_TIMEOUT) {
         kind = HS_ERR_TIMEOUT;
         snprintf(msg, sizeof msg, "%s%stime limit exceeded (%g s)", script, sep, S->host->time_limit);
-    } else if (S->err.message[0]) {
+    } else if (handled && S->err.message[0]) {
         snprintf(msg, sizeof msg, "%s", S->err.message);
     } else {
         const char *m = lua_tostring(L, -1);
@@ -80,7 +81,7 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script) {
     }
     expand_chunkname(msg, sizeof msg, script);
     char tb[sizeof e->traceback];
-    snprintf(tb, sizeof tb, "%s", S->err.traceback);
+    snprintf(tb, sizeof tb, "%s", handled ? S->err.traceback : "");
     e->kind = kind;
     snprintf(e->script, sizeof e->script, "%s", script);
     memcpy(e->message, msg, sizeof msg);
@@ -119,12 +120,7 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
     void *ud;
     lua_getallocf(L, &ud);
     hs_state *S = ud;
-    if (S->release_at_ns && !S->released && hs_now_ns() >= S->release_at_ns) {
-        S->released = 1; /* running long: let the host's other threads go on */
-        S->host->release();
-        atomic_store_explicit(&S->c.releases, atomic_load_explicit(&S->c.releases, memory_order_relaxed) + 1,
-                              memory_order_relaxed);
-    }
+    if (S->release_at_ns && hs_now_ns() >= S->release_at_ns) hs_state_release_host(S);
     if (!S->deadline_ns) return;
     if (!S->abort && hs_now_ns() < S->deadline_ns) return;
     if (!S->abort) {
@@ -133,6 +129,15 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
         lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
     }
     luaL_error(L, "time limit exceeded");
+}
+
+/* The fire runs long: let the host's other threads go on (hostscript.h). */
+void hs_state_release_host(hs_state *S) {
+    S->release_at_ns = 0;
+    S->host->release();
+    atomic_store_explicit(&S->c.releases,
+                          atomic_load_explicit(&S->c.releases, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
 }
 
 void hs_state_deadline(hs_state *S, uint64_t start_ns) {
@@ -176,10 +181,9 @@ int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_err
     if (S->trampoline_ref) lua_rawgeti(L, LUA_REGISTRYINDEX, S->trampoline_ref);
     else lua_pushcfunction(L, protected_trampoline);
     lua_pushlightuserdata(L, &pc);
-    S->err.message[0] = S->err.traceback[0] = 0;
     int rc = lua_pcall(L, 1, 0, 0);
     if (rc != 0) {
-        hs_error_from_lua(S, err, rc, script);
+        hs_error_from_lua(S, err, rc, script, 0);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         pc.ret = -1;
     }
@@ -368,7 +372,7 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     S->cur_name = name;
     int rc = call_user(S, 0, 1);
     if (rc != 0) {
-        hs_error_from_lua(S, err, rc, name); /* before the deadline ends: it tells a timeout */
+        hs_error_from_lua(S, err, rc, name, 1); /* before the deadline ends: it tells a timeout */
         hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_pop(L, 1);
@@ -411,7 +415,7 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     }
     rc = call_user(S, 0, 1);
     if (rc != 0) {
-        hs_error_from_lua(S, err, rc, name);
+        hs_error_from_lua(S, err, rc, name, 1);
         hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_settop(L, cls - 1);
@@ -471,7 +475,7 @@ static int rehydrate_body(hs_state *S, void *arg) {
         }
         int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
         if (rc != 0) {
-            hs_error_from_lua(S, &S->err, rc, s->name);
+            hs_error_from_lua(S, &S->err, rc, s->name, 0);
             return -1;
         }
         if (hs_state_run_chunk(S, s->name, &S->err) != 0) return -1;
