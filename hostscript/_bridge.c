@@ -53,22 +53,6 @@ static int check_args(Py_ssize_t n, Py_ssize_t want, const char *sig) {
     return -1;
 }
 
-/* fire(host_address, hook_index, txn_address) -> hs_fire's result */
-static PyObject *Bridge_fire(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    Bridge *b = (Bridge *)self;
-    if (check_args(n, 3, "fire(host, hook, txn)")) return NULL;
-    void *host = PyLong_AsVoidPtr(args[0]);
-    long hook = PyLong_AsLong(args[1]);
-    void *txn = PyLong_AsVoidPtr(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    int r = b->fire(host, (int)hook, txn);
-    if (released) {
-        PyEval_RestoreThread(released);
-        released = NULL;
-    }
-    return PyLong_FromLong(r);
-}
-
 static PyObject *Bridge_txn_new(PyObject *self, PyObject *unused) {
     (void)unused;
     void *t = ((Bridge *)self)->txn_new();
@@ -135,8 +119,6 @@ static PyObject *Bridge_txn_status(PyObject *self, PyObject *addr) {
 }
 
 static PyMethodDef Bridge_methods[] = {
-    {"fire", (PyCFunction)(void (*)(void))Bridge_fire, METH_FASTCALL,
-     "fire(host_address, hook_index, txn_address) -> hs_fire's result (GIL kept unless Lua runs long)"},
     {"txn_new", Bridge_txn_new, METH_NOARGS, "txn_new() -> address of a new transaction"},
     {"txn_free", Bridge_txn_free, METH_O, "txn_free(address)"},
     {"txn_load", (PyCFunction)(void (*)(void))Bridge_txn_load, METH_FASTCALL,
@@ -219,8 +201,9 @@ static PyTypeObject TxnBaseType = {
 /* ---- HostFire: Host.fire for the common case, in C ----
  * fire(hook, txn) with a declared hook and a transaction that is bound to this
  * engine and has nothing to push: call hs_fire and return the shared Outcome for
- * CONTINUE/DONE. Everything else — first fire of a transaction, pending changes,
- * errors, log records, a closed host, bad arguments — goes to Host's Python code. */
+ * CONTINUE/DONE. A transaction to push first, a closed host or bad arguments go to
+ * Host's Python code (which pushes, then calls back here); errors and log records
+ * go to Host._finish. This is the only place hs_fire is called from Python. */
 
 typedef struct {
     PyObject_HEAD
@@ -247,7 +230,7 @@ static PyObject *HostFire_call(PyObject *self, PyObject *const *args, size_t nar
         return PyObject_Vectorcall(f->slow, args, nargsf, kw);
     }
     int r = f->fire(f->host, (int)PyLong_AsLong(idx), (void *)t->addr);
-    if (released) {
+    if (released) { /* the core let go of the GIL while Lua ran long */
         PyEval_RestoreThread(released);
         released = NULL;
     }

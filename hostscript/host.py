@@ -112,7 +112,6 @@ class Host:
         lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _bridge.release_address()),
                                 RELEASE_GIL_AFTER)
         self._addr: Optional[int] = int(ffi.cast("uintptr_t", h))
-        self._fire = self._eng.bridge.fire
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
         # The common case of fire() in C; it hands everything else to _fire_py.
@@ -201,24 +200,16 @@ class Host:
         return self._fire_py(hook, txn)  # instances use the C fast path set in __init__
 
     def _fire_py(self, hook: str, txn: Transaction) -> Outcome:
-        i = self._index.get(hook)
-        if i is None:
+        """What the C fast path hands over: check the arguments, push the transaction,
+        then fire through the fast path."""
+        if hook not in self._index:
             raise ValueError(f"undeclared hook {hook!r} (declared: {', '.join(self.hooks)})")
-        h = self._addr
-        if h is None:
+        if self._addr is None:
             raise Error("the host is closed")
         if not isinstance(txn, Transaction):
             raise TypeError(f"fire() needs a hostscript.Transaction, not {type(txn).__name__}")
-        eng = self._eng
-        if txn._engine is not eng or txn._dirty:
-            txn._prepare(eng)
-        r = self._fire(h, i, txn._addr)
-        if r < 2:
-            return _OUT_DONE if r else _OUT_CONTINUE
-        if not r & 0x202:  # neither an error nor log records: just note what changed
-            txn._stale |= r >> 2
-            return _OUT_DONE if r & 1 else _OUT_CONTINUE
-        return self._finish(r, hook, txn)
+        txn._prepare(self._eng)
+        return self._fast(hook, txn)
 
     def _finish(self, r: int, hook: str, txn: Transaction) -> Outcome:
         changes = r >> 2
