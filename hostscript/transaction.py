@@ -56,17 +56,15 @@ class Headers:
     removes all. Iteration yields ``(name, value)`` pairs.
     """
 
-    __slots__ = ("_items", "_dirty", "_owner", "_bit")
+    __slots__ = ("_items", "_owner", "_bit")
 
     def __init__(self, items: Iterable[Tuple[str, str]] = (), *, _owner: Optional["Transaction"] = None,
                  _bit: int = 0) -> None:
         self._items: List[Tuple[str, str]] = _validated(items)
-        self._dirty = True
-        self._owner = _owner
+        self._owner = _owner  # the transaction whose _dirty/_stale bit _bit these headers are
         self._bit = _bit
 
     def _changed(self) -> None:
-        self._dirty = True
         if self._owner is not None:
             self._owner._dirty |= self._bit
 
@@ -157,23 +155,29 @@ class Headers:
             self._items = list(zip(it, it))
         else:
             self._items = []
-        self._dirty = False
 
 
-class Request:
+class _Part:
+    """A part of a transaction whose fields Lua may have changed: read them fresh."""
+
+    __slots__ = ("_txn",)
+    _txn: "Transaction"
+
+    def _get(self, bit: int) -> None:
+        if self._txn._stale & bit:
+            self._txn._pull(bit)
+
+
+class Request(_Part):
     """The request as handlers see it: ``method``, ``uri``, ``headers``."""
 
-    __slots__ = ("_txn", "_method", "_uri", "_headers")
+    __slots__ = ("_method", "_uri", "_headers")
 
     def __init__(self, txn: "Transaction", method: str, uri: str, headers: Headers) -> None:
         self._txn = txn
         self._method = method
         self._uri = uri
         self._headers = headers
-
-    def _get(self, bit: int) -> None:
-        if self._txn._stale & bit:
-            self._txn._pull(bit)
 
     @property
     def method(self) -> str:
@@ -206,20 +210,16 @@ class Request:
         return f"Request({self.method!r}, {self.uri!r}, {self.headers!r})"
 
 
-class Response:
+class Response(_Part):
     """The response: ``status`` (None until set), ``headers``, ``body`` (bytes)."""
 
-    __slots__ = ("_txn", "_status", "_body", "_headers")
+    __slots__ = ("_status", "_body", "_headers")
 
     def __init__(self, txn: "Transaction", status: Optional[int], headers: Headers, body: bytes) -> None:
         self._txn = txn
         self._status = status
         self._body = body
         self._headers = headers
-
-    def _get(self, bit: int) -> None:
-        if self._txn._stale & bit:
-            self._txn._pull(bit)
 
     @property
     def status(self) -> Optional[int]:
@@ -317,7 +317,6 @@ class Transaction(_bridge.TxnBase):
                 resp._headers._pack() if what & CH_RESP_HEADERS else None,
                 self._ctx_bytes if what & CH_CTX else None)
             self._dirty = 0
-            req._headers._dirty = resp._headers._dirty = False
 
     def _pull(self, bits: int) -> None:
         """Copy the fields in BITS back from the C transaction."""
