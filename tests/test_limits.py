@@ -16,6 +16,7 @@ import pytest
 
 import hostscript
 from hostscript import Outcome, ScriptError, Transaction
+from helpers import run_in_thread
 
 HOOKS = ("read_request", "send_response")
 MEM = 16 << 20
@@ -46,15 +47,6 @@ def assert_next_fire_works(host):
     assert txn.ctx == {"ok": True}
 
 
-def in_thread(fn):
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", fn()))
-    t.start()
-    t.join(60)
-    assert not t.is_alive()
-    return box["r"]
-
-
 # ---- time limit ----
 
 def test_infinite_loop_is_stopped_by_time_limit(make_host):
@@ -82,7 +74,7 @@ def test_loop_luajit_would_compile_is_stopped_by_time_limit(make_host):
     host.load(handler("local x = 0; for i = 1, 1e15 do x = x + i % 7 end; txn.ctx.x = x"),
               name="hot.lua")
     # warm the loop on another thread too, as a JIT would: every state must hold the limit
-    for fire in (lambda: run(host), lambda: in_thread(lambda: run(host))):
+    for fire in (lambda: run(host), lambda: run_in_thread(lambda: run(host))):
         out, elapsed, txn = fire()
         assert out.status is Outcome.ERROR
         assert out.error.kind == "timeout"

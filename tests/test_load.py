@@ -1,12 +1,12 @@
 """Loading scripts and firing hooks: the basic contract, on both engines."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 import hostscript
 from hostscript import HandlerError, Outcome, ScriptError, Transaction
+from helpers import run_in_thread
 
 
 def stamp(tag: str, header: str = "x-order", hook: str = "read_request") -> str:
@@ -25,24 +25,6 @@ def order(host, hook: str = "read_request") -> list:
     out = host.fire(hook, txn)
     assert out.status is Outcome.CONTINUE, out.error
     return txn.response.headers.get_all("x-order")
-
-
-def run_in_thread(fn):
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # pragma: no cover - reported below
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(5)
-    assert not t.is_alive()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 # ---------------------------------------------------------------- fire basics

@@ -1,11 +1,11 @@
 """The sandbox: what a handler can and cannot reach, `require`, and API misuse."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from hostscript import Outcome, ScriptError, Transaction
+from helpers import run_in_thread
 
 # A script that runs the Lua expression/statement in request header x-code inside
 # pcall and reports "ok:<value>" or "err:<message>" in response header x-result.
@@ -36,24 +36,6 @@ def probe(host, code: str) -> str:
 def probe_host(host):
     host.load(PROBE, name="probe.lua")
     return host
-
-
-def run_in_thread(fn):
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # pragma: no cover
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(5)
-    assert not t.is_alive()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 # ---------------------------------------------------------------- unavailable globals

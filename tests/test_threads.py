@@ -11,25 +11,7 @@ import pytest
 
 import hostscript
 from hostscript import Outcome, Transaction
-
-
-def run_in_thread(fn, *args):
-    """Run fn(*args) in a new thread; return its result (re-raise its exception)."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:  # pragma: no cover - re-raised below
-            box["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(60)
-    assert not t.is_alive(), "worker thread did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+from helpers import run_in_thread
 
 
 class Worker:
