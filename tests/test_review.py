@@ -75,13 +75,18 @@ def test_load_of_chunk_that_fills_memory_raises_instead_of_killing_the_process(e
         assert res["kind"] == "memory"
 
 
-FILL_THEN_SAVE_CTX = """
+# A handler-side filler: fill(sz) adds strings to a preallocated list until the heap
+# refuses; %(slots)d sizes the list.
+FILLER = """
 local hog = {}
-for i = 1, 80000 do hog[i] = false end
+for i = 1, %(slots)d do hog[i] = false end
 local n = 0
 local function fill(sz)
   while true do n = n + 1; hog[n] = string.rep("x", sz) .. n end
 end
+"""
+
+FILL_THEN_SAVE_CTX = FILLER % {"slots": 80000} + """
 local deep = {}
 local t = deep
 for i = 1, 29 do t.a = {}; t = t.a end
@@ -105,13 +110,7 @@ def test_saving_ctx_when_memory_is_full_is_an_error_not_a_process_exit(engine):
         assert res["kind"] in ("memory", "ctx")
 
 
-FILL_IN_HANDLER_JIT = """
-local hog = {}
-for i = 1, 60000 do hog[i] = false end
-local n = 0
-local function fill(sz)
-  while true do n = n + 1; hog[n] = string.rep("x", sz) .. n end
-end
+FILL_IN_HANDLER_JIT = FILLER % {"slots": 60000} + """
 local C = {}
 function C:on_read_request(txn)
   pcall(fill, 64); pcall(fill, 8)
