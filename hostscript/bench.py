@@ -529,7 +529,7 @@ def _c_inputs(engine: str) -> List[Path]:
     native = ROOT / "native"
     bench_c = ROOT / "benchmarks" / "c" / "fire_bench.c"
     archive = ROOT / "build" / "lua" / engine / ARCHIVES[engine]
-    for need in (native / "hostscript.h", bench_c, ROOT / "tools" / "embed_lua.py"):
+    for need in (native / "hostscript.h", bench_c, ROOT / "tools" / "build_c.py"):
         if not need.exists():
             raise Unavailable(f"needs the source tree ({need.relative_to(ROOT)} is missing)")
     if not archive.exists():
@@ -553,19 +553,10 @@ def build_fire_bench(engine: str) -> Path:
         return exe
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        lualib = Path(tmp) / "hs_lualib.c"
-        subprocess.run([sys.executable, str(ROOT / "tools" / "embed_lua.py"), str(ROOT / "src" / "lua"),
-                        str(lualib)], check=True, capture_output=True)
         built = Path(tmp) / exe.name
-        cmd = [*cc, "-std=gnu11", "-O2", "-I", str(ROOT / "native"),
-               "-I", str(ROOT / "build" / "lua" / engine / "include")]
-        if engine == "luajit":
-            cmd.append("-DHS_ENGINE_LUAJIT")
-        cmd += [str(p) for p in sorted((ROOT / "native").glob("*.c"))]
-        cmd += [str(lualib), str(ROOT / "benchmarks" / "c" / "fire_bench.c"),
-                str(ROOT / "build" / "lua" / engine / ARCHIVES[engine]), "-lm", "-ldl", "-pthread",
-                "-o", str(built)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_c.py"), engine, str(built),
+                               str(ROOT / "benchmarks" / "c" / "fire_bench.c"), "-O2"],
+                              capture_output=True, text=True, env=dict(os.environ, CC=" ".join(cc)))
         if proc.returncode != 0:
             raise RuntimeError(f"building fire_bench for {engine} failed:\n{proc.stderr[-3000:]}")
         for old in out_dir.glob(f"fire_bench_{engine}-*"):

@@ -1,8 +1,8 @@
 """The C core embedded in a plain C program (tests/c/embed.c), no Python involved.
 
-The program is compiled per engine straight from native/*.c, the embedded Lua library
-(regenerated here with tools/embed_lua.py, so the test does not depend on the cffi
-build's build/c/hs_lualib.c) and the PIC static Lua archive in build/lua/<engine>/.
+The program is compiled per engine by tools/build_c.py, straight from native/*.c, the
+embedded Lua library (regenerated, so the test does not depend on the cffi build's
+build/c/hs_lualib.c) and the PIC static Lua archive in build/lua/<engine>/.
 """
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from helpers import build_c_program
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARCHIVES = {"lua54": "liblua.a", "luajit": "libluajit.a"}
 ITERATIONS = 1000
 THREADS = 4
 # Under valgrind: fewer fires, still enough for LuaJIT to compile the hot handler.
@@ -25,29 +23,10 @@ _built: dict = {}
 
 
 def _build(engine: str, tmp_path_factory) -> pathlib.Path:
-    if engine in _built:
-        return _built[engine]
-    cc = shutil.which("cc") or shutil.which("gcc")
-    assert cc, "a C compiler (cc) is needed to build tests/c/embed.c"
-    archive = ROOT / "build" / "lua" / engine / ARCHIVES[engine]
-    assert archive.exists(), f"{archive} is missing: run `make` (tools/build-lua.sh) first"
-    out = tmp_path_factory.mktemp(f"embed_{engine}")
-    lualib = out / "hs_lualib.c"
-    subprocess.run([sys.executable, "tools/embed_lua.py", "src/lua", str(lualib)], cwd=ROOT,
-                   check=True)
-    assert lualib.exists() and "hs.util" in lualib.read_text()
-    exe = out / f"embed_{engine}"
-    cmd = [cc, "-std=gnu11", "-O1", "-g", "-pthread", "-Inative",
-           f"-Ibuild/lua/{engine}/include"]
-    if engine == "luajit":
-        cmd.append("-DHS_ENGINE_LUAJIT")
-    cmd += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native").glob("*.c"))
-    cmd += [str(lualib), "tests/c/embed.c", str(archive.relative_to(ROOT)), "-lm", "-ldl",
-            "-o", str(exe)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-    _built[engine] = exe
-    return exe
+    if engine not in _built:
+        out = tmp_path_factory.mktemp(f"embed_{engine}")
+        _built[engine] = build_c_program(engine, "embed.c", out / f"embed_{engine}", "-O1", "-g")
+    return _built[engine]
 
 
 @pytest.fixture

@@ -6,33 +6,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
-import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARCHIVES = {"lua54": "liblua.a", "luajit": "libluajit.a"}
-
+from helpers import build_c_program
 
 def build(engine: str, sanitizer: str, out: pathlib.Path, program: str = "reload_stress") -> pathlib.Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    assert cc, "a C compiler is needed"
-    lualib = out / "hs_lualib.c"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "embed_lua.py"), str(ROOT / "src" / "lua"),
-                    str(lualib)], check=True)
-    exe = out / f"{program}_{engine}_{sanitizer}"
-    cmd = [cc, "-std=gnu11", "-g", "-O1", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer",
-           "-I", str(ROOT / "native"), "-I", str(ROOT / "build" / "lua" / engine / "include")]
-    if engine == "luajit":
-        cmd.append("-DHS_ENGINE_LUAJIT")
-    cmd += sorted(str(p) for p in (ROOT / "native").glob("*.c"))
-    cmd += [str(lualib), str(ROOT / "tests" / "c" / f"{program}.c"),
-            str(ROOT / "build" / "lua" / engine / ARCHIVES[engine]), "-lm", "-ldl", "-pthread",
-            "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return exe
+    return build_c_program(engine, f"{program}.c", out / f"{program}_{engine}_{sanitizer}", "-g", "-O1",
+                           f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer")
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])

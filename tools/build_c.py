@@ -1,0 +1,50 @@
+"""Compile a C program against the hostscript core, without Python.
+
+The program is linked with native/*.c, the embedded Lua library (generated next to
+the output by tools/embed_lua.py) and the position-independent static Lua of
+build/lua/<engine>/ (tools/build-lua.sh). Used by tests/test_c_embed.py,
+tests/test_sanitizers.py and hostscript/bench.py:
+
+    python tools/build_c.py ENGINE OUTPUT SOURCE.c [CFLAG ...]
+
+$CC picks the compiler (default cc). Exits non-zero with the compiler's messages
+on stderr when the build fails.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARCHIVES = {"lua54": "liblua.a", "luajit": "libluajit.a"}
+
+sys.path.insert(0, str(ROOT / "tools"))
+import embed_lua  # noqa: E402
+
+
+def build(engine: str, output: pathlib.Path, source: pathlib.Path, cflags: list) -> None:
+    cc = shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc")
+    archive = ROOT / "build" / "lua" / engine / ARCHIVES[engine]
+    if not archive.exists():
+        sys.exit(f"{archive} is missing: run `make` (tools/build-lua.sh) first")
+    lualib = output.parent / f"{output.name}.hs_lualib.c"
+    embed_lua.write_if_changed(ROOT / "src" / "lua", lualib)
+    cmd = [*cc, "-std=gnu11", *cflags, "-I", str(ROOT / "native"),
+           "-I", str(ROOT / "build" / "lua" / engine / "include")]
+    if engine == "luajit":
+        cmd.append("-DHS_ENGINE_LUAJIT")
+    cmd += sorted(str(p) for p in (ROOT / "native").glob("*.c"))
+    cmd += [str(lualib), str(source), str(archive), "-lm", "-ldl", "-pthread", "-o", str(output)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}\n{proc.stderr}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] not in ARCHIVES:
+        sys.exit(__doc__)
+    build(sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), sys.argv[4:])
