@@ -45,6 +45,7 @@ typedef struct hs_buf {
 int hs_buf_reserve(hs_buf *b, size_t extra);
 int hs_buf_put(hs_buf *b, const void *p, size_t n);
 void hs_buf_free(hs_buf *b);
+int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud); /* lua_dump into an hs_buf */
 
 /* ---- program (program.c) ---- */
 typedef struct hs_script {

@@ -48,11 +48,6 @@ const hs_module *hs_prog_module(const hs_prog *p, const char *name) {
     return NULL;
 }
 
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
-    (void)L;
-    return hs_buf_put(ud, p, sz);
-}
-
 /* Publish a program made of OLD with script slot IDX replaced by S (IDX == nscripts:
  * appended; S == NULL: removed) plus the modules in NEWMODS. Caller holds load_mu. */
 static int publish(hs_host *h, hs_prog *old, int idx, hs_script *s, hs_module **newmods, int nnew) {
@@ -125,7 +120,7 @@ static int compile_body(hs_state *S, void *arg) {
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SYNTAX;
         return -1;
     }
-    if (hs_dump(L, dump_writer, bc) != 0) {
+    if (hs_dump(L, hs_buf_writer, bc) != 0) {
         hs_error_set(err, HS_ERR_MEMORY, name, "", "%s: out of memory dumping bytecode", name);
         return -1;
     }

@@ -36,8 +36,6 @@ static int strict_newindex(lua_State *L) {
                       k ? k : "?");
 }
 
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud);
-
 /* ---- pcall / xpcall that cannot catch the time limit ----
  * Written in Lua around the engine's own pcall/xpcall so that coroutines may still
  * yield inside them (a C wrapper would be a yield barrier on both engines). */
@@ -69,7 +67,7 @@ static void wrap_pcall(lua_State *L, hs_state *S, int G) {
     if (!bc->len) {
         if (luaL_loadbuffer(L, wrap_pcall_src, sizeof wrap_pcall_src - 1, "=[hs pcall]") != 0)
             lua_error(L);
-        if (hs_dump(L, dump_writer, bc) != 0) bc->len = 0;
+        if (hs_dump(L, hs_buf_writer, bc) != 0) bc->len = 0;
     } else if (luaL_loadbufferx(L, bc->p, bc->len, "=[hs pcall]", "b") != 0) {
         lua_error(L);
     }
@@ -170,11 +168,6 @@ static char *read_file(const char *path, size_t *len) {
     return b.p;
 }
 
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
-    (void)L;
-    return hs_buf_put(ud, p, sz);
-}
-
 /* Compile module NAME from text; scratch states keep the bytecode for the program. */
 static int compile_module(lua_State *L, hs_state *S, const char *name, const char *src, size_t len) {
     char chunkname[300];
@@ -186,7 +179,7 @@ static int compile_module(lua_State *L, hs_state *S, const char *name, const cha
     if (!S->scratch) return 0;
     hs_module *m = calloc(1, sizeof *m);
     hs_buf bc = {0};
-    if (!m || !(m->name = strdup(name)) || hs_dump(L, dump_writer, &bc) != 0 ||
+    if (!m || !(m->name = strdup(name)) || hs_dump(L, hs_buf_writer, &bc) != 0 ||
         hs_buf_put(&S->pending, &m, sizeof m) != 0) {
         if (m) free(m->name);
         free(m);

@@ -120,9 +120,11 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
     void *ud;
     lua_getallocf(L, &ud);
     hs_state *S = ud;
-    if (S->release_at_ns && hs_now_ns() >= S->release_at_ns) hs_state_release_host(S);
+    if (!S->release_at_ns && !S->deadline_ns) return;
+    uint64_t now = hs_now_ns();
+    if (S->release_at_ns && now >= S->release_at_ns) hs_state_release_host(S);
     if (!S->deadline_ns) return;
-    if (!S->abort && hs_now_ns() < S->deadline_ns) return;
+    if (!S->abort && now < S->deadline_ns) return;
     if (!S->abort) {
         /* From now on fail at every instruction, so no pcall loop can outlast us. */
         S->abort = HS_ERR_TIMEOUT;

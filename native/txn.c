@@ -35,6 +35,11 @@ int hs_buf_put(hs_buf *b, const void *p, size_t n) {
     return 0;
 }
 
+int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+    (void)L;
+    return hs_buf_put(ud, p, sz);
+}
+
 void hs_buf_free(hs_buf *b) {
     free(b->p);
     b->p = NULL;
