@@ -17,7 +17,7 @@ $(LUA_LIBS): tools/build-lua.sh
 	sh tools/install-deps.sh
 	sh tools/build-lua.sh
 
-$(VENV)/.installed: $(LUA_LIBS) $(NATIVE) hostscript/_bridge.c setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
+$(VENV)/.installed: $(LUA_LIBS) $(NATIVE) $(wildcard hostscript/*.c hostscript/*.h) setup.py pyproject.toml hostscript/_build.py tools/embed_lua.py
 	sh tools/install-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'

@@ -8,12 +8,14 @@ Each thread that fires runs Lua in its own state; scripts are compiled once and
 their bytecode shared through an immutable, versioned program.
 """
 from ._engine import available as engines
-from .errors import Error, HandlerError, ScriptError
+from .errors import (ArgumentTypeError, BusyError, ClosedError, Error, HandlerError, ScriptError,
+                     UsageError)
 from .host import DEFAULT_HOOKS, Host, Outcome, Script, Status
 from .transaction import Headers, Request, Response, Transaction
 
 __all__ = [
-    "DEFAULT_HOOKS", "Error", "HandlerError", "Headers", "Host", "Outcome", "Request",
-    "Response", "Script", "ScriptError", "Status", "Transaction", "engines",
+    "ArgumentTypeError", "BusyError", "ClosedError", "DEFAULT_HOOKS", "Error", "HandlerError",
+    "Headers", "Host", "Outcome", "Request", "Response", "Script", "ScriptError", "Status",
+    "Transaction", "UsageError", "engines",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,10 @@
-"""The exception hierarchy: every error the package raises derives from ``Error``."""
+"""The exception hierarchy: every error the package raises derives from ``Error``.
+
+Errors about how the package is called also derive from the built-in exception a
+Python developer would expect (``ValueError``, ``TypeError``, ``RuntimeError``), so
+``except hostscript.Error`` catches everything hostscript raises and
+``except ValueError`` keeps working.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +12,24 @@ from typing import Optional
 
 class Error(Exception):
     """Base class of hostscript's errors."""
+
+
+class UsageError(Error, ValueError):
+    """A call got a value it cannot take: an undeclared hook, an invalid header name
+    or value, method, URI or status, an unknown engine or script, a bad option."""
+
+
+class ArgumentTypeError(Error, TypeError):
+    """A call got an argument of the wrong type."""
+
+
+class ClosedError(UsageError):
+    """The host is closed."""
+
+
+class BusyError(Error, RuntimeError):
+    """The transaction is in use: a fire runs on it in another thread. One fire at a
+    time per transaction; touch it again once that fire returned."""
 
 
 class ScriptError(Error):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
 
 from . import _bridge, _engine
-from .errors import Error, HandlerError, ScriptError
-from .transaction import CH_LOGS, Transaction
+from .errors import ArgumentTypeError, ClosedError, HandlerError, ScriptError, UsageError
+from .transaction import Transaction
 
 log = logging.getLogger("hostscript")
 
@@ -22,7 +22,6 @@ DEFAULT_HOOKS = ("read_request", "send_request", "read_response", "send_response
 # shorter ones keep it, since handing the GIL over costs more than they do.
 RELEASE_GIL_AFTER = 50e-6
 
-_KINDS = {1: "syntax", 2: "script", 3: "runtime", 4: "timeout", 5: "memory", 6: "ctx", 7: "usage"}
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -63,12 +62,12 @@ def _free_host(lib: Any, holder: List[Any]) -> None:
         holder[0] = None
 
 
-class Host:
+class Host(_bridge.HostCore):
     """A set of hook points and the Lua handler scripts loaded for them.
 
-    ``fire`` may be called from any number of threads at once; each thread runs Lua
-    in its own state. ``close`` (or leaving the ``with`` block) must come after the
-    worker threads stopped firing.
+    ``fire(hook, txn)`` (implemented in C, in the base class) may be called from any
+    number of threads at once; each thread runs Lua in its own state. ``close`` (or
+    leaving the ``with`` block) must come after the worker threads stopped firing.
     """
 
     def __init__(self, hooks: Sequence[str] = DEFAULT_HOOKS, *, engine: Optional[str] = None,
@@ -76,25 +75,28 @@ class Host:
                  sandbox: bool = True, lua_path: Iterable[Union[str, os.PathLike]] = (),
                  on_error: str = "return") -> None:
         if isinstance(hooks, str):
-            raise TypeError("hooks must be a sequence of hook names, not a string")
+            raise ArgumentTypeError("hooks must be a sequence of hook names, not a string")
         if on_error not in ("return", "raise"):
-            raise ValueError("on_error must be 'return' or 'raise'")
-        if time_limit is not None and time_limit <= 0:
-            raise ValueError("time_limit must be positive seconds or None")
-        if memory_limit is not None and memory_limit <= 0:
-            raise ValueError("memory_limit must be positive bytes or None")
+            raise UsageError("on_error must be 'return' or 'raise'")
+        time_limit = _optional_number("time_limit", time_limit, float)
+        memory_limit = _optional_number("memory_limit", memory_limit, int)
         self.engine = engine or _engine.default()
         self._eng = _engine.load(self.engine)
         ffi, lib = self._ffi, self._lib = self._eng.ffi, self._eng.lib
         self.hooks = tuple(hooks)
+        for name in self.hooks:
+            if not isinstance(name, str):
+                raise ArgumentTypeError(f"hook names must be str, not {type(name).__name__}")
         self.time_limit = time_limit
         self.memory_limit = memory_limit
         self.sandbox = bool(sandbox)
         self.lua_path = tuple(os.fspath(p) for p in lua_path)
         self.on_error = on_error
+        self._kinds = {getattr(lib, f"HS_ERR_{k.upper()}"): k for k in (
+            "syntax", "script", "runtime", "timeout", "memory", "ctx", "usage")}
 
-        keep = [ffi.new("char[]", h.encode()) for h in self.hooks]
-        paths = [ffi.new("char[]", p.encode()) for p in self.lua_path]
+        keep = [ffi.new("char[]", _encode(h, "a hook name")) for h in self.hooks]
+        paths = [ffi.new("char[]", _encode(p, "a lua_path entry")) for p in self.lua_path]
         hook_arr = ffi.new("const char *[]", keep or [ffi.NULL])
         path_arr = ffi.new("const char *[]", paths or [ffi.NULL])
         cfg = ffi.new("hs_config *")
@@ -106,18 +108,15 @@ class Host:
         err = ffi.new("hs_error *")
         h = lib.hs_host_new(cfg, err)
         if h == ffi.NULL:
-            raise ValueError(ffi.string(err.message).decode("utf-8", "replace"))
+            raise UsageError(ffi.string(err.message).decode("utf-8", "replace"))
         self._holder: List[Any] = [h]
         self._h = h
         lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _bridge.release_address()),
                                 RELEASE_GIL_AFTER)
-        self._addr: Optional[int] = int(ffi.cast("uintptr_t", h))
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
-        # The common case of fire() in C; it hands everything else to _fire_py.
-        self._fast = _bridge.HostFire(self._eng.bridge, self._addr, self._eng, self._index,
-                                      _OUT_CONTINUE, _OUT_DONE, self._fire_py, self._finish)
-        self.fire = self._fast  # type: ignore[method-assign]
+        self._bind(int(ffi.cast("uintptr_t", h)), self._eng.fire_address, self._index,
+                   _OUT_CONTINUE, _OUT_DONE, self._finish)
         self._lock = threading.Lock()
         self._paths: Dict[str, Optional[str]] = {}
         self._tls = threading.local()
@@ -146,17 +145,17 @@ class Host:
         """Re-read the file script *name* came from and load it again."""
         path = self._paths.get(name)
         if name not in self._paths:
-            raise ValueError(f"no script named {name!r} is loaded")
+            raise UsageError(f"no script named {name!r} is loaded")
         if path is None:
-            raise ValueError(f"script {name!r} was loaded from a string; load() its new source")
+            raise UsageError(f"script {name!r} was loaded from a string; load() its new source")
         return self.load_file(path)
 
     def unload(self, name: str) -> None:
         """Remove script *name*; handlers stop running at each thread's next fire."""
         with self._lock:
             h = self._live()
-            if self._lib.hs_unload(h, name.encode()) != 0:
-                raise ValueError(f"no script named {name!r} is loaded")
+            if self._lib.hs_unload(h, _encode(name, "a script name")) != 0:
+                raise UsageError(f"no script named {name!r} is loaded")
             self._paths.pop(name, None)
 
     @property
@@ -173,11 +172,17 @@ class Host:
 
     def _load(self, source: Union[str, bytes], name: str, path: Optional[str]) -> Script:
         ffi, lib = self._ffi, self._lib
-        data = source.encode("utf-8") if isinstance(source, str) else bytes(source)
+        if isinstance(source, str):
+            data = _encode(source, "the source", "utf-8")
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+        else:
+            raise ArgumentTypeError(f"source must be str or bytes, not {type(source).__name__}")
+        bname = _encode(name, "a script name")
         err = ffi.new("hs_error *")
         with self._lock:
             h = self._live()
-            rc = lib.hs_load(h, name.encode(), data, len(data), err)
+            rc = lib.hs_load(h, bname, data, len(data), err)
             n = ffi.new("size_t *")
             p = lib.hs_load_logs(h, n)
             logs = ffi.buffer(p, n[0])[:] if n[0] else b""
@@ -186,7 +191,7 @@ class Host:
         if logs:
             self._emit_logs(logs, "load")
         if rc != 0:
-            kind = _KINDS.get(err.kind, "script")
+            kind = self._kinds.get(err.kind, "script")
             raise ScriptError(ffi.string(err.script).decode("utf-8", "replace") or name,
                               err.line or None,
                               ffi.string(err.message).decode("utf-8", "replace"), kind,
@@ -195,32 +200,15 @@ class Host:
 
     # ---- firing ----
 
-    def fire(self, hook: str, txn: Transaction) -> Outcome:
-        """Run the handlers of *hook* for *txn* in the calling thread's Lua state."""
-        return self._fire_py(hook, txn)  # instances use the C fast path set in __init__
-
-    def _fire_py(self, hook: str, txn: Transaction) -> Outcome:
-        """What the C fast path hands over: check the arguments, push the transaction,
-        then fire through the fast path."""
-        if hook not in self._index:
-            raise ValueError(f"undeclared hook {hook!r} (declared: {', '.join(self.hooks)})")
-        if self._addr is None:
-            raise Error("the host is closed")
-        if not isinstance(txn, Transaction):
-            raise TypeError(f"fire() needs a hostscript.Transaction, not {type(txn).__name__}")
-        txn._prepare(self._eng)
-        return self._fast(hook, txn)
-
     def _finish(self, r: int, hook: str, txn: Transaction) -> Outcome:
-        changes = r >> 2
-        txn._stale |= changes & ~CH_LOGS
-        if changes & CH_LOGS:
+        """fire()'s C code hands over here when the fire left log records or failed."""
+        if (r >> 2) & self._lib.HS_CH_LOGS:
             n = self._ffi.new("size_t *")
             p = self._lib.hs_logs(self._h, n)
             self._emit_logs(self._ffi.buffer(p, n[0])[:], hook)
         status = r & 3
-        if status != 2:
-            return _OUT_DONE if status else _OUT_CONTINUE
+        if status != self._lib.HS_ERROR:
+            return _OUT_DONE if status == self._lib.HS_DONE else _OUT_CONTINUE
         err = self._last_error()
         log.error("%s%s", err, f"\n{err.traceback}" if err.traceback else "",
                   extra={"script": err.script, "hook": err.hook})
@@ -236,7 +224,7 @@ class Host:
         self._lib.hs_last_error(self._h, buf)
         s = lambda f: ffi.string(f).decode("utf-8", "replace")  # noqa: E731
         return HandlerError(s(buf.script), s(buf.hook), s(buf.message), s(buf.traceback),
-                            _KINDS.get(buf.kind, "runtime"))
+                            self._kinds.get(buf.kind, "runtime"))
 
     def _emit_logs(self, data: bytes, hook: str) -> None:
         pos, end = 0, len(data)
@@ -271,8 +259,8 @@ class Host:
     def close(self) -> None:
         """Close every thread's Lua state and free the host. Idempotent."""
         with self._lock:
-            self._fast.disable()
-            self._h = self._addr = None
+            self._unbind()
+            self._h = None
             self._finalizer()
 
     @property
@@ -281,7 +269,7 @@ class Host:
 
     def _live(self) -> Any:
         if self._h is None:
-            raise Error("the host is closed")
+            raise ClosedError("the host is closed")
         return self._h
 
     def __enter__(self) -> "Host":
@@ -293,3 +281,28 @@ class Host:
     def __repr__(self) -> str:
         state = "closed" if self._h is None else f"{len(self._paths)} scripts"
         return f"<hostscript.Host engine={self.engine} hooks={list(self.hooks)} {state}>"
+
+
+def _encode(text: Any, what: str, encoding: str = "utf-8") -> bytes:
+    """TEXT as bytes for the core: a str without NUL (which C would cut it at)."""
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"{what} must be str, not {type(text).__name__}")
+    if "\0" in text:
+        raise UsageError(f"{what} must not contain NUL: {text[:80]!r}")
+    try:
+        return text.encode(encoding)
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} cannot be encoded as {encoding}: {exc.reason}") from None
+
+
+def _optional_number(what: str, value: Any, kind: type) -> Any:
+    """A positive limit or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not isinstance(value, int)):
+        raise ArgumentTypeError(f"{what} must be a positive {kind.__name__} or None, "
+                                f"not {type(value).__name__}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise UsageError(f"{what} must be positive, or None for no limit (got {value!r})")
+    return kind(value)

@@ -24,7 +24,9 @@
 #include <stddef.h>
 
 #include "hostscript.h"
+#include "buf.h"
 #include "compat.h"
+#include "txn.h"
 
 #define HS_MAX_HOOKS 64
 #define HS_HOOK_COUNT 1000          /* instructions between time-limit checks */
@@ -37,15 +39,7 @@ enum { HS_HOOK_OBSERVE_ONLY = 1 }; /* hook flags: "log" may not answer the reque
  * stack for its whole life, so a fire pushes them without a registry look-up. */
 enum { HS_STACK_ERRH = 1, HS_STACK_TXN = 2 };
 
-/* ---- growable byte buffer (txn.c) ---- */
-typedef struct hs_buf {
-    char *p;
-    size_t len, cap;
-} hs_buf;
-int hs_buf_reserve(hs_buf *b, size_t extra);
-int hs_buf_put(hs_buf *b, const void *p, size_t n);
-void hs_buf_free(hs_buf *b);
-int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud); /* lua_dump into an hs_buf */
+int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud); /* lua_dump into an hs_buf (program.c) */
 
 /* ---- program (program.c) ---- */
 typedef struct hs_script {
@@ -188,34 +182,6 @@ extern const hs_lualib_entry hs_lualib[]; /* ends with a NULL name */
 /* ---- txn ctx codec (ctx.c) ---- */
 int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen);
 int hs_ctx_decode(lua_State *L, const char *p, size_t len); /* pushes a table; 0 ok */
-
-/* ---- transaction internals (txn.c) ---- */
-typedef struct hs_hdr {
-    uint32_t noff, nlen, voff, vlen;
-} hs_hdr;
-
-typedef struct hs_hdrs {
-    hs_buf arena; /* names and values */
-    hs_hdr *e;
-    size_t n, cap;
-    size_t garbage; /* arena bytes no entry refers to */
-} hs_hdrs;
-
-struct hs_txn {
-    hs_buf method, uri, body, ctx;
-    int status;
-    hs_hdrs hdr[2];
-    hs_buf pack; /* scratch for hs_txn_headers */
-    unsigned changed;
-    int responded;
-};
-
-int hs_hdr_valid_name(const char *p, size_t n);
-int hs_hdr_valid_value(const char *p, size_t n);
-long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
-int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
-int hs_hdrs_set(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
-void hs_hdrs_remove(hs_hdrs *hs, const char *name, size_t nlen);
 
 /* ---- host (host.c) ---- */
 struct hs_host {

@@ -10,6 +10,9 @@
  * lua_pcall with the message handler that records message and traceback. The
  * first error, `return hs.DONE` or txn:respond() ends the hook. Afterwards txn.ctx,
  * if the fire touched it, is serialized back into the transaction (ctx.c).
+ *
+ * A transaction is marked busy for the length of a fire (txn.h): a second fire on
+ * it, from another thread, is refused instead of racing the first.
  */
 #include <stdio.h>
 #include <string.h>
@@ -125,6 +128,15 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", "", "no hook with index %d", hook);
         return HS_ERROR;
     }
+    if (!t) {
+        hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook], "no transaction to fire on");
+        return HS_ERROR;
+    }
+    if (atomic_exchange_explicit(&t->busy, 1, memory_order_acquire)) {
+        hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook],
+                     "the transaction is in use: another fire is running on it");
+        return HS_ERROR;
+    }
     t->changed = 0;
     if (S->logs.len) S->logs.len = 0;
     S->logs_dropped = 0;
@@ -140,8 +152,10 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
             goto done;
         }
     }
-    if (S->hooks[hook].n == 0) /* nothing to run, nothing worth timing */
+    if (S->hooks[hook].n == 0) { /* nothing to run, nothing worth timing */
+        atomic_store_explicit(&t->busy, 0, memory_order_release);
         return HS_CONTINUE | (S->logs.len ? HS_CH_LOGS << 2 : 0);
+    }
     if (!start) start = hs_now_ns();
     status = run_handlers(S, hook, t, start);
 done:;
@@ -155,5 +169,6 @@ done:;
         BUMP(S->c.hook_errors[hook]);
     }
     unsigned changed = t->changed | (S->logs.len ? HS_CH_LOGS : 0);
+    atomic_store_explicit(&t->busy, 0, memory_order_release); /* the last touch of t */
     return status | (int)(changed << 2);
 }

@@ -122,21 +122,30 @@ void hs_host_set_release(hs_host *h, void (*release)(void), double long_seconds)
 /* Counters summed over live and ended states; hooks gets nhooks entries (may be NULL). */
 void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks);
 
-/* Transaction: request, response and ctx of one request; may move between threads
- * between fires, never fired from two threads at once. */
+/* Transaction: request, response and ctx of one request. It may move between
+ * threads (and engines) between fires; a fire on a transaction that another fire
+ * is running on is refused (HS_ERR_USAGE). Every setter validates: header names
+ * and the method are tokens, header values hold no CR, LF or NUL, the URI no
+ * space or control character, a status is 0 (unset) or 100..999. A refused call
+ * returns -1 and changes nothing. */
 enum { HS_REQ = 0, HS_RESP = 1 };
 enum { HS_F_METHOD = 0, HS_F_URI = 1, HS_F_BODY = 2 };
 hs_txn *hs_txn_new(void);
 void hs_txn_free(hs_txn *t);
-int hs_txn_set(hs_txn *t, int field, const char *v, size_t len); /* 0 ok, -1 no memory */
+/* Empty every field, keeping the memory: one transaction per connection, reused. */
+void hs_txn_reset(hs_txn *t);
+int hs_txn_set(hs_txn *t, int field, const char *v, size_t len); /* 0 ok, -1 invalid or no memory */
 const char *hs_txn_get(const hs_txn *t, int field, size_t *len);
-void hs_txn_set_status(hs_txn *t, int status);
+int hs_txn_set_status(hs_txn *t, int status);
 int hs_txn_status(const hs_txn *t);
 /* Replace all headers of HS_REQ/HS_RESP from "name\0value\0name\0value" (len bytes). */
 int hs_txn_set_headers(hs_txn *t, int which, const char *packed, size_t len);
+/* Replace all headers from a raw header block: "Name: value" lines ending in CRLF
+ * (or LF), up to an optional empty line; obsolete line folding is refused. */
+int hs_txn_parse_headers(hs_txn *t, int which, const char *block, size_t len);
 /* The headers packed as above; valid until the transaction next changes. */
 const char *hs_txn_headers(hs_txn *t, int which, size_t *len);
-/* Append one header (for C hosts); 0 ok, -1 invalid or no memory. */
+/* Append one header; 0 ok, -1 invalid or no memory. */
 int hs_txn_add_header(hs_txn *t, int which, const char *name, const char *value);
 /* First value of a header, case-insensitive; NULL when absent. */
 const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *len);
@@ -144,16 +153,6 @@ const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *
 const char *hs_txn_ctx(const hs_txn *t, size_t *len);
 /* Replace txn.ctx with data previously read by hs_txn_ctx (same engine or not). */
 int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len);
-
-/* Batched access for bindings, one call per direction. hs_txn_load sets the fields
- * whose HS_CH_* bit is in WHAT (headers packed as for hs_txn_set_headers, ctx as
- * hs_txn_ctx gives it); 0 ok, -1 no memory. hs_txn_field reads one HS_T_* field;
- * the pointer is valid until the transaction next changes. */
-enum { HS_T_METHOD = 0, HS_T_URI, HS_T_BODY, HS_T_REQ_HEADERS, HS_T_RESP_HEADERS, HS_T_CTX };
-int hs_txn_load(hs_txn *t, unsigned what, const char *method, size_t mlen, const char *uri,
-                size_t ulen, int status, const char *body, size_t blen, const char *req,
-                size_t reqlen, const char *resp, size_t resplen, const char *ctx, size_t ctxlen);
-const char *hs_txn_field(hs_txn *t, int field, size_t *len);
 
 #ifdef __cplusplus
 }

@@ -116,11 +116,13 @@ static int l_now(lua_State *L) {
 
 static void push_buf(lua_State *L, const hs_buf *b) { lua_pushlstring(L, b->p ? b->p : "", b->len); }
 
-static int set_buf(lua_State *L, hs_buf *b, int idx) {
+/* Store the string at idx in B after VALID accepted it (NULL: anything goes). */
+static int set_buf(lua_State *L, hs_buf *b, int idx, int (*valid)(const char *, size_t),
+                   const char *what) {
     size_t n;
     const char *v = luaL_checklstring(L, idx, &n);
-    b->len = 0;
-    if (hs_buf_put(b, v, n) != 0) return luaL_error(L, "not enough memory");
+    if (valid && !valid(v, n)) return luaL_error(L, "invalid %s", what);
+    if (hs_buf_set(b, v, n) != 0) return luaL_error(L, "not enough memory");
     return 0;
 }
 
@@ -139,10 +141,10 @@ static int req_newindex(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     const char *k = lua_tostring(L, 2);
     if (k && !strcmp(k, "method")) {
-        set_buf(L, &t->method, 3);
+        set_buf(L, &t->method, 3, hs_valid_token, "method (an HTTP token: letters, digits, !#$%&'*+-.^_`|~)");
         t->changed |= HS_CH_METHOD;
     } else if (k && !strcmp(k, "uri")) {
-        set_buf(L, &t->uri, 3);
+        set_buf(L, &t->uri, 3, hs_valid_uri, "uri (no spaces or control characters)");
         t->changed |= HS_CH_URI;
     } else {
         return luaL_error(L, "txn.req.%s cannot be assigned (method, uri and headers can)",
@@ -181,7 +183,7 @@ static int resp_newindex(lua_State *L) {
         t->status = check_status(L, 3);
         t->changed |= HS_CH_STATUS;
     } else if (k && !strcmp(k, "body")) {
-        set_buf(L, &t->body, 3);
+        set_buf(L, &t->body, 3, NULL, "body");
         t->changed |= HS_CH_BODY;
     } else {
         return luaL_error(L, "txn.resp.%s cannot be assigned (status, body and headers can)",
@@ -196,7 +198,7 @@ static int resp_newindex(lua_State *L) {
 
 static const char *check_name(lua_State *L, int idx, size_t *n) {
     const char *k = luaL_checklstring(L, idx, n);
-    if (!hs_hdr_valid_name(k, *n)) luaL_error(L, "invalid header name '%s'", k);
+    if (!hs_valid_token(k, *n)) luaL_error(L, "invalid header name '%s'", k);
     return k;
 }
 
@@ -204,7 +206,7 @@ static const char *check_value(lua_State *L, int idx, size_t *n) {
     if (lua_type(L, idx) != LUA_TSTRING && lua_type(L, idx) != LUA_TNUMBER)
         luaL_error(L, "header value must be a string or number, not %s", luaL_typename(L, idx));
     const char *v = lua_tolstring(L, idx, n);
-    if (!hs_hdr_valid_value(v, *n)) luaL_error(L, "invalid header value (control characters)");
+    if (!hs_valid_field_value(v, *n)) luaL_error(L, "invalid header value (control characters)");
     return v;
 }
 
@@ -216,7 +218,7 @@ static int push_first(lua_State *L, hs_txn *t, int which, const char *k, size_t 
     hs_hdrs *hs = &t->hdr[which];
     long i = hs_hdrs_find(hs, k, n, 0);
     if (i < 0) lua_pushnil(L);
-    else lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+    else lua_pushlstring(L, hs_hdr_value(hs, (size_t)i), hs->e[i].vlen);
     return 1;
 }
 
@@ -284,7 +286,7 @@ static int hdr_get_all(lua_State *L) {
     lua_newtable(L);
     int j = 0;
     for (long i = hs_hdrs_find(hs, k, n, 0); i >= 0; i = hs_hdrs_find(hs, k, n, i + 1)) {
-        lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+        lua_pushlstring(L, hs_hdr_value(hs, (size_t)i), hs->e[i].vlen);
         lua_rawseti(L, -2, ++j);
     }
     return 1;
@@ -330,8 +332,8 @@ static int hdr_each_step(lua_State *L) {
     if ((size_t)i >= hs->n) return 0;
     lua_pushinteger(L, i + 1);
     lua_replace(L, lua_upvalueindex(3));
-    lua_pushlstring(L, hs->arena.p + hs->e[i].noff, hs->e[i].nlen);
-    lua_pushlstring(L, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+    lua_pushlstring(L, hs_hdr_name(hs, (size_t)i), hs->e[i].nlen);
+    lua_pushlstring(L, hs_hdr_value(hs, (size_t)i), hs->e[i].vlen);
     return 2;
 }
 
@@ -428,8 +430,7 @@ static int txn_respond(lua_State *L) {
         luaL_checktype(L, 4, LUA_TTABLE);
         check_header_table(L, 4);
     }
-    t->body.len = 0;
-    if (hs_buf_put(&t->body, body, blen)) return luaL_error(L, "not enough memory");
+    if (hs_buf_set(&t->body, body, blen)) return luaL_error(L, "not enough memory");
     if (has_headers) {
         lua_pushnil(L);
         while (lua_next(L, 4)) {

@@ -18,6 +18,11 @@
 
 #include "core.h"
 
+int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud) {
+    (void)L;
+    return hs_buf_put(ud, p, sz);
+}
+
 void hs_script_release(hs_script *s) {
     if (s && atomic_fetch_sub(&s->refs, 1) == 1) {
         free(s->name);

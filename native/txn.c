@@ -1,83 +1,82 @@
 /*
- * txn.c — the transaction: one request's method, uri, headers, response and ctx,
- * owned by the host (not by any Lua state), so consecutive hooks of a request may
- * fire on different threads.
+ * txn.c — the transaction: one request's method, URI, headers, response and ctx.
+ * Owned by the host program (a C server, or the Python binding), never by a Lua
+ * state, so the hooks of one request may fire on different threads and engines.
  *
- * Headers are a case-insensitive multi-map kept as an array of (name, value)
- * offsets into one arena: a host hands them over as a single packed buffer
- * ("name\0value\0..."), Lua looks them up lazily on access, and a host reads
- * changes back in one packed buffer. Replaced values leave garbage in the arena,
- * reclaimed by compaction once it outweighs the live bytes.
+ * Storage and validation live in txn.h; this file implements them and the public
+ * hs_txn_* calls of hostscript.h. Headers are kept as (name, value) offsets into
+ * one arena per direction (txn.h), looked up case-insensitively on access — no
+ * hashing, since a request has tens of fields, not thousands.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "core.h"
+#include "txn.h"
 
-/* ---- byte buffers ---- */
+/* ---- validation (RFC 9110: names and methods are tokens) ---- */
 
-int hs_buf_reserve(hs_buf *b, size_t extra) {
-    if (b->len + extra <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 64;
-    while (cap < b->len + extra) cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) return -1;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+    ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
 
-int hs_buf_put(hs_buf *b, const void *p, size_t n) {
-    if (hs_buf_reserve(b, n)) return -1;
-    if (n) memcpy(b->p + b->len, p, n);
-    b->len += n;
-    return 0;
-}
-
-int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud) {
-    (void)L;
-    return hs_buf_put(ud, p, sz);
-}
-
-void hs_buf_free(hs_buf *b) {
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
-}
-
-/* ---- header validation (RFC 9110 field names are tokens; values have no CR/LF/NUL) ---- */
-
-int hs_hdr_valid_name(const char *p, size_t n) {
-    static const char *extra = "!#$%&'*+-.^_`|~";
-    if (n == 0 || n > UINT32_MAX / 2) return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              strchr(extra, c)) || c == 0)
-            return 0;
-    }
+int hs_valid_token(const char *p, size_t n) {
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!tchar[(unsigned char)p[i]]) return 0;
     return 1;
 }
 
-int hs_hdr_valid_value(const char *p, size_t n) {
-    if (n > UINT32_MAX / 2) return 0;
+int hs_valid_field_value(const char *p, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (p[i] == '\r' || p[i] == '\n' || p[i] == '\0') return 0;
     return 1;
 }
 
+/* A request target goes on the request line as is: a space or a control
+ * character in it would let a handler write a second request (smuggling). */
+int hs_valid_uri(const char *p, size_t n) {
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c <= 0x20 || c == 0x7f) return 0;
+    }
+    return 1;
+}
+
+int hs_valid_status(int status) { return status == 0 || (status >= 100 && status <= 999); }
+
 /* ---- header multi-map ---- */
 
-static void hdrs_clear(hs_hdrs *hs) {
+void hs_hdrs_clear(hs_hdrs *hs) {
     hs->arena.len = 0;
     hs->n = 0;
     hs->garbage = 0;
 }
 
-static void hdrs_free(hs_hdrs *hs) {
+void hs_hdrs_free(hs_hdrs *hs) {
     hs_buf_free(&hs->arena);
     free(hs->e);
+    hs->e = NULL;
+    hs->n = hs->cap = hs->garbage = 0;
+}
+
+void hs_hdrs_move(hs_hdrs *dst, hs_hdrs *src) {
+    hs_hdrs_free(dst);
+    *dst = *src;
+    memset(src, 0, sizeof *src);
 }
 
 static int hdrs_grow(hs_hdrs *hs) {
@@ -93,12 +92,12 @@ static int hdrs_grow(hs_hdrs *hs) {
 static void hdrs_compact(hs_hdrs *hs) {
     if (hs->garbage < 4096 || hs->garbage < hs->arena.len / 2) return;
     hs_buf nb = {0};
-    if (hs_buf_reserve(&nb, hs->arena.len - hs->garbage)) return;
+    if (hs_buf_reserve(&nb, hs->arena.len - hs->garbage)) return; /* keep the garbage */
     for (size_t i = 0; i < hs->n; i++) {
         hs_hdr *h = &hs->e[i];
-        uint32_t noff = (uint32_t)nb.len;
-        hs_buf_put(&nb, hs->arena.p + h->noff, h->nlen);
-        uint32_t voff = (uint32_t)nb.len;
+        size_t noff = nb.len;
+        hs_buf_put(&nb, hs->arena.p + h->noff, h->nlen); /* reserved: cannot fail */
+        size_t voff = nb.len;
         hs_buf_put(&nb, hs->arena.p + h->voff, h->vlen);
         h->noff = noff;
         h->voff = voff;
@@ -115,17 +114,19 @@ long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from)
     return -1;
 }
 
-static int arena_put(hs_hdrs *hs, const char *p, size_t n, uint32_t *off) {
-    *off = (uint32_t)hs->arena.len;
-    return hs_buf_put(&hs->arena, p, n);
-}
-
 int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen) {
-    hs_hdr h = {0, (uint32_t)nlen, 0, (uint32_t)vlen};
-    if (hdrs_grow(hs) || arena_put(hs, name, nlen, &h.noff) || arena_put(hs, v, vlen, &h.voff))
-        return -1;
+    if (hdrs_grow(hs) || hs_buf_reserve(&hs->arena, nlen + vlen)) return -1;
+    hs_hdr h = {hs->arena.len, nlen, hs->arena.len + nlen, vlen};
+    hs_buf_put(&hs->arena, name, nlen); /* reserved above */
+    hs_buf_put(&hs->arena, v, vlen);
     hs->e[hs->n++] = h;
     return 0;
+}
+
+int hs_hdrs_add_checked(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen) {
+    if (!hs_valid_token(name, nlen)) return HS_TXN_BAD_NAME;
+    if (!hs_valid_field_value(v, vlen)) return HS_TXN_BAD_VALUE;
+    return hs_hdrs_add(hs, name, nlen, v, vlen) ? HS_TXN_NOMEM : HS_TXN_OK;
 }
 
 static void hdrs_delete_from(hs_hdrs *hs, const char *name, size_t nlen, size_t from) {
@@ -145,11 +146,12 @@ int hs_hdrs_set(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_
     long i = hs_hdrs_find(hs, name, nlen, 0);
     if (i < 0) return hs_hdrs_add(hs, name, nlen, v, vlen);
     /* replace the first in place (keeps header order), drop the others */
-    uint32_t voff;
-    if (arena_put(hs, v, vlen, &voff)) return -1;
+    if (hs_buf_reserve(&hs->arena, vlen)) return -1;
+    size_t voff = hs->arena.len;
+    hs_buf_put(&hs->arena, v, vlen);
     hs->garbage += hs->e[i].vlen;
     hs->e[i].voff = voff;
-    hs->e[i].vlen = (uint32_t)vlen;
+    hs->e[i].vlen = vlen;
     hdrs_delete_from(hs, name, nlen, (size_t)i + 1);
     hdrs_compact(hs);
     return 0;
@@ -160,7 +162,55 @@ void hs_hdrs_remove(hs_hdrs *hs, const char *name, size_t nlen) {
     hdrs_compact(hs);
 }
 
-/* ---- the public transaction API ---- */
+static int refuse(char *why, size_t whylen, size_t line, const char *what) {
+    if (why) snprintf(why, whylen, "header block line %zu: %s", line, what);
+    return -1;
+}
+
+int hs_hdrs_parse(hs_hdrs *hs, const char *block, size_t len, char *why, size_t whylen) {
+    hs_hdrs out = {0};
+    const char *p = block, *end = block + len;
+    size_t line = 0;
+    while (p < end) {
+        line++;
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *eol = nl ? nl : end, *next = nl ? nl + 1 : end;
+        if (eol > p && eol[-1] == '\r') eol--;
+        if (eol == p) { /* the empty line ends the block */
+            if (next != end) goto trailing;
+            break;
+        }
+        if (*p == ' ' || *p == '\t') {
+            hs_hdrs_free(&out);
+            return refuse(why, whylen, line, "obsolete line folding (a line starting with "
+                                             "whitespace) is not accepted");
+        }
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        if (!colon) {
+            hs_hdrs_free(&out);
+            return refuse(why, whylen, line, "no ':' after the field name");
+        }
+        const char *v = colon + 1, *vend = eol;
+        while (v < vend && (*v == ' ' || *v == '\t')) v++;
+        while (vend > v && (vend[-1] == ' ' || vend[-1] == '\t')) vend--;
+        int rc = hs_hdrs_add_checked(&out, p, (size_t)(colon - p), v, (size_t)(vend - v));
+        if (rc != HS_TXN_OK) {
+            hs_hdrs_free(&out);
+            return refuse(why, whylen, line,
+                          rc == HS_TXN_BAD_NAME    ? "invalid field name (not a token)"
+                          : rc == HS_TXN_BAD_VALUE ? "invalid field value (CR or NUL)"
+                                                   : "out of memory");
+        }
+        p = next;
+    }
+    hs_hdrs_move(hs, &out);
+    return 0;
+trailing:
+    hs_hdrs_free(&out);
+    return refuse(why, whylen, line, "data after the empty line that ends the header block");
+}
+
+/* ---- the public transaction API (hostscript.h) ---- */
 
 hs_txn *hs_txn_new(void) { return calloc(1, sizeof(hs_txn)); }
 
@@ -171,9 +221,16 @@ void hs_txn_free(hs_txn *t) {
     hs_buf_free(&t->body);
     hs_buf_free(&t->ctx);
     hs_buf_free(&t->pack);
-    hdrs_free(&t->hdr[0]);
-    hdrs_free(&t->hdr[1]);
+    hs_hdrs_free(&t->hdr[0]);
+    hs_hdrs_free(&t->hdr[1]);
     free(t);
+}
+
+void hs_txn_reset(hs_txn *t) {
+    t->method.len = t->uri.len = t->body.len = t->ctx.len = 0;
+    t->status = 0;
+    hs_hdrs_clear(&t->hdr[0]);
+    hs_hdrs_clear(&t->hdr[1]);
 }
 
 static hs_buf *field(hs_txn *t, int f) {
@@ -187,9 +244,9 @@ static hs_buf *field(hs_txn *t, int f) {
 
 int hs_txn_set(hs_txn *t, int f, const char *v, size_t len) {
     hs_buf *b = field(t, f);
-    if (!b) return -1;
-    b->len = 0;
-    return hs_buf_put(b, v, len);
+    if (!b || (f == HS_F_METHOD && !hs_valid_token(v, len)) || (f == HS_F_URI && !hs_valid_uri(v, len)))
+        return -1;
+    return hs_buf_set(b, v, len);
 }
 
 const char *hs_txn_get(const hs_txn *t, int f, size_t *len) {
@@ -198,53 +255,57 @@ const char *hs_txn_get(const hs_txn *t, int f, size_t *len) {
     return b && b->p ? b->p : "";
 }
 
-void hs_txn_set_status(hs_txn *t, int status) { t->status = status; }
+int hs_txn_set_status(hs_txn *t, int status) {
+    if (!hs_valid_status(status)) return -1;
+    t->status = status;
+    return 0;
+}
+
 int hs_txn_status(const hs_txn *t) { return t->status; }
 
 int hs_txn_set_headers(hs_txn *t, int which, const char *packed, size_t len) {
     if (which != HS_REQ && which != HS_RESP) return -1;
-    hs_hdrs *hs = &t->hdr[which];
-    hdrs_clear(hs);
-    if (len == 0) return 0;
-    if (hs_buf_put(&hs->arena, packed, len)) return -1;
-    const char *base = hs->arena.p, *p = base, *end = base + len;
+    hs_hdrs out = {0};
+    const char *p = packed, *end = packed + len;
     while (p < end) {
-        const char *name = p, *nz = memchr(p, 0, (size_t)(end - p));
+        const char *nz = memchr(p, 0, (size_t)(end - p));
         if (!nz) goto bad;
         const char *val = nz + 1;
         const char *vz = val < end ? memchr(val, 0, (size_t)(end - val)) : NULL;
         const char *vend = vz ? vz : end;
-        if (hdrs_grow(hs)) goto bad;
-        hs_hdr h = {(uint32_t)(name - base), (uint32_t)(nz - name), (uint32_t)(val - base),
-                    (uint32_t)(vend - val)};
-        hs->e[hs->n++] = h;
+        if (hs_hdrs_add_checked(&out, p, (size_t)(nz - p), val, (size_t)(vend - val)) != HS_TXN_OK)
+            goto bad;
         p = vend + 1;
     }
+    hs_hdrs_move(&t->hdr[which], &out);
     return 0;
 bad:
-    hdrs_clear(hs);
+    hs_hdrs_free(&out);
     return -1;
+}
+
+int hs_txn_parse_headers(hs_txn *t, int which, const char *block, size_t len) {
+    if (which != HS_REQ && which != HS_RESP) return -1;
+    return hs_hdrs_parse(&t->hdr[which], block, len, NULL, 0);
 }
 
 const char *hs_txn_headers(hs_txn *t, int which, size_t *len) {
     hs_hdrs *hs = &t->hdr[which & 1];
     t->pack.len = 0;
     for (size_t i = 0; i < hs->n; i++) {
-        if (i) hs_buf_put(&t->pack, "", 1);
-        hs_buf_put(&t->pack, hs->arena.p + hs->e[i].noff, hs->e[i].nlen);
-        hs_buf_put(&t->pack, "", 1);
-        hs_buf_put(&t->pack, hs->arena.p + hs->e[i].voff, hs->e[i].vlen);
+        if ((i && hs_buf_put(&t->pack, "", 1)) || hs_buf_put(&t->pack, hs_hdr_name(hs, i), hs->e[i].nlen) ||
+            hs_buf_put(&t->pack, "", 1) || hs_buf_put(&t->pack, hs_hdr_value(hs, i), hs->e[i].vlen)) {
+            *len = 0;
+            return NULL;
+        }
     }
     *len = t->pack.len;
     return t->pack.p ? t->pack.p : "";
 }
 
 int hs_txn_add_header(hs_txn *t, int which, const char *name, const char *value) {
-    size_t nlen = strlen(name), vlen = strlen(value);
-    if ((which != HS_REQ && which != HS_RESP) || !hs_hdr_valid_name(name, nlen) ||
-        !hs_hdr_valid_value(value, vlen))
-        return -1;
-    return hs_hdrs_add(&t->hdr[which], name, nlen, value, vlen);
+    if (which != HS_REQ && which != HS_RESP) return -1;
+    return hs_hdrs_add_checked(&t->hdr[which], name, strlen(name), value, strlen(value)) ? -1 : 0;
 }
 
 const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *len) {
@@ -252,7 +313,7 @@ const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *
     long i = hs_hdrs_find(hs, name, strlen(name), 0);
     if (i < 0) return NULL;
     *len = hs->e[i].vlen;
-    return hs->arena.p + hs->e[i].voff;
+    return hs_hdr_value(hs, (size_t)i);
 }
 
 const char *hs_txn_ctx(const hs_txn *t, size_t *len) {
@@ -260,33 +321,4 @@ const char *hs_txn_ctx(const hs_txn *t, size_t *len) {
     return t->ctx.p;
 }
 
-int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len) {
-    t->ctx.len = 0;
-    return hs_buf_put(&t->ctx, data, len);
-}
-
-int hs_txn_load(hs_txn *t, unsigned what, const char *method, size_t mlen, const char *uri,
-                size_t ulen, int status, const char *body, size_t blen, const char *req,
-                size_t reqlen, const char *resp, size_t resplen, const char *ctx, size_t ctxlen) {
-    int rc = 0;
-    if (what & HS_CH_METHOD) rc |= hs_txn_set(t, HS_F_METHOD, method, mlen);
-    if (what & HS_CH_URI) rc |= hs_txn_set(t, HS_F_URI, uri, ulen);
-    if (what & HS_CH_STATUS) t->status = status;
-    if (what & HS_CH_BODY) rc |= hs_txn_set(t, HS_F_BODY, body, blen);
-    if (what & HS_CH_REQ_HEADERS) rc |= hs_txn_set_headers(t, HS_REQ, req, reqlen);
-    if (what & HS_CH_RESP_HEADERS) rc |= hs_txn_set_headers(t, HS_RESP, resp, resplen);
-    if (what & HS_CH_CTX) rc |= hs_txn_set_ctx(t, ctx, ctxlen);
-    return rc ? -1 : 0;
-}
-
-const char *hs_txn_field(hs_txn *t, int field, size_t *len) {
-    switch (field) {
-    case HS_T_METHOD: return hs_txn_get(t, HS_F_METHOD, len);
-    case HS_T_URI: return hs_txn_get(t, HS_F_URI, len);
-    case HS_T_BODY: return hs_txn_get(t, HS_F_BODY, len);
-    case HS_T_REQ_HEADERS: return hs_txn_headers(t, HS_REQ, len);
-    case HS_T_RESP_HEADERS: return hs_txn_headers(t, HS_RESP, len);
-    case HS_T_CTX: *len = t->ctx.len; return t->ctx.p ? t->ctx.p : "";
-    default: *len = 0; return "";
-    }
-}
+int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len) { return hs_buf_set(&t->ctx, data, len); }

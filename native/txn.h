@@ -1,0 +1,71 @@
+/*
+ * txn.h — the transaction's storage: what the core (lapi_hs.c, dispatch.c) and a
+ * binding that wraps transactions itself (hostscript/_bridge) read and write
+ * directly. No Lua here, so a binding compiles txn.c once for both engines and
+ * one transaction object serves either.
+ *
+ * Every way in validates: header names are tokens, header values hold no CR, LF
+ * or NUL, the method is a token, the URI holds no control character or space.
+ * Nothing is stored half-way: a refused edit leaves the transaction as it was.
+ */
+#ifndef HS_TXN_H
+#define HS_TXN_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "buf.h"
+#include "hostscript.h"
+
+typedef struct hs_hdr {
+    size_t noff, nlen, voff, vlen; /* offsets into the arena */
+} hs_hdr;
+
+/* A case-insensitive multi-map of header fields, in order: entries point into one
+ * arena of names and values; replaced values leave garbage there, reclaimed by
+ * compaction once it outweighs the live bytes. */
+typedef struct hs_hdrs {
+    hs_buf arena;
+    hs_hdr *e;
+    size_t n, cap;
+    size_t garbage; /* arena bytes no entry refers to */
+} hs_hdrs;
+
+struct hs_txn {
+    hs_buf method, uri, body, ctx; /* ctx: txn.ctx serialized (ctx.c) */
+    int status;                    /* 0: not set */
+    hs_hdrs hdr[2];                /* HS_REQ, HS_RESP */
+    hs_buf pack;                   /* scratch for hs_txn_headers */
+    unsigned changed;              /* HS_CH_* bits of the fire in progress */
+    int responded;                 /* txn:respond ran in the fire in progress */
+    atomic_int busy;               /* a fire runs on it: a second one is refused */
+};
+
+/* Results of the checked edits below. */
+enum { HS_TXN_OK = 0, HS_TXN_NOMEM = -1, HS_TXN_BAD_NAME = -2, HS_TXN_BAD_VALUE = -3 };
+
+int hs_valid_token(const char *p, size_t n);       /* header name, method */
+int hs_valid_field_value(const char *p, size_t n); /* header value */
+int hs_valid_uri(const char *p, size_t n);         /* request target */
+int hs_valid_status(int status);                   /* 0 (unset) or 100..999 */
+
+static inline const char *hs_hdr_name(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].noff; }
+static inline const char *hs_hdr_value(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].voff; }
+
+long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
+/* Unchecked edits: the caller validated name and value. 0 ok, -1 no memory. */
+int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
+int hs_hdrs_set(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
+void hs_hdrs_remove(hs_hdrs *hs, const char *name, size_t nlen);
+void hs_hdrs_clear(hs_hdrs *hs);
+void hs_hdrs_free(hs_hdrs *hs);
+/* Checked append: HS_TXN_OK or HS_TXN_BAD_NAME / BAD_VALUE / NOMEM. */
+int hs_hdrs_add_checked(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);
+/* Replace HS with the fields of a raw header block ("Name: value" lines ending in
+ * CRLF or LF, up to an optional empty line). On failure HS is unchanged and WHY
+ * (when not NULL) says which line was refused. */
+int hs_hdrs_parse(hs_hdrs *hs, const char *block, size_t len, char *why, size_t whylen);
+/* Move SRC's contents into DST (whose old contents are freed); SRC ends empty. */
+void hs_hdrs_move(hs_hdrs *dst, hs_hdrs *src);
+
+#endif
