@@ -2,14 +2,14 @@
  * ctx.c — txn.ctx between fires: a Lua table of plain data serialized into the C
  * transaction, so the next hook can decode it in another thread's state.
  *
- * Format (little-endian, read by hostscript/_ctx.py too):
+ * Format (little-endian; hostscript/_ctx.c reads and writes it for Python too):
  *   'f' | 't'                  false | true
  *   'i' int64                  integer (LuaJIT: a number with an exact integer value)
  *   'd' double                 other numbers
  *   's' u32 len, bytes         string
  *   'T' u32 npairs, (key value) * npairs      table; keys are strings, numbers, booleans
- * Anything else (functions, userdata, threads, cycles, nesting beyond HS_CTX_DEPTH)
- * is refused with the path to the offending value.
+ * Anything else (functions, userdata, threads, cycles, nesting beyond HS_CTX_DEPTH,
+ * more than HS_CTX_MAX bytes) is refused with the path to the offending value.
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,62 +19,62 @@
 #include "core.h"
 
 #define HS_CTX_DEPTH 32
+#define HS_CTX_MAX (8u << 20) /* bytes: a table shared many times over expands as a tree */
 
+/* The encoder keeps no path while it works (formatting one per key cost more than
+ * the encoding): keys[d] is the stack index of the key being encoded at depth d,
+ * and only an error turns them into "txn.ctx.a[2]". */
 typedef struct enc {
     lua_State *L;
     hs_buf *out;
     char *err;
     size_t errlen;
-    char path[512];
+    int keys[HS_CTX_DEPTH + 1];
 } enc;
 
 static int put_u32(hs_buf *b, uint32_t v) { return hs_buf_put(b, &v, 4); }
 
-static void path_push(enc *e, lua_State *L, int kidx, size_t *mark) {
-    *mark = strlen(e->path);
-    size_t cap = sizeof e->path - *mark;
-    if (lua_type(L, kidx) == LUA_TSTRING)
-        snprintf(e->path + *mark, cap, ".%s", lua_tostring(L, kidx));
-    else if (lua_type(L, kidx) == LUA_TNUMBER)
-        snprintf(e->path + *mark, cap, "[%.14g]", lua_tonumber(L, kidx));
-    else
-        snprintf(e->path + *mark, cap, "[%s]", lua_toboolean(L, kidx) ? "true" : "false");
+static int enc_fail(enc *e, int depth, const char *fmt, const char *arg) {
+    char path[512] = "";
+    size_t off = 0;
+    lua_State *L = e->L;
+    for (int d = 0; d < depth && off < sizeof path; d++) {
+        int k = e->keys[d];
+        if (lua_type(L, k) == LUA_TSTRING)
+            off += snprintf(path + off, sizeof path - off, ".%s", lua_tostring(L, k));
+        else if (lua_type(L, k) == LUA_TNUMBER)
+            off += snprintf(path + off, sizeof path - off, "[%.14g]", (double)lua_tonumber(L, k));
+        else
+            off += snprintf(path + off, sizeof path - off, "[%s]", lua_toboolean(L, k) ? "true" : "false");
+    }
+    char msg[256];
+    snprintf(msg, sizeof msg, fmt, arg);
+    snprintf(e->err, e->errlen, "txn.ctx%s %s", path, msg);
+    return -1;
 }
 
 static int enc_value(enc *e, int idx, int depth, int is_key);
 
 static int enc_table(enc *e, int idx, int depth) {
     lua_State *L = e->L;
-    if (depth >= HS_CTX_DEPTH) {
-        snprintf(e->err, e->errlen, "txn%s nests tables deeper than %d (or refers to itself); "
-                 "ctx keeps plain data only", e->path, HS_CTX_DEPTH);
-        return -1;
-    }
+    if (depth >= HS_CTX_DEPTH)
+        return enc_fail(e, depth, "nests tables deeper than %s (or refers to itself); ctx keeps "
+                                  "plain data only", "32");
+    if (e->out->len > HS_CTX_MAX)
+        return enc_fail(e, depth, "is larger than %s (a table stored many times over?)", "8 MiB");
     if (hs_buf_put(e->out, "T", 1) || put_u32(e->out, 0)) goto nomem;
     size_t countpos = e->out->len - 4;
     uint32_t n = 0;
-    if (!lua_checkstack(L, 4)) {
-        snprintf(e->err, e->errlen, "out of memory saving txn.ctx");
-        return -1;
-    }
+    if (!lua_checkstack(L, 4)) goto nomem;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         int k = lua_gettop(L) - 1, v = k + 1;
-        size_t mark;
-        path_push(e, L, k, &mark);
+        e->keys[depth] = k;
         int kt = lua_type(L, k);
-        if (kt != LUA_TSTRING && kt != LUA_TNUMBER && kt != LUA_TBOOLEAN) {
-            e->path[mark] = 0;
-            snprintf(e->err, e->errlen, "txn%s has a %s key; ctx keys must be strings, numbers or "
-                     "booleans", e->path, luaL_typename(L, k));
-            lua_pop(L, 2);
-            return -1;
-        }
-        if (enc_value(e, k, depth + 1, 1) || enc_value(e, v, depth + 1, 0)) {
-            lua_pop(L, 2);
-            return -1;
-        }
-        e->path[mark] = 0;
+        if (kt != LUA_TSTRING && kt != LUA_TNUMBER && kt != LUA_TBOOLEAN)
+            return enc_fail(e, depth, "has a %s key; ctx keys must be strings, numbers or booleans",
+                            luaL_typename(L, k));
+        if (enc_value(e, k, depth + 1, 1) || enc_value(e, v, depth + 1, 0)) return -1;
         n++;
         lua_pop(L, 1);
     }
@@ -88,55 +88,63 @@ nomem:
 static int enc_value(enc *e, int idx, int depth, int is_key) {
     lua_State *L = e->L;
     hs_buf *b = e->out;
+    int rc;
     switch (lua_type(L, idx)) {
     case LUA_TBOOLEAN:
-        return hs_buf_put(b, lua_toboolean(L, idx) ? "t" : "f", 1);
+        rc = hs_buf_put(b, lua_toboolean(L, idx) ? "t" : "f", 1);
+        break;
     case LUA_TNUMBER: {
         lua_Number d = lua_tonumber(L, idx);
-        int as_int = hs_isinteger(L, idx);
 #ifdef HS_ENGINE_LUAJIT
-        as_int = d == floor(d) && fabs(d) < 9007199254740992.0;
+        int as_int = d == floor(d) && fabs(d) < 9007199254740992.0;
+        int64_t i = as_int ? (int64_t)d : 0;
+#else
+        int as_int = hs_isinteger(L, idx);
+        int64_t i = as_int ? (int64_t)lua_tointeger(L, idx) : 0;
 #endif
         if (as_int) {
-            int64_t i = (int64_t)lua_tointeger(L, idx);
-#ifdef HS_ENGINE_LUAJIT
-            i = (int64_t)d;
-#endif
-            return hs_buf_put(b, "i", 1) || hs_buf_put(b, &i, 8);
+            rc = hs_buf_put(b, "i", 1) || hs_buf_put(b, &i, 8);
+        } else {
+            double v = (double)d;
+            rc = hs_buf_put(b, "d", 1) || hs_buf_put(b, &v, 8);
         }
-        double v = (double)d;
-        return hs_buf_put(b, "d", 1) || hs_buf_put(b, &v, 8);
+        break;
     }
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
-        return hs_buf_put(b, "s", 1) || put_u32(b, (uint32_t)n) || hs_buf_put(b, s, n);
+        if (n > HS_CTX_MAX || b->len > HS_CTX_MAX - n)
+            return enc_fail(e, depth, "makes txn.ctx larger than %s", "8 MiB");
+        rc = hs_buf_put(b, "s", 1) || put_u32(b, (uint32_t)n) || hs_buf_put(b, s, n);
+        break;
     }
     case LUA_TTABLE:
         if (!is_key && lua_getmetatable(L, idx)) {
             lua_pop(L, 1);
-            snprintf(e->err, e->errlen, "txn%s is a table with a metatable (a headers proxy or an "
-                     "object); ctx keeps plain data only (nil, boolean, number, string, tables of these)",
-                     e->path);
-            return -1;
+            return enc_fail(e, depth, "is a table with a metatable (a headers proxy or an object)%s; "
+                                      "ctx keeps plain data only (nil, boolean, number, string, "
+                                      "tables of these)", "");
         }
         if (!is_key) return enc_table(e, hs_absindex(L, idx), depth);
         /* fallthrough */
     default:
-        snprintf(e->err, e->errlen,
-                 "txn%s holds a %s; ctx keeps plain data only (nil, boolean, number, string, "
-                 "tables of these)", e->path, luaL_typename(L, idx));
-        return -1;
+        return enc_fail(e, depth, "holds a %s; ctx keeps plain data only (nil, boolean, number, "
+                                  "string, tables of these)", luaL_typename(L, idx));
     }
+    if (rc) snprintf(e->err, e->errlen, "out of memory saving txn.ctx");
+    return rc ? -1 : 0;
 }
 
 int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen) {
-    enc e = {L, out, err, errlen, ".ctx"};
+    enc e = {L, out, err, errlen, {0}};
     if (!lua_istable(L, idx)) {
         snprintf(err, errlen, "txn.ctx must be a table, not %s", luaL_typename(L, idx));
         return -1;
     }
-    return enc_table(&e, hs_absindex(L, idx), 0);
+    int top = lua_gettop(L);
+    int rc = enc_table(&e, hs_absindex(L, idx), 0);
+    lua_settop(L, top);
+    return rc;
 }
 
 typedef struct dec {
