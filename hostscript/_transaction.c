@@ -90,8 +90,15 @@ static int is_message(PyObject *o) {
 }
 
 static int fill_from_pairs(hs_hdrs *hs, PyObject *seq) {
-    PyObject *fast = PySequence_Fast(seq, "headers must be (name, value) pairs");
-    if (!fast) return -1;
+    PyObject *fast = PySequence_Fast(seq, "");
+    if (!fast) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(Hs_ArgumentTypeError, "headers must be (name, value) pairs, a raw header "
+                                               "block (bytes) or a Message, not %s", Py_TYPE(seq)->tp_name);
+        }
+        return -1;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(fast, i);

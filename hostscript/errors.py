@@ -43,7 +43,7 @@ class ScriptError(Error):
         self.name = name
         self.line = line
         self.message = message
-        self.kind = kind  # "syntax", "script", "memory", "timeout", "usage"
+        self.kind = kind  # "syntax", "script", "memory", "timeout", "usage", "io" (unreadable file)
         self.traceback = traceback
 
     def __str__(self) -> str:

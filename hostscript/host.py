@@ -137,8 +137,12 @@ class Host(_bridge.HostCore):
     def load_file(self, path: Union[str, os.PathLike]) -> Script:
         """Load the script in *path*; its name is the path as given."""
         p = os.fspath(path)
-        with open(p, "rb") as f:
-            source = f.read()
+        try:
+            with open(p, "rb") as f:
+                source = f.read()
+        except OSError as exc:
+            raise ScriptError(str(p), None, f"{p}: cannot read the script: {exc.strerror or exc}",
+                              "io") from exc
         return self._load(source, p, p)
 
     def reload(self, name: str) -> Script:
