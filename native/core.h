@@ -162,7 +162,9 @@ void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, c
 void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int handled);
 
 /* ---- sandbox and require (sandbox.c) ---- */
-int hs_sandbox_open(hs_state *S); /* builds the script environment; registry env_ref */
+int hs_sandbox_open(hs_state *S); /* builds what script environments share (env_ref) */
+/* Push a new chunk's environment: its own table in the sandbox, else the globals. */
+void hs_sandbox_push_env(hs_state *S);
 
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */

@@ -1,11 +1,14 @@
 /*
  * sandbox.c — the environment scripts run in, and `require`.
  *
- * Sandboxed (the default), a script sees a fresh environment table whose reads
- * fall through to a table of safe globals: base functions without file or
- * bytecode access, string (without dump), table, math, utf8, coroutine, bit,
- * a few os time functions, and hs. Reading or writing an undeclared global is an
- * error. Without the sandbox, scripts run in the state's ordinary globals.
+ * Sandboxed (the default), every script, module and load()ed string gets an
+ * environment table of its own whose reads fall through to one table of safe
+ * globals: base functions without file or bytecode access, string (without dump),
+ * table, math (without randomseed), utf8, coroutine, bit, a few os time functions,
+ * and hs. Reading or writing an undeclared global is an error. The library tables
+ * are read-only views (rawset refuses them too) and the string metatable is
+ * hidden, so no script can change what another computes or see its arguments.
+ * Without the sandbox, scripts share the state's ordinary globals.
  *
  * In both modes:
  *   - pcall/xpcall cannot swallow the time limit: once it fired they re-raise;
@@ -16,9 +19,11 @@
  *     published with the program, so worker threads rehydrate it instead of
  *     compiling it again.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "core.h"
 
@@ -31,9 +36,74 @@ static int strict_index(lua_State *L) {
 
 static int strict_newindex(lua_State *L) {
     const char *k = lua_tostring(L, 2);
-    return luaL_error(L, "assignment to undeclared global '%s' (use local, or txn.ctx / hs.shared "
-                         "for data that must outlive the call)",
+    return luaL_error(L, "assignment to undeclared global '%s' (use local, or txn.ctx for data "
+                         "that must outlive the call)",
                       k ? k : "?");
+}
+
+/* ---- read-only library tables ---- */
+
+static const char readonly_key = 'R'; /* marks the metatable of a read-only view */
+
+static int readonly_newindex(lua_State *L) {
+    const char *k = lua_tostring(L, 2);
+    return luaL_error(L, "cannot assign '%s': library tables are read-only in the sandbox", k ? k : "?");
+}
+
+/* Replace t[name] (a table) by an empty table whose reads fall through to it and
+ * whose writes fail; the real table is reachable from nowhere else in the sandbox. */
+static void make_readonly(lua_State *L, int t, const char *name) {
+    t = hs_absindex(L, t);
+    lua_getfield(L, t, name);
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_newtable(L); /* the view */
+    lua_createtable(L, 0, 4);
+    lua_pushvalue(L, -3);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, readonly_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushliteral(L, "read-only");
+    lua_setfield(L, -2, "__metatable");
+    lua_pushlightuserdata(L, (void *)&readonly_key);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_setmetatable(L, -2);
+    lua_setfield(L, t, name);
+    lua_pop(L, 1);
+}
+
+static int sb_rawset(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_getmetatable(L, 1)) {
+        lua_pushlightuserdata(L, (void *)&readonly_key);
+        lua_rawget(L, -2);
+        if (lua_toboolean(L, -1)) return luaL_error(L, "rawset: library tables are read-only in the sandbox");
+        lua_pop(L, 2);
+    }
+    luaL_checkany(L, 3);
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 1;
+}
+
+/* Seed the state's math.random: states (and processes) must not share a sequence. */
+static void seed_random(lua_State *L) {
+    uint64_t x = 0;
+    if (getrandom(&x, sizeof x, GRND_NONBLOCK) != (ssize_t)sizeof x)
+        x = hs_now_ns() ^ (uint64_t)(uintptr_t)L ^ ((uint64_t)(uintptr_t)&x << 17);
+    lua_getglobal(L, "math");
+    lua_getfield(L, -1, "randomseed");
+#ifdef HS_ENGINE_LUAJIT
+    lua_pushnumber(L, (lua_Number)(x >> 11)); /* 53 bits: exact in a double */
+    lua_call(L, 1, 0);
+#else
+    lua_pushinteger(L, (lua_Integer)(x >> 1));
+    lua_call(L, 1, 0);
+#endif
+    lua_pop(L, 1);
 }
 
 /* ---- pcall / xpcall that cannot catch the time limit ----
@@ -97,7 +167,7 @@ static int sb_load(lua_State *L) {
         return 2;
     }
     if (envi) lua_pushvalue(L, envi);
-    else lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
+    else hs_sandbox_push_env(S);
     hs_setenv(L, lua_gettop(L) - 1);
     return 1;
 }
@@ -242,7 +312,7 @@ static int sb_require(lua_State *L) {
     lua_pop(L, 1);
     find_module(L, S, name);
     int chunk = lua_gettop(L);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
+    hs_sandbox_push_env(S);
     hs_setenv(L, chunk);
     const char *outer = S->cur_name;
     lua_pushvalue(L, 1);
@@ -274,10 +344,22 @@ static void copy_fields(lua_State *L, int from, int to, const char *const *names
     }
 }
 
+void hs_sandbox_push_env(hs_state *S) {
+    lua_State *L = S->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
+    if (!S->host->sandbox) return; /* the globals */
+    lua_createtable(L, 0, 1);      /* env_ref is the metatable environments share */
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -2, "_G");
+    lua_insert(L, -2);
+    lua_setmetatable(L, -2);
+}
+
 int hs_sandbox_open(hs_state *S) {
     lua_State *L = S->L;
     lua_newtable(L);
     S->loaded_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    seed_random(L);
 
     lua_pushglobaltable(L);
     int G = lua_gettop(L);
@@ -294,7 +376,7 @@ int hs_sandbox_open(hs_state *S) {
     }
 
     static const char *const base_names[] = {
-        "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawset", "select",
+        "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "select",
         "setmetatable", "getmetatable", "tonumber", "tostring", "type", "_VERSION", "pcall",
         "xpcall", "load", "require", "hs", "string", "table", "math", "coroutine",
 #ifdef HS_ENGINE_LUAJIT
@@ -304,6 +386,8 @@ int hs_sandbox_open(hs_state *S) {
 #endif
         NULL};
     static const char *const os_names[] = {"time", "clock", "date", "difftime", NULL};
+    static const char *const readonly[] = {"string", "table", "math", "coroutine", "os", "hs",
+                                           "bit", "utf8", NULL};
 
     lua_newtable(L); /* safe globals */
     int base = lua_gettop(L);
@@ -314,6 +398,8 @@ int hs_sandbox_open(hs_state *S) {
     lua_pop(L, 1);
     lua_setfield(L, base, "os");
     set_closure(L, base, "collectgarbage", sb_collectgarbage, S);
+    lua_pushcfunction(L, sb_rawset);
+    lua_setfield(L, base, "rawset");
     lua_getfield(L, G, "setmetatable");
     lua_pushcclosure(L, sb_setmetatable, 1);
     lua_setfield(L, base, "setmetatable");
@@ -329,24 +415,33 @@ int hs_sandbox_open(hs_state *S) {
     lua_pushnil(L);
     lua_setfield(L, -2, "dump");
     lua_pop(L, 1);
+    lua_getglobal(L, "math"); /* one script must not pick the sequence another one sees */
+    lua_pushnil(L);
+    lua_setfield(L, -2, "randomseed");
+    lua_pop(L, 1);
+    lua_getglobal(L, "hs");
+    make_readonly(L, -1, "log");
+    lua_pop(L, 1);
+    for (const char *const *n = readonly; *n; n++) make_readonly(L, base, *n);
+    lua_pushliteral(L, ""); /* s:method() keeps working; the metatable is out of reach */
+    if (lua_getmetatable(L, -1)) {
+        lua_pushliteral(L, "string");
+        lua_setfield(L, -2, "__metatable");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
     lua_newtable(L);
     lua_pushcfunction(L, strict_index);
     lua_setfield(L, -2, "__index");
     lua_setmetatable(L, base);
 
-    lua_newtable(L); /* the environment */
-    int env = lua_gettop(L);
-    lua_newtable(L);
+    lua_newtable(L); /* the metatable of every script environment */
     lua_pushvalue(L, base);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, strict_newindex);
     lua_setfield(L, -2, "__newindex");
     lua_pushliteral(L, "sandbox");
     lua_setfield(L, -2, "__metatable");
-    lua_setmetatable(L, env);
-    lua_pushvalue(L, env);
-    lua_setfield(L, base, "_G");
-    lua_pushvalue(L, env);
     S->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_settop(L, G - 1);
     return 0;
