@@ -9,9 +9,14 @@ local find, sub, gsub, char, tonumber = string.find, string.sub, string.gsub, st
 
 local util = {}
 
---- Remove leading and trailing white space.
+--- Remove leading and trailing white space. Linear in #s: a pattern like
+--- "^%s*(.-)%s*$" retries its tail at every position and is quadratic on long
+--- runs of spaces, which request headers can be made of.
 function util.trim(s)
-  return (gsub(s, "^%s*(.-)%s*$", "%1"))
+  local i = find(s, "%S")
+  if not i then return "" end
+  local j = find(s, "%S%s*$", i)
+  return sub(s, i, j)
 end
 
 --- Split s on the plain separator sep (default ","), trimming each item; empty items are dropped.
