@@ -226,12 +226,13 @@ def _bars(ax: Any, checks: Mapping[str, Mapping[str, Any]], engines: Sequence[st
         lowest = min(lowest, target)
         for i, engine in enumerate(engines):
             c = by_engine.get(engine)
+            bx = x - 0.4 + width * (i + 0.5)
             if not c or c["measured"] is None:
+                ax.annotate("n/a", (bx, target), fontsize=7, ha="center", va="bottom")
                 continue
             value = c["measured"] * scale(c)
             shown = max(value, 1e-3) if ax.get_yscale() == "log" else value
             lowest = min(lowest, shown)
-            bx = x - 0.4 + width * (i + 0.5)
             ax.bar(bx, shown, width, color=colors[engine], edgecolor="black",
                    hatch="//" if c["met"] is False else None)
             ax.annotate(f"{c['measured']:.3g}", (bx, shown), fontsize=7, ha="center", va="bottom")

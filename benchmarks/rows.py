@@ -254,7 +254,8 @@ def scaling_cpu_row(engine: str, counts: Counts) -> Row:
     hs = med.pop("hostscript")
     return Row(engine, "scaling-cpu", "T2 2 threads / 1: CPU-bound (~1 ms)", "x", hs,
                {**med, "lupa": med.get("lupa")},
-               [Check("2 threads / 1 thread", hs, ">=", 1.9)],
+               [Check("2 threads / 1 thread", hs, ">=", 1.9),
+                Check("hostscript / machine scaling", ratio(hs, med["machine (GIL-free C)"]))],
                notes(f"Lua loop of {lua_loops} iterations, Python loop of {py_loops} (~1 ms per "
                      "request each)", lupa_note(engine)), all_rounds(samples))
 
