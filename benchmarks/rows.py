@@ -7,6 +7,8 @@ bare lua_pcall; T1/T2 thread scaling; M1/M2 memory.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -84,7 +86,8 @@ def request_flow_row(engine: str, counts: Counts) -> Row:
     return Row(engine, "request-flow", "R1 request flow (per request)", "ns", hs,
                {"python": py, "lupa": lupa},
                [Check("hostscript / python", ratio(hs, py), "<=", 1.0),
-                Check("lupa / hostscript", ratio(lupa, hs), ">=", 2.0)],
+                Check("lupa / hostscript", ratio(lupa, hs), ">=", 2.0,
+                      na=cs.lupa_unavailable(engine) or "")],
                lupa_note(engine), all_rounds(samples))
 
 
@@ -144,8 +147,9 @@ def http_server_row(engine: str, counts: Counts) -> Row:
             if got != (None if name == "no hooks" else "bench.local"):
                 raise RuntimeError(f"HTTP server with {name}: x-served-by is {got!r}")
             http_server.requests_per_second(servers[name].address, max(10, counts.http_connections // 20))
-        samples = interleave({name: (lambda s=s: http_server.requests_per_second(
-            s.address, counts.http_connections)) for name, s in servers.items()}, counts.http_rounds)
+        samples = interleave({name: functools.partial(http_server.requests_per_second, s.address,
+                                                      counts.http_connections)
+                              for name, s in servers.items()}, counts.http_rounds)
     finally:
         for s in servers.values():
             s.close()
@@ -166,32 +170,32 @@ def first_fire_row(engine: str, counts: Counts) -> Row:
     """R4: the first fire on a new thread with the 200-line script loaded, with and
     without a state pool, against host.load of the same script."""
     big = big_workload()
-    made: List[cs.Contestant] = []
-    try:
-        loader = new_threads.hostscript_with_pool(engine, big, 0)
-        made.append(loader)
-        unpooled = new_threads.hostscript_with_pool(engine, big, 0)
-        made.append(unpooled)
+    with contextlib.ExitStack() as stack:
+
+        def hostscript(state_pool: int) -> cs.HostscriptContestant:
+            c = new_threads.hostscript_with_pool(engine, big, state_pool)
+            stack.callback(c.close)
+            return c
+
+        loader, unpooled = hostscript(0), hostscript(0)
         measures: Dict[str, Callable[[], float]] = {
             "host.load": lambda: new_threads.load_ns(loader.host, big.lua, "big.lua"),
             "no pool": lambda: new_threads.first_fire_ns(unpooled.host)}
-        pool_reason = ""
         pooled: Optional[cs.HostscriptContestant] = None
+        pool_reason = ""
         try:
-            pooled = new_threads.hostscript_with_pool(engine, big, STATE_POOL)
-            made.append(pooled)
-            measures["state pool"] = lambda: new_threads.first_fire_ns(pooled.host)  # type: ignore[union-attr]
+            pooled = hostscript(STATE_POOL)
         except new_threads.NoStatePool as exc:
             pool_reason = str(exc)
+        else:
+            pool_host = pooled.host
+            measures["state pool"] = lambda: new_threads.first_fire_ns(pool_host)
         if not cs.lupa_unavailable(engine):
             lupa = cs.LupaContestant(engine, big)
             measures["lupa new runtime"] = lambda: new_threads.lupa_first_fire_ns(lupa)
         hits_before = new_threads.pool_hits(pooled.host) if pooled else 0
         samples = interleave(measures, counts.first_fire_rounds)
         hits = new_threads.pool_hits(pooled.host) - hits_before if pooled else 0
-    finally:
-        for c in made:
-            c.close()
     med = medians(samples)
     load, first = med["host.load"], med["no pool"]
     pooled_ns = med.get("state pool")
@@ -308,8 +312,8 @@ def rss_row(engine: str, counts: Counts) -> Row:
     """M2: process RSS across short-lived threads that each serve one R1 request."""
     contestants = cs.contestants(engine, FLOW)
     try:
-        growth = {name: new_threads.rss_growth_bytes(lambda c=c: c.serve(*ARGS), counts.churn_threads,
-                                                     counts.churn_warmup) / 1024
+        growth = {name: new_threads.rss_growth_bytes(functools.partial(c.serve, *ARGS),
+                                                     counts.churn_threads, counts.churn_warmup) / 1024
                   for name, c in contestants.items()}
     finally:
         cs.close_all(contestants)

@@ -7,6 +7,7 @@ on one thread, then N on each of the two at once; the ratio is
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import threading
@@ -141,7 +142,7 @@ def scaling_ratios(make_runners: Mapping[str, MakeRunner], phase_ns: float,
             two = pair.run(2, n)
             return 2 * one / two
 
-        return interleave({name: (lambda p=pair, n=counts[name]: ratio(p, n))
+        return interleave({name: functools.partial(ratio, pair, counts[name])
                            for name, pair in pairs.items()}, rounds)
     finally:
         for pair in pairs.values():

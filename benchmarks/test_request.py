@@ -46,7 +46,8 @@ _LUPA_BUILDS = {
     "string.lower": (cs.LUPA_TXN_LUA.replace("LOWER[flat[i]]", "lower(flat[i])"),
                      lambda new, rt: new(METHOD, URI, *itertools.chain.from_iterable(REQUEST_HEADERS))),
     "python lower": (cs.LUPA_TXN_LUA.replace("LOWER[flat[i]]", "flat[i]"),
-                     lambda new, rt: new(METHOD, URI, *[x for n, v in REQUEST_HEADERS for x in (n.lower(), v)])),
+                     lambda new, rt: new(METHOD, URI,
+                                         *[x for n, v in REQUEST_HEADERS for x in (n.lower(), v)])),
     "table_from": ("return function(method, uri, headers)\n  local resp_headers = {}\n"
                    "  return {req = {method = method, uri = uri, headers = headers},\n"
                    "          resp = {headers = resp_headers}, ctx = {}}, resp_headers\nend\n",

@@ -2,12 +2,13 @@
 
 Every comparison runs its contestants in turns — A, B, C, A, B, C, ... — so a noisy
 neighbour on a shared machine hits them alike, and reports each contestant's median
-round (the best round is kept in the JSON too). The cyclic garbage collector stays on,
+round (the JSON keeps every round). The cyclic garbage collector stays on,
 as in a server (a request object in a reference cycle is freed only by it), and runs
 a full collection before every round so no round inherits another's garbage.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import statistics
@@ -26,15 +27,13 @@ class Samples:
     def median(self) -> float:
         return statistics.median(self.rounds)
 
-    @property
-    def best_low(self) -> float:
-        """The best round of a time (lowest)."""
-        return min(self.rounds)
 
-    @property
-    def best_high(self) -> float:
-        """The best round of a rate (highest)."""
-        return max(self.rounds)
+@dataclass(frozen=True)
+class Call:
+    """A function and its arguments: the one thing a timed loop repeats."""
+
+    fn: Callable[..., Any]
+    args: Sequence[Any] = ()
 
 
 def interleave(measures: Mapping[str, Callable[[], float]], rounds: int) -> Dict[str, Samples]:
@@ -65,20 +64,12 @@ def calls_per_round(fn: Callable[..., Any], args: Sequence[Any], round_ns: float
         n *= 4
 
 
-def interleaved_calls(calls: Mapping[str, "Call"], rounds: int, round_ns: float) -> Dict[str, Samples]:
+def interleaved_calls(calls: Mapping[str, Call], rounds: int, round_ns: float) -> Dict[str, Samples]:
     """ns per call of each Call, rounds interleaved; each contestant's count per round
     sized so one round takes about ROUND_NS (equal time, not equal counts, so a slow
     contestant does not stretch the run)."""
     measures = {}
     for name, call in calls.items():
         n = calls_per_round(call.fn, call.args, round_ns)
-        measures[name] = (lambda c=call, k=n: per_call_ns(c.fn, c.args, k))
+        measures[name] = functools.partial(per_call_ns, call.fn, call.args, n)
     return interleave(measures, rounds)
-
-
-@dataclass(frozen=True)
-class Call:
-    """A function and its arguments: the one thing a timed loop repeats."""
-
-    fn: Callable[..., Any]
-    args: Sequence[Any] = ()

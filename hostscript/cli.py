@@ -87,7 +87,8 @@ def _load_benchmarks(root: str) -> Optional[types.ModuleType]:
     ``benchmarks``; None when ROOT is not a hostscript source tree (an installed
     wheel: ROOT is site-packages, whose benchmarks/, if any, is somebody else's)."""
     init = os.path.join(root, "benchmarks", "__init__.py")
-    markers = (init, os.path.join(root, "benchmarks", "runner.py"), os.path.join(root, "native", "hostscript.h"))
+    markers = (init, os.path.join(root, "benchmarks", "runner.py"),
+               os.path.join(root, "native", "hostscript.h"))
     if not all(os.path.isfile(p) for p in markers):
         return None
     loaded = sys.modules.get("benchmarks")
