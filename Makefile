@@ -31,14 +31,15 @@ test: install
 run: install
 	$(PY) -m hostscript demo
 
-# The comparison against peers (hostscript/bench.py, benchmarks/): prints the table,
-# writes build/bench.json and build/bench.png. `make test` runs only its --quick smoke.
+# The comparison against peers (benchmarks/, run by `hostscript bench`): prints the
+# table and its Markdown, writes build/bench.json and build/bench.png.
+# `make test` runs only its --quick smoke (tests/test_bench_smoke.py).
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@
 
 bench: $(VENV)/.bench
-	$(PY) -m hostscript bench --json build/bench.json --plot build/bench.png
+	$(PY) -m hostscript bench --markdown --json build/bench.json --plot build/bench.png
 
 clean:
 	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info

@@ -1,6 +1,8 @@
-"""pytest-benchmark suites over every built engine; the workloads come from
-hostscript.bench, the same code `hostscript bench` runs. Group names put the rows
-of one comparison together, e.g. "noop-fire[luajit]": hostscript, python, lupa."""
+"""pytest-benchmark suites over every built engine; the contestants, workloads and
+measuring helpers are the modules `hostscript bench` runs, so the two never drift.
+Group names put the contestants of one comparison together, e.g.
+"request-flow[luajit]": hostscript, python, lupa. pytest-benchmark runs each
+contestant's rounds on their own (not interleaved as `hostscript bench` does)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -8,7 +10,9 @@ from typing import Iterator
 import pytest
 
 import hostscript
-from hostscript import bench
+
+from . import contestants as cs
+from .workloads import FLOW
 
 
 @pytest.fixture(params=hostscript.engines())
@@ -18,13 +22,21 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def need_lupa(engine: str) -> None:
-    reason = bench.lupa_unavailable(engine)
+    reason = cs.lupa_unavailable(engine)
     if reason:
         pytest.skip(reason)
 
 
 @pytest.fixture
-def big_host(engine: str) -> Iterator[hostscript.Host]:
-    """A host with the generated 200-line script loaded."""
-    with bench.hostscript_host(engine, ("big.lua", bench.script_200_lines())) as host:
-        yield host
+def flow(engine: str) -> Iterator[dict]:
+    """{name: contestant} serving R1's request flow (checked to serve it right)."""
+    contestants = cs.contestants(engine, FLOW)
+    yield contestants
+    cs.close_all(contestants)
+
+
+def pick(contestants: dict, who: str, engine: str) -> cs.Contestant:
+    """CONTESTANTS[WHO], or skip with the reason it is missing."""
+    if who not in contestants:
+        pytest.skip(f"no {who} contestant on {engine}: {cs.lupa_unavailable(engine)}")
+    return contestants[who]

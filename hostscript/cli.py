@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import logging
 import os
 import sys
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
@@ -77,30 +79,40 @@ def check(args: argparse.Namespace) -> int:
     return status
 
 
-def bench(args: argparse.Namespace) -> int:
-    from . import bench as benchmarks
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    if args.plot:
-        try:
-            benchmarks.require_matplotlib()
-        except ImportError as e:
-            print(f"hostscript bench: {e}", file=sys.stderr)
-            return 2
-    engines_ = args.engine or engines()
-    progress = (lambda s: None) if args.silent else (
-        lambda s: print(f"  measuring {s} ...", file=sys.stderr, flush=True))
-    report = benchmarks.run(engines_, quick=args.quick, progress=progress)
-    print(benchmarks.table(report))
-    if args.markdown:
-        print()
-        print(benchmarks.markdown(report))
-    if args.json:
-        benchmarks.write_json(report, args.json)
-        print(f"\nJSON: {args.json}")
-    if args.plot:
-        benchmarks.plot(report, args.plot)
-        print(f"plot: {args.plot}")
-    return 0
+
+def _load_benchmarks(root: str) -> Optional[types.ModuleType]:
+    """The source tree's benchmarks/ package (ROOT/benchmarks), imported as
+    ``benchmarks``; None when ROOT is not a hostscript source tree (an installed
+    wheel: ROOT is site-packages, whose benchmarks/, if any, is somebody else's)."""
+    init = os.path.join(root, "benchmarks", "__init__.py")
+    markers = (init, os.path.join(root, "benchmarks", "runner.py"),
+               os.path.join(root, "native", "hostscript.h"))
+    if not all(os.path.isfile(p) for p in markers):
+        return None
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == os.path.abspath(init):
+        return loaded
+    spec = importlib.util.spec_from_file_location("benchmarks", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(args: argparse.Namespace) -> int:
+    if _load_benchmarks(SOURCE_ROOT) is None:
+        print(f"hostscript bench: no benchmarks/ next to this hostscript package ({SOURCE_ROOT}): "
+              "the benchmarks are not installed with the package. Run `make bench` (or "
+              "`python -m hostscript bench`) in a source checkout of hostscript.", file=sys.stderr)
+        return 2
+    from benchmarks import runner
+
+    return runner.main(args.engine or engines(), quick=args.quick, json_path=args.json,
+                       plot_path=args.plot, markdown=args.markdown, silent=args.silent)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

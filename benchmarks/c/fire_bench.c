@@ -1,6 +1,6 @@
 /*
  * fire_bench.c — the floor under every Python figure: what one hook call costs
- * in C, through the core and without it. Built at run time by hostscript/bench.py
+ * in C, through the core and without it. Built at run time by benchmarks/native.py
  * (-O2, against native/*.c, the embedded Lua library and the static Lua archive of
  * one engine), so it measures exactly the core the Python modules are built from.
  *
@@ -11,7 +11,7 @@
  *          plain lua_State — the least any core can do to call a handler method;
  *   fire:  hs_fire of a host whose one script has a no-op on_read_request, on one
  *          transaction, from the same thread.
- * Prints "engine=", "pcall_ns=" and "fire_ns=" lines (the best round, ns per call)
+ * Prints "engine=", "pcall_ns=" and "fire_ns=" lines (the median round, ns per call)
  * and exits 0; on any failure prints "error=..." and exits 1.
  */
 #include <stdio.h>
@@ -34,6 +34,16 @@ static unsigned long long now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 static int fail(const char *what) {
@@ -95,19 +105,21 @@ int main(int argc, char **argv) {
     /* warm-up: the state is created and rehydrated, both loops reach steady state */
     if (fire_round(h, t, 1000) < 0 || bare_round(L, 1000) < 0) return fail("warm-up failed");
 
-    double best_pcall = 0, best_fire = 0;
+    double *pcall = malloc(sizeof(double) * (size_t)rounds);
+    double *fire = malloc(sizeof(double) * (size_t)rounds);
+    if (!pcall || !fire) return fail("out of memory");
     for (int r = 0; r < rounds; r++) {
-        double p = bare_round(L, iterations);
-        double f = fire_round(h, t, iterations);
-        if (p < 0) return fail("lua_pcall failed");
-        if (f < 0) return fail("hs_fire failed");
-        if (r == 0 || p < best_pcall) best_pcall = p;
-        if (r == 0 || f < best_fire) best_fire = f;
+        pcall[r] = bare_round(L, iterations);
+        fire[r] = fire_round(h, t, iterations);
+        if (pcall[r] < 0) return fail("lua_pcall failed");
+        if (fire[r] < 0) return fail("hs_fire failed");
     }
     printf("engine=%s\n", hs_engine());
-    printf("pcall_ns=%.2f\n", best_pcall);
-    printf("fire_ns=%.2f\n", best_fire);
+    printf("pcall_ns=%.2f\n", median(pcall, rounds));
+    printf("fire_ns=%.2f\n", median(fire, rounds));
 
+    free(pcall);
+    free(fire);
     hs_txn_free(t);
     hs_host_free(h);
     lua_close(L);

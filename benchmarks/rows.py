@@ -1,0 +1,330 @@
+"""The rows of the comparison, one function each: set up the contestants, measure
+them interleaved (timing.py), turn the medians into a Row with its targets.
+
+R1 request flow, R1b the request object alone, R2 a no-op fire on a reused request,
+R3 a ThreadingHTTPServer, R4 the first fire on a new thread; C: hs_fire against a
+bare lua_pcall; T1/T2 thread scaling; M1/M2 memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from . import contestants as cs
+from . import http_server, native, new_threads, scaling
+from .report import Check, Row, ratio
+from .timing import Call, Samples, interleave, interleaved_calls, per_call_ns
+from .workloads import EMPTY, FLOW, METHOD, REQUEST_HEADERS, URI, big_workload, cpu_workload
+
+ARGS = (METHOD, URI, REQUEST_HEADERS)
+STATE_POOL = 16      # R4's pool size (the default of Host(state_pool=...))
+RSS_FLAT_KIB = 2048  # RSS growth over the thread churn still called "flat"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How much work each measurement does; quick() is the smoke test's."""
+
+    round_ns: float          # one contestant's round in the per-call rows
+    rounds: int
+    http_connections: int
+    http_rounds: int
+    c_iterations: int
+    c_rounds: int
+    phase_ns: float          # one phase (1 or 2 threads) of a scaling round
+    scaling_rounds: int
+    first_fire_rounds: int
+    churn_threads: int
+    churn_warmup: int
+
+    @classmethod
+    def full(cls) -> "Counts":
+        return cls(round_ns=100e6, rounds=7, http_connections=2000, http_rounds=5,
+                   c_iterations=1_000_000, c_rounds=7, phase_ns=150e6, scaling_rounds=5,
+                   first_fire_rounds=21, churn_threads=10_000, churn_warmup=300)
+
+    @classmethod
+    def quick(cls) -> "Counts":
+        return cls(round_ns=2e6, rounds=2, http_connections=40, http_rounds=1,
+                   c_iterations=20_000, c_rounds=2, phase_ns=10e6, scaling_rounds=1,
+                   first_fire_rounds=3, churn_threads=200, churn_warmup=20)
+
+
+def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
+    return {name: s.median for name, s in samples.items()}
+
+
+def all_rounds(samples: Dict[str, Samples]) -> Dict[str, List[float]]:
+    return {name: s.rounds for name, s in samples.items()}
+
+
+def notes(*parts: str) -> str:
+    """A row's note: the non-empty PARTS, joined."""
+    return "; ".join(p for p in parts if p)
+
+
+def lupa_note(engine: str) -> str:
+    missing = cs.lupa_unavailable(engine)
+    return f"lupa n/a: {missing}" if missing else ""
+
+
+# ---------------------------------------------------------------- R1, R1b, R2
+
+def request_flow_row(engine: str, counts: Counts) -> Row:
+    """R1: serve one request — build it from 10 header pairs, fire read_request,
+    send_response and log, read the response headers back."""
+    contestants = cs.contestants(engine, FLOW)
+    try:
+        samples = interleaved_calls({name: Call(c.serve, ARGS) for name, c in contestants.items()},
+                                    counts.rounds, counts.round_ns)
+    finally:
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs, py, lupa = med["hostscript"], med["python"], med.get("lupa")
+    return Row(engine, "request-flow", "R1 request flow (per request)", "ns", hs,
+               {"python": py, "lupa": lupa},
+               [Check("hostscript / python", ratio(hs, py), "<=", 1.0),
+                Check("lupa / hostscript", ratio(lupa, hs), ">=", 2.0,
+                      na=cs.lupa_unavailable(engine) or "")],
+               lupa_note(engine), all_rounds(samples))
+
+
+def build_request_row(engine: str, counts: Counts) -> Row:
+    """R1b: the request object alone, from the same 10 header pairs."""
+    contestants = cs.contestants(engine, FLOW)
+    try:
+        calls = {"hostscript": Call(contestants["hostscript"].new_request, ARGS),
+                 "python dict": Call(cs.header_dict, ARGS),
+                 "python request": Call(contestants["python"].new_request, ARGS)}
+        if "lupa" in contestants:
+            calls["lupa"] = Call(contestants["lupa"].new_request, ARGS)
+        samples = interleaved_calls(calls, counts.rounds, counts.round_ns)
+    finally:
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs = med.pop("hostscript")
+    return Row(engine, "build-request", "R1b Transaction from 10 header pairs", "ns", hs,
+               {**med, "lupa": med.get("lupa")},
+               [Check("Transaction / python dict", ratio(hs, med["python dict"]), "<=", 2.0)],
+               lupa_note(engine), all_rounds(samples))
+
+
+def noop_fire_row(engine: str, counts: Counts) -> Row:
+    """R2: one fire of a hook whose handler does nothing (FLOW's log) on a request made
+    once and reused: hostscript has nothing to convert, so neither do the others."""
+    contestants = cs.contestants(engine, FLOW)
+    try:
+        calls = {}
+        for name, c in contestants.items():
+            request, fire = c.new_request(*ARGS), c.fire_function()
+            fire("log", request)  # hostscript binds the transaction to its C twin here
+            calls[name] = Call(fire, ("log", request))
+        samples = interleaved_calls(calls, counts.rounds, counts.round_ns)
+    finally:
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs, py, lupa = med["hostscript"], med["python"], med.get("lupa")
+    return Row(engine, "noop-fire", "R2 no-op fire on a reused transaction", "ns", hs,
+               {"python": py, "lupa": lupa},
+               [Check("hostscript / python", ratio(hs, py), "<=", 1.0),
+                Check("lupa / hostscript", ratio(lupa, hs))],
+               lupa_note(engine), all_rounds(samples))
+
+
+# ---------------------------------------------------------------- R3
+
+def http_server_row(engine: str, counts: Counts) -> Row:
+    """R3: requests per second of ThreadingHTTPServer with hooks against without."""
+    contestants = cs.contestants(engine, FLOW)
+    serves = {"no hooks": cs.no_hooks, **{name: c.serve for name, c in contestants.items()}}
+    servers: Dict[str, http_server.RunningServer] = {}
+    try:
+        for name, serve in serves.items():
+            servers[name] = http_server.RunningServer(serve)
+            got = http_server.response_headers(servers[name].address).get("x-served-by")
+            if got != (None if name == "no hooks" else "bench.local"):
+                raise RuntimeError(f"HTTP server with {name}: x-served-by is {got!r}")
+            http_server.requests_per_second(servers[name].address, max(10, counts.http_connections // 20))
+        samples = interleave({name: functools.partial(http_server.requests_per_second, s.address,
+                                                      counts.http_connections)
+                              for name, s in servers.items()}, counts.http_rounds)
+    finally:
+        for s in servers.values():
+            s.close()
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs, none = med.pop("hostscript"), med["no hooks"]
+    return Row(engine, "http-server",
+               f"R3 ThreadingHTTPServer, {counts.http_connections} connections", "rps", hs,
+               {**med, "lupa": med.get("lupa")},
+               [Check("with hostscript / no hooks (req/s)", ratio(hs, none), ">=", 0.9)],
+               notes(f"{http_server.CLIENT_THREADS} client threads, one request per connection",
+                     lupa_note(engine)), all_rounds(samples))
+
+
+# ---------------------------------------------------------------- R4
+
+def first_fire_row(engine: str, counts: Counts) -> Row:
+    """R4: the first fire on a new thread with the 200-line script loaded, with and
+    without a state pool, against host.load of the same script."""
+    big = big_workload()
+    with contextlib.ExitStack() as stack:
+
+        def hostscript(state_pool: int) -> cs.HostscriptContestant:
+            c = new_threads.hostscript_with_pool(engine, big, state_pool)
+            stack.callback(c.close)
+            return c
+
+        loader, unpooled = hostscript(0), hostscript(0)
+        measures: Dict[str, Callable[[], float]] = {
+            "host.load": lambda: new_threads.load_ns(loader.host, big.lua, "big.lua"),
+            "no pool": lambda: new_threads.first_fire_ns(unpooled.host)}
+        pooled: Optional[cs.HostscriptContestant] = None
+        pool_reason = ""
+        try:
+            pooled = hostscript(STATE_POOL)
+        except new_threads.NoStatePool as exc:
+            pool_reason = str(exc)
+        else:
+            pool_host = pooled.host
+            measures["state pool"] = lambda: new_threads.first_fire_ns(pool_host)
+        if not cs.lupa_unavailable(engine):
+            lupa = cs.LupaContestant(engine, big)
+            measures["lupa new runtime"] = lambda: new_threads.lupa_first_fire_ns(lupa)
+        hits_before = new_threads.pool_hits(pooled.host) if pooled else 0
+        samples = interleave(measures, counts.first_fire_rounds)
+        hits = new_threads.pool_hits(pooled.host) - hits_before if pooled else 0
+    med = medians(samples)
+    load, first = med["host.load"], med["no pool"]
+    pooled_ns = med.get("state pool")
+    pool_note = (f"state pool: {pool_reason}" if pool_reason else
+                 f"state pool of {STATE_POOL}: {hits} pool hits in {counts.first_fire_rounds} first fires")
+    return Row(engine, "first-fire", "R4 first fire on a new thread (200 lines)", "ns", first,
+               {"with state pool": pooled_ns, "host.load": load,
+                "lupa new runtime": med.get("lupa new runtime")},
+               [Check("pooled first fire / host.load", ratio(pooled_ns, load), "<=", 0.05,
+                      na=pool_reason),
+                Check("first fire without pool / host.load", ratio(first, load))],
+               notes(pool_note, lupa_note(engine)), all_rounds(samples))
+
+
+# ---------------------------------------------------------------- C
+
+def c_row(engine: str, counts: Counts) -> Row:
+    """C: hs_fire of a no-op handler against a bare lua_pcall, both in C."""
+    title = "C no-op hs_fire vs bare lua_pcall"
+    try:
+        pcall_ns, fire_ns = native.run_fire_bench(engine, counts.c_iterations, counts.c_rounds)
+    except (native.Unavailable, RuntimeError) as exc:  # no source tree or compiler; a failed build
+        return Row(engine, "c-fire", title, "ns", None, {"lua_pcall": None},
+                   [Check("hs_fire / lua_pcall", None, "<=", 1.3, na=str(exc)[-600:])],
+                   f"n/a: {str(exc)[-600:]}")
+    return Row(engine, "c-fire", title, "ns", fire_ns, {"lua_pcall": pcall_ns},
+               [Check("hs_fire / lua_pcall", fire_ns / pcall_ns, "<=", 1.3)])
+
+
+# ---------------------------------------------------------------- T1, T2
+
+def scaling_short_row(engine: str, counts: Counts) -> Row:
+    """T1: 2 threads / 1 serving R1's request flow."""
+    contestants = cs.contestants(engine, FLOW)
+    try:
+        samples = scaling.scaling_ratios({name: scaling.serve_runner(c) for name, c in contestants.items()},
+                                         counts.phase_ns, counts.scaling_rounds)
+    finally:
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs = med["hostscript"]
+    return Row(engine, "scaling-short", "T1 2 threads / 1: request flow", "x", hs,
+               {"python": med["python"], "lupa": med.get("lupa")},
+               [Check("2 threads / 1 thread", hs, ">=", 1.0)], lupa_note(engine), all_rounds(samples))
+
+
+def scaling_cpu_row(engine: str, counts: Counts) -> Row:
+    """T2: 2 threads / 1 serving requests whose read_request computes for ~1 ms; the
+    GIL-free control shows what the shared machine gave two threads just then."""
+    lua_loops, py_loops = calibrated_lua_loops(engine), calibrated_python_loops()
+    contestants = cs.contestants(engine, cpu_workload(lua_loops, py_loops))
+    try:
+        runners: Dict[str, scaling.MakeRunner] = {name: scaling.serve_runner(c)
+                                                  for name, c in contestants.items()}
+        runners["machine (GIL-free C)"] = scaling.gil_free_runner
+        samples = scaling.scaling_ratios(runners, counts.phase_ns, counts.scaling_rounds)
+    finally:
+        cs.close_all(contestants)
+    med = medians(samples)
+    hs = med.pop("hostscript")
+    return Row(engine, "scaling-cpu", "T2 2 threads / 1: CPU-bound (~1 ms)", "x", hs,
+               {**med, "lupa": med.get("lupa")},
+               [Check("2 threads / 1 thread", hs, ">=", 1.9),
+                Check("hostscript / machine scaling", ratio(hs, med["machine (GIL-free C)"]))],
+               notes(f"Lua loop of {lua_loops} iterations, Python loop of {py_loops} (~1 ms per "
+                     "request each)", lupa_note(engine)), all_rounds(samples))
+
+
+def calibrated_lua_loops(engine: str) -> int:
+    """Iterations of cpu_lua's loop that make one hostscript request take ~1 ms."""
+
+    def request_ns(loops: int) -> float:
+        hs = cs.HostscriptContestant(engine, cpu_workload(loops, 1))
+        try:
+            return min(per_call_ns(hs.serve, ARGS, 3) for _ in range(5))
+        finally:
+            hs.close()
+
+    return scaling.calibrate_loops(request_ns, 1e6, 50_000)
+
+
+def calibrated_python_loops() -> int:
+    """Iterations of cpu_python's loop that make one python request take ~1 ms."""
+
+    def request_ns(loops: int) -> float:
+        py = cs.PythonContestant(cpu_workload(1, loops))
+        return min(per_call_ns(py.serve, ARGS, 3) for _ in range(5))
+
+    return scaling.calibrate_loops(request_ns, 1e6, 20_000)
+
+
+# ---------------------------------------------------------------- M1, M2
+
+def heap_row(engine: str, counts: Counts) -> Row:
+    """M1: Lua heap of one thread's state with the 200-line script, after one request."""
+    big = big_workload()
+    hs = cs.HostscriptContestant(engine, big)
+    empty = cs.HostscriptContestant(engine, EMPTY)
+    try:
+        heap_max, heap_avg = new_threads.heap_per_state_bytes(hs)
+        empty_max, _ = new_threads.heap_per_state_bytes(empty)
+    finally:
+        hs.close()
+        empty.close()
+    lupa = None if cs.lupa_unavailable(engine) else \
+        new_threads.lupa_heap_bytes(cs.LupaContestant(engine, big)) / 1024
+    return Row(engine, "heap-per-state", "M1 Lua heap per state (200 lines)", "KiB", heap_max / 1024,
+               {"state, no script": empty_max / 1024, "lupa runtime": lupa},
+               [Check("heap per state (KiB)", heap_max / 1024, "<=", 64)],
+               notes(f"heap_bytes/states = {heap_avg / 1024:.1f} KiB", lupa_note(engine)))
+
+
+def rss_row(engine: str, counts: Counts) -> Row:
+    """M2: process RSS across short-lived threads that each serve one R1 request."""
+    contestants = cs.contestants(engine, FLOW)
+    try:
+        growth = {name: new_threads.rss_growth_bytes(functools.partial(c.serve, *ARGS),
+                                                     counts.churn_threads, counts.churn_warmup) / 1024
+                  for name, c in contestants.items()}
+    finally:
+        cs.close_all(contestants)
+    hs = growth.pop("hostscript")
+    return Row(engine, "rss-churn", f"M2 RSS growth, {counts.churn_threads} threads", "KiB", hs,
+               {"python": growth["python"], "lupa": growth.get("lupa")},
+               [Check("RSS growth (KiB)", hs, "<=", RSS_FLAT_KIB)],
+               notes(f"flat means growth <= {RSS_FLAT_KIB} KiB", lupa_note(engine)))
+
+
+# In the order they run and are reported.
+ROWS: List[Callable[[str, Counts], Row]] = [
+    request_flow_row, build_request_row, noop_fire_row, http_server_row, first_fire_row, c_row,
+    scaling_short_row, scaling_cpu_row, heap_row, rss_row]

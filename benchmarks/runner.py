@@ -1,0 +1,92 @@
+"""Run the comparison and print it: what ``hostscript bench`` calls (hostscript/cli.py
+parses the flags and hands them here)."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import report
+from .contestants import lupa_module, lupa_unavailable
+from .rows import ROWS, Counts
+
+Progress = Callable[[str], None]
+
+
+def run(engines: Sequence[str], quick: bool = False, progress: Progress = lambda s: None) -> Dict[str, Any]:
+    """The whole comparison: {"machine", "quick", "statistic", "seconds", "rows"} (JSON-ready)."""
+    counts = Counts.quick() if quick else Counts.full()
+    started = time.monotonic()
+    rows: List[Dict[str, Any]] = []
+    for engine in engines:
+        for row in ROWS:
+            progress(f"{engine}: {row.__name__.removesuffix('_row').replace('_', ' ')}")
+            rows.append(row(engine, counts).to_json())
+    return {"machine": machine_info(engines), "quick": quick, "statistic": "median",
+            "seconds": round(time.monotonic() - started, 1), "rows": rows}
+
+
+def machine_info(engines: Sequence[str]) -> Dict[str, Any]:
+    """What the figures came from: the machine, Python, the engines, lupa."""
+    info: Dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_implementation() + " " + platform.python_version(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "engines": {},
+        "lupa": None,
+    }
+    for engine in engines:
+        module = importlib.import_module(f"hostscript._{engine}")  # the cffi module of the core
+        info["engines"][engine] = module.ffi.string(module.lib.hs_engine_version()).decode()
+    try:
+        import lupa
+
+        info["lupa"] = {"version": lupa.__version__, "engines": {
+            e: lupa_module(e).LuaRuntime().lua_implementation for e in engines if not lupa_unavailable(e)}}
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(engines: Sequence[str], *, quick: bool = False, json_path: Optional[str] = None,
+         plot_path: Optional[str] = None, markdown: bool = False, silent: bool = False) -> int:
+    """Run, print the text table (and Markdown), write JSON and the plot; exit status."""
+    if plot_path:
+        try:
+            report.require_matplotlib()
+        except ImportError as e:
+            print(f"hostscript bench: {e}", file=sys.stderr)
+            return 2
+    progress: Progress = (lambda s: None) if silent else (
+        lambda s: print(f"  measuring {s} ...", file=sys.stderr, flush=True))
+    result = run(engines, quick=quick, progress=progress)
+    print(report.table(result))
+    print(f"\n{result['seconds']:.0f} s")
+    if markdown:
+        print()
+        print(report.markdown(result))
+    if json_path:
+        report.write_json(result, json_path)
+        print(f"\nJSON: {json_path}")
+    if plot_path:
+        report.plot(result, plot_path)
+        print(f"plot: {plot_path}")
+    return 0
