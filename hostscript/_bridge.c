@@ -101,9 +101,19 @@ static PyObject *HostCore_fire(PyObject *op, PyObject *const *args, size_t nargs
         if (!PyErr_Occurred()) undeclared_hook(self, args[0]);
         return NULL;
     }
+    int hook = (int)PyLong_AsLong(idx);
     TxnObject *txn = (TxnObject *)args[1];
-    if (hs_py_txn_check_free(txn->t) || (txn->ctx && hs_py_txn_flush_ctx(txn))) return NULL;
-    int r = self->fire(self->host, (int)PyLong_AsLong(idx), txn->t);
+    if (hs_py_txn_check_free(txn->t)) return NULL;
+    if (txn->ctx) {
+        /* Sending ctx may run Python code (a subclass's __iter__, a finalizer): the
+         * host may be closed and another fire may have started on txn meanwhile. */
+        if (hs_py_txn_flush_ctx(txn) || hs_py_txn_check_free(txn->t)) return NULL;
+        if (!self->host) {
+            PyErr_SetString(Hs_ClosedError, "the host is closed");
+            return NULL;
+        }
+    }
+    int r = self->fire(self->host, hook, txn->t);
     if (released) { /* the core let go of the GIL while Lua ran long */
         PyEval_RestoreThread(released);
         released = NULL;

@@ -18,6 +18,7 @@ typedef struct {
     PyObject_HEAD
     hs_txn *t;
     PyObject *ctx;      /* the dict txn.ctx handed out or was given; sent with the next fire */
+    PyObject *ctx_orig; /* the bytes ctx was decoded from (NULL when it was assigned) */
     PyObject *weakrefs;
 } TxnObject;
 
@@ -27,8 +28,9 @@ extern PyTypeObject Hs_TransactionType, Hs_RequestType, Hs_ResponseType, Hs_Head
 extern PyObject *Hs_Error, *Hs_UsageError, *Hs_ArgumentTypeError, *Hs_BusyError, *Hs_ClosedError;
 
 int hs_py_types_ready(PyObject *module); /* _transaction.c */
-/* Before a fire: send a ctx dict Python read or assigned to the C transaction and
- * let go of it (Lua may change ctx). 0 ok, -1 with an exception set. */
+/* Before a fire: send a ctx dict Python assigned, or read and changed, to the C
+ * transaction and let go of it (Lua may change ctx). 0 ok, -1 with an exception.
+ * May run Python code: the caller checks its host and transaction again after. */
 int hs_py_txn_flush_ctx(TxnObject *txn);
 /* Raise BusyError when a fire runs on T in another thread; 0 when it is free. */
 int hs_py_txn_check_free(const hs_txn *t);

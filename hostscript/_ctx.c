@@ -40,6 +40,12 @@ static int ctx_take(ctx_reader *r, void *out, size_t n) {
 static PyObject *ctx_value(ctx_reader *r, int depth);
 /* t[k] = v, keeping a boolean key apart from the number it equals. Steals k, v. */
 static int ctx_set(PyObject *t, PyObject *k, PyObject *v) {
+    if (PyDict_Check(k) || PyList_Check(k)) { /* Lua can key a table by a table; Python cannot */
+        Py_DECREF(k);
+        Py_DECREF(v);
+        PyErr_SetString(Hs_UsageError, "txn.ctx has a table key, which Python cannot show");
+        return -1;
+    }
     int has = PyDict_Contains(t, k);
     if (has <= 0) {
         int rc = has < 0 ? -1 : PyDict_SetItem(t, k, v);
@@ -197,6 +203,10 @@ typedef struct {
 } ctx_writer;
 
 static int put(ctx_writer *w, const void *p, size_t n) {
+    if (w->out->len + n > HS_CTX_MAX) {
+        PyErr_Format(Hs_UsageError, "txn.ctx would be larger than %u MiB", HS_CTX_MAX >> 20);
+        return -1;
+    }
     if (hs_buf_put(w->out, p, n) == 0) return 0;
     PyErr_NoMemory();
     return -1;
@@ -269,6 +279,24 @@ static int enc_pair(ctx_writer *w, PyObject *k, PyObject *v, int depth, uint32_t
     return rc ? -1 : 0;
 }
 
+/* A bytes key and the str it decodes to are one Lua string: refuse the pair rather
+ * than keep one of the two values at random. */
+static int bytes_key_is_unique(ctx_writer *w, PyObject *dict, PyObject *k) {
+    PyObject *twin = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), NULL);
+    if (!twin) {
+        PyErr_Clear();
+        return 0;
+    }
+    int both = PyDict_Contains(dict, twin);
+    Py_DECREF(twin);
+    if (both > 0) {
+        if (PyList_Append(w->path, k) == 0)
+            refuse(w, Hs_UsageError, k, "has both a bytes and a str key for one Lua string: a");
+        return -1;
+    }
+    return both;
+}
+
 static int enc_table(ctx_writer *w, PyObject *o, int depth) {
     if (depth >= ENCODE_DEPTH)
         return refuse(w, Hs_UsageError, o, "nests deeper than 32 levels (or contains itself): a");
@@ -281,7 +309,8 @@ static int enc_table(ctx_writer *w, PyObject *o, int depth) {
         while (PyDict_Next(o, &pos, &k, &v)) {
             Py_INCREF(k);
             Py_INCREF(v);
-            int rc = enc_pair(w, k, v, depth + 1, &n);
+            int rc = PyBytes_Check(k) ? bytes_key_is_unique(w, o, k) : 0;
+            if (rc == 0) rc = enc_pair(w, k, v, depth + 1, &n);
             Py_DECREF(k);
             Py_DECREF(v);
             if (rc) return -1;
@@ -291,9 +320,11 @@ static int enc_table(ctx_writer *w, PyObject *o, int depth) {
         if (!seq) return -1;
         int rc = 0;
         for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(seq); i++) {
-            PyObject *k = PyLong_FromSsize_t(i + 1);
-            rc = k ? enc_pair(w, k, PySequence_Fast_GET_ITEM(seq, i), depth + 1, &n) : -1;
+            PyObject *k = PyLong_FromSsize_t(i + 1), *v = PySequence_Fast_GET_ITEM(seq, i);
+            Py_INCREF(v); /* a finalizer run while encoding may shrink the list */
+            rc = k ? enc_pair(w, k, v, depth + 1, &n) : -1;
             Py_XDECREF(k);
+            Py_DECREF(v);
         }
         Py_DECREF(seq);
         if (rc) return -1;
@@ -311,6 +342,7 @@ static int enc_value(ctx_writer *w, PyObject *o, int depth) {
 }
 
 int hs_py_ctx_encode(PyObject *data, hs_buf *out) {
+    /* (bounded like the core's encoder: HS_CTX_MAX, checked per value below) */
     if (!PyDict_Check(data)) {
         PyErr_Format(Hs_ArgumentTypeError, "txn.ctx must be a dict, not %s", Py_TYPE(data)->tp_name);
         return -1;

@@ -21,7 +21,6 @@
 
 #include <stdatomic.h>
 #include <string.h>
-#include <strings.h>
 
 /* ---- text in and out ---- */
 
@@ -59,8 +58,8 @@ static int bad_header(int rc, PyObject *name, PyObject *value) {
         PyErr_Format(Hs_UsageError, "invalid header name %.80R (a token: letters, digits and "
                                     "!#$%%&'*+-.^_`|~)", name);
     else
-        PyErr_Format(Hs_UsageError, "invalid value for header %.80R: CR, LF and NUL are not "
-                                    "allowed (%.80R)", name, value);
+        PyErr_Format(Hs_UsageError, "invalid value for header %.80R: control characters (CR, LF, "
+                                    "NUL...; a tab is fine) are not allowed (%.80R)", name, value);
     return -1;
 }
 
@@ -116,15 +115,22 @@ static int fill_from_pairs(hs_hdrs *hs, PyObject *seq) {
     return 0;
 }
 
-/* Replace HS with SRC: pairs, a raw header block (bytes), a Headers view, an
- * email.message.Message, or a mapping. HS is unchanged when SRC is refused. */
-static int fill_headers(hs_hdrs *hs, PyObject *src) {
+/* Replace HS (of transaction T) with SRC: pairs, a raw header block (bytes), a
+ * Headers view, an email.message.Message, or a mapping. HS is unchanged when SRC is
+ * refused. Reading SRC may run Python code (a subclass's __iter__, items()), which
+ * may start a fire on T in another thread: so the new fields are built aside and
+ * T is checked again just before they are moved in, with no Python code between. */
+static int fill_headers(hs_txn *t, hs_hdrs *hs, PyObject *src) {
     hs_hdrs out = {0};
     int rc = 0;
     if (src == Py_None) {
     } else if (PyBytes_Check(src) || PyByteArray_Check(src) || PyMemoryView_Check(src)) {
         Py_buffer view;
-        if (PyObject_GetBuffer(src, &view, PyBUF_SIMPLE) < 0) return -1;
+        if (PyObject_GetBuffer(src, &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            PyErr_SetString(Hs_ArgumentTypeError, "a raw header block must be contiguous bytes");
+            return -1;
+        }
         char why[160];
         rc = hs_hdrs_parse(&out, view.buf, (size_t)view.len, why, sizeof why);
         PyBuffer_Release(&view);
@@ -153,7 +159,7 @@ static int fill_headers(hs_hdrs *hs, PyObject *src) {
         rc = items ? fill_from_pairs(&out, items) : -1;
         Py_XDECREF(items);
     }
-    if (rc) {
+    if (rc || hs_py_txn_check_free(t)) {
         hs_hdrs_free(&out);
         return -1;
     }
@@ -175,17 +181,25 @@ static hs_hdrs *hdrs_of(HeadersObject *h) {
 }
 
 static PyObject *headers_new(TxnObject *txn, int which) {
-    HeadersObject *h = PyObject_New(HeadersObject, &Hs_HeadersType);
+    HeadersObject *h = PyObject_GC_New(HeadersObject, &Hs_HeadersType);
     if (!h) return NULL;
     Py_INCREF(txn);
     h->txn = txn;
     h->which = which;
+    PyObject_GC_Track(h);
     return (PyObject *)h;
 }
 
+/* Views are GC objects: a view stored in its own transaction's ctx is a cycle. */
+static int view_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((HeadersObject *)self)->txn);
+    return 0;
+}
+
 static void headers_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
     Py_DECREF(((HeadersObject *)self)->txn);
-    PyObject_Free(self);
+    PyObject_GC_Del(self);
 }
 
 /* Index of the first NAME at or after FROM; -1 absent; -2 with an exception. */
@@ -274,10 +288,17 @@ static int headers_assign(HeadersObject *self, PyObject *name, PyObject *value) 
         return hs_hdrs_set(hs, k, (size_t)kn, v, (size_t)vn) ? (PyErr_NoMemory(), -1) : 0;
     }
     /* several values: build the new field list aside, then swap it in */
+    PyObject *values = PySequence_Fast(value, "header values");
+    if (!values) return -1;
+    if (hs_py_txn_check_free(self->txn->t)) { /* iterating a subclass ran Python code */
+        Py_DECREF(values);
+        return -1;
+    }
+    value = values;
     hs_hdrs out = {0};
     int kept_place = 0, rc = 0;
     for (size_t i = 0; rc == 0 && i < hs->n; i++) {
-        int same = hs->e[i].nlen == (size_t)kn && !strncasecmp(hs_hdr_name(hs, i), k, (size_t)kn);
+        int same = hs->e[i].nlen == (size_t)kn && hs_name_eq(hs_hdr_name(hs, i), k, (size_t)kn);
         if (!same) {
             rc = hs_hdrs_add(&out, hs_hdr_name(hs, i), hs->e[i].nlen, hs_hdr_value(hs, i), hs->e[i].vlen)
                      ? (PyErr_NoMemory(), -1) : 0;
@@ -289,6 +310,7 @@ static int headers_assign(HeadersObject *self, PyObject *name, PyObject *value) 
     }
     for (Py_ssize_t j = 0; rc == 0 && !kept_place && j < PySequence_Fast_GET_SIZE(value); j++)
         rc = add_header(&out, name, PySequence_Fast_GET_ITEM(value, j));
+    Py_DECREF(values);
     if (rc) {
         hs_hdrs_free(&out);
         return -1;
@@ -343,25 +365,35 @@ static PyObject *headers_clear(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* The fields as [(name, value), ...]. Every string is made before any tuple or list:
+ * allocating those may run the cyclic GC, whose finalizers may change the headers,
+ * and by then nothing here reads them any more. */
 static PyObject *headers_items(PyObject *self, PyObject *unused) {
     (void)unused;
     hs_hdrs *hs = hdrs_of((HeadersObject *)self);
     if (!hs) return NULL;
-    PyObject *out = PyList_New((Py_ssize_t)hs->n);
-    for (size_t i = 0; out && i < hs->n; i++) {
-        PyObject *k = text_out(hs_hdr_name(hs, i), hs->e[i].nlen);
-        PyObject *v = k ? text_out(hs_hdr_value(hs, i), hs->e[i].vlen) : NULL;
-        PyObject *pair = v ? PyTuple_New(2) : NULL;
+    size_t n = hs->n;
+    PyObject *small[64], **str = n * 2 <= 64 ? small : PyMem_Malloc(n * 2 * sizeof *str);
+    if (!str) return PyErr_NoMemory();
+    size_t made = 0;
+    for (; made < n * 2; made++) {
+        size_t i = made / 2;
+        str[made] = made % 2 ? text_out(hs_hdr_value(hs, i), hs->e[i].vlen)
+                             : text_out(hs_hdr_name(hs, i), hs->e[i].nlen);
+        if (!str[made]) break;
+    }
+    PyObject *out = made == n * 2 ? PyList_New((Py_ssize_t)n) : NULL;
+    size_t used = 0;
+    for (; out && used < n; used++) {
+        PyObject *pair = PyTuple_Pack(2, str[2 * used], str[2 * used + 1]);
         if (!pair) {
-            Py_XDECREF(k);
-            Py_XDECREF(v);
             Py_CLEAR(out);
             break;
         }
-        PyTuple_SET_ITEM(pair, 0, k);
-        PyTuple_SET_ITEM(pair, 1, v);
-        PyList_SET_ITEM(out, (Py_ssize_t)i, pair);
+        PyList_SET_ITEM(out, (Py_ssize_t)used, pair);
     }
+    for (size_t i = 0; i < made; i++) Py_DECREF(str[i]);
+    if (str != small) PyMem_Free(str);
     return out;
 }
 
@@ -431,7 +463,7 @@ static PyObject *headers_tp_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:Headers", kwlist, &items)) return NULL;
     TxnObject *own = (TxnObject *)txn_alloc(&Hs_TransactionType);
     if (!own) return NULL;
-    PyObject *h = fill_headers(&own->t->hdr[HS_REQ], items) ? NULL : headers_new(own, HS_REQ);
+    PyObject *h = fill_headers(own->t, &own->t->hdr[HS_REQ], items) ? NULL : headers_new(own, HS_REQ);
     Py_DECREF(own);
     return h;
 }
@@ -454,7 +486,8 @@ PyTypeObject Hs_HeadersType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hostscript.Headers",
     .tp_basicsize = sizeof(HeadersObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = view_traverse,
     .tp_doc = "The header fields of a request or response: a case-insensitive multi-map, in "
               "order, stored in the C transaction.\n\n"
               "h[name] is the first value (KeyError when absent); h[name] = value replaces "
@@ -482,16 +515,18 @@ typedef struct {
 } PartObject;
 
 static PyObject *part_new(TxnObject *txn, PyTypeObject *type) {
-    PartObject *p = PyObject_New(PartObject, type);
+    PartObject *p = PyObject_GC_New(PartObject, type);
     if (!p) return NULL;
     Py_INCREF(txn);
     p->txn = txn;
+    PyObject_GC_Track(p);
     return (PyObject *)p;
 }
 
 static void part_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
     Py_DECREF(((PartObject *)self)->txn);
-    PyObject_Free(self);
+    PyObject_GC_Del(self);
 }
 
 /* The transaction of a view, NULL (BusyError) while a fire runs on it. */
@@ -548,7 +583,7 @@ static PyObject *part_headers(PyObject *self, void *which) {
 static int part_set_headers(PyObject *self, PyObject *value, void *which) {
     hs_txn *t = txn_of(self);
     if (!t || no_delete(value, "headers")) return -1;
-    return fill_headers(&t->hdr[(int)(intptr_t)which], value);
+    return fill_headers(t, &t->hdr[(int)(intptr_t)which], value);
 }
 
 /* A status is None (not set) or an int from 100 to 999. */
@@ -593,6 +628,11 @@ static int set_body(hs_txn *t, PyObject *value) {
     Py_buffer view;
     PyObject *tmp;
     if (body_arg(value, &view, &tmp)) return -1;
+    if (hs_py_txn_check_free(t)) { /* a __buffer__ method may have run Python code */
+        PyBuffer_Release(&view);
+        Py_XDECREF(tmp);
+        return -1;
+    }
     int rc = hs_buf_set(&t->body, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     Py_XDECREF(tmp);
@@ -663,7 +703,8 @@ PyTypeObject Hs_RequestType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hostscript.Request",
     .tp_basicsize = sizeof(PartObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = view_traverse,
     .tp_doc = "The request as handlers see it: method, uri, headers (a view of the transaction).",
     .tp_dealloc = part_dealloc,
     .tp_repr = request_repr,
@@ -674,7 +715,8 @@ PyTypeObject Hs_ResponseType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hostscript.Response",
     .tp_basicsize = sizeof(PartObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = view_traverse,
     .tp_doc = "The response: status (None until set), headers, body (a view of the transaction).",
     .tp_dealloc = part_dealloc,
     .tp_repr = response_repr,
@@ -698,8 +740,8 @@ static int fill(TxnObject *self, PyObject *const a[A_COUNT]) {
     }
     if ((a[A_METHOD] && store_method_or_uri(t, a[A_METHOD], HS_F_METHOD)) ||
         (a[A_URI] && store_method_or_uri(t, a[A_URI], HS_F_URI)) ||
-        (a[A_HEADERS] && fill_headers(&t->hdr[HS_REQ], a[A_HEADERS])) ||
-        (a[A_RESP_HEADERS] && fill_headers(&t->hdr[HS_RESP], a[A_RESP_HEADERS])) ||
+        (a[A_HEADERS] && fill_headers(t, &t->hdr[HS_REQ], a[A_HEADERS])) ||
+        (a[A_RESP_HEADERS] && fill_headers(t, &t->hdr[HS_RESP], a[A_RESP_HEADERS])) ||
         (a[A_STATUS] && status_arg(a[A_STATUS], &t->status)) ||
         (a[A_BODY] && set_body(t, a[A_BODY])))
         return -1;
@@ -716,13 +758,14 @@ static PyObject *txn_alloc(PyTypeObject *type) {
     return (PyObject *)self;
 }
 
-static PyObject *txn_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    PyObject *a[A_COUNT] = {0};
+/* Sort the constructor's arguments into A; KW is the keywords' values, in the order
+ * of KWNAMES. */
+static int txn_args(PyObject *const *args, Py_ssize_t n, PyObject *kwnames, PyObject *const *kw,
+                    PyObject *a[A_COUNT]) {
     if (n > 3) {
         PyErr_Format(Hs_ArgumentTypeError, "Transaction() takes at most 3 positional arguments "
                                            "(method, uri, headers), %zd given", n);
-        return NULL;
+        return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) a[i] = args[i];
     Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
@@ -738,30 +781,60 @@ static PyObject *txn_vectorcall(PyObject *type, PyObject *const *args, size_t na
                                                               "keyword argument %R"
                                                             : "Transaction() got multiple values "
                                                               "for argument %R", k);
-            return NULL;
+            return -1;
         }
-        a[j] = args[n + i];
+        a[j] = kw[i];
     }
+    return 0;
+}
+
+static PyObject *txn_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *a[A_COUNT] = {0};
+    if (txn_args(args, n, kwnames, args + n, a)) return NULL;
     PyObject *self = txn_alloc((PyTypeObject *)type);
     if (self && fill((TxnObject *)self, a)) Py_CLEAR(self);
     return self;
 }
 
+/* Transaction.__new__ and subclasses: the same parsing as the fast path. */
 static PyObject *txn_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"method", "uri", "headers", "status", "response_headers", "body", NULL};
-    PyObject *a[A_COUNT] = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOO$OOO:Transaction", kwlist, &a[0], &a[1], &a[2],
-                                     &a[3], &a[4], &a[5]))
+    PyObject *a[A_COUNT] = {0}, *names = NULL, *values[A_COUNT + 1] = {0};
+    Py_ssize_t nk = kw ? PyDict_GET_SIZE(kw) : 0, pos = 0, i = 0;
+    if (nk > A_COUNT) {
+        PyErr_SetString(Hs_ArgumentTypeError, "Transaction() got too many keyword arguments");
         return NULL;
-    PyObject *self = txn_alloc(type);
+    }
+    if (nk && !(names = PyTuple_New(nk))) return NULL;
+    PyObject *k, *v;
+    while (kw && PyDict_Next(kw, &pos, &k, &v)) {
+        Py_INCREF(k);
+        PyTuple_SET_ITEM(names, i, k);
+        values[i++] = v;
+    }
+    int rc = txn_args(&PyTuple_GET_ITEM(args, 0), PyTuple_GET_SIZE(args), names, values, a);
+    PyObject *self = rc ? NULL : txn_alloc(type);
     if (self && fill((TxnObject *)self, a)) Py_CLEAR(self);
+    Py_XDECREF(names);
     return self;
+}
+
+static int txn_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((TxnObject *)self)->ctx);
+    return 0;
+}
+
+static int txn_clear(PyObject *self) {
+    Py_CLEAR(((TxnObject *)self)->ctx);
+    Py_CLEAR(((TxnObject *)self)->ctx_orig);
+    return 0;
 }
 
 static void txn_dealloc(PyObject *self) {
     TxnObject *x = (TxnObject *)self;
+    PyObject_GC_UnTrack(self);
     if (x->weakrefs) PyObject_ClearWeakRefs(self);
-    Py_CLEAR(x->ctx);
+    txn_clear(self);
     hs_txn_free(x->t);
     Py_TYPE(self)->tp_free(self);
 }
@@ -776,19 +849,33 @@ static PyObject *txn_response(PyObject *self, void *c) {
     return part_new((TxnObject *)self, &Hs_ResponseType);
 }
 
+/* txn.ctx: decoded when first read, from a copy of the bytes (making dicts may run
+ * the cyclic GC, and a finalizer may assign txn.ctx meanwhile). The copy is kept:
+ * the next fire sends the dict back only if it no longer equals what was read, so
+ * merely reading txn.ctx never changes what Lua sees. */
 static PyObject *txn_ctx(PyObject *self, void *c) {
     (void)c;
     TxnObject *x = (TxnObject *)self;
     if (hs_py_txn_check_free(x->t)) return NULL;
-    if (!x->ctx && !(x->ctx = hs_py_ctx_decode(x->t->ctx.p, x->t->ctx.len))) return NULL;
+    if (!x->ctx) {
+        PyObject *orig = PyBytes_FromStringAndSize(x->t->ctx.p ? x->t->ctx.p : "", (Py_ssize_t)x->t->ctx.len);
+        PyObject *d = orig ? hs_py_ctx_decode(PyBytes_AS_STRING(orig), (size_t)PyBytes_GET_SIZE(orig)) : NULL;
+        if (!d) {
+            Py_XDECREF(orig);
+            return NULL;
+        }
+        Py_XSETREF(x->ctx_orig, orig);
+        Py_XSETREF(x->ctx, d);
+    }
     Py_INCREF(x->ctx);
     return x->ctx;
 }
 
-/* Encode DATA as the transaction's ctx; the transaction is unchanged on failure. */
+/* Encode DATA as the transaction's ctx, built aside and swapped in only if no fire
+ * started on it while encoding ran (a list subclass's __iter__ is Python code). */
 static int store_ctx(hs_txn *t, PyObject *data) {
     hs_buf enc = {0};
-    if (hs_py_ctx_encode(data, &enc)) {
+    if (hs_py_ctx_encode(data, &enc) || hs_py_txn_check_free(t)) {
         hs_buf_free(&enc);
         return -1;
     }
@@ -800,16 +887,37 @@ static int store_ctx(hs_txn *t, PyObject *data) {
 static int txn_set_ctx(PyObject *self, PyObject *value, void *c) {
     (void)c;
     TxnObject *x = (TxnObject *)self;
-    if (hs_py_txn_check_free(x->t) || no_delete(value, "txn.ctx") || store_ctx(x->t, value)) return -1;
+    if (hs_py_txn_check_free(x->t) || no_delete(value, "txn.ctx")) return -1;
     Py_INCREF(value);
-    Py_XSETREF(x->ctx, value);
-    return 0;
+    int rc = store_ctx(x->t, value);
+    if (rc == 0) {
+        Py_CLEAR(x->ctx_orig); /* assigned: always sent */
+        Py_XSETREF(x->ctx, value);
+    } else {
+        Py_DECREF(value);
+    }
+    return rc;
 }
 
 int hs_py_txn_flush_ctx(TxnObject *x) {
-    if (store_ctx(x->t, x->ctx)) return -1;
-    Py_CLEAR(x->ctx);
-    return 0;
+    PyObject *d = x->ctx, *orig = x->ctx_orig;
+    Py_INCREF(d);
+    Py_XINCREF(orig);
+    int rc = 0, changed = 1;
+    if (orig) { /* read, maybe changed: compare with a fresh decoding of what was read */
+        PyObject *was = hs_py_ctx_decode(PyBytes_AS_STRING(orig), (size_t)PyBytes_GET_SIZE(orig));
+        changed = was ? PyObject_RichCompareBool(d, was, Py_NE) : -1;
+        Py_XDECREF(was);
+        rc = changed < 0 ? -1 : 0;
+    }
+    if (rc == 0 && changed) rc = store_ctx(x->t, d);
+    if (rc == 0 && x->ctx == d) { /* (Python code above may have assigned another one) */
+        Py_CLEAR(x->ctx);
+        Py_CLEAR(x->ctx_orig);
+    }
+    Py_DECREF(d);
+    Py_XDECREF(orig);
+    return rc;
 }
 
 static PyObject *txn_repr(PyObject *self) {
@@ -833,7 +941,7 @@ PyTypeObject Hs_TransactionType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hostscript.Transaction",
     .tp_basicsize = sizeof(TxnObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Transaction(method='GET', uri='/', headers=(), *, status=None, "
               "response_headers=(), body=b'')\n--\n\n"
               "One request passing through the host's hooks, stored in C. Fire its hooks from "
@@ -843,6 +951,8 @@ PyTypeObject Hs_TransactionType = {
               "Everything is validated here: a bad name, value, method, uri or status raises "
               "hostscript.UsageError.",
     .tp_dealloc = txn_dealloc,
+    .tp_traverse = txn_traverse,
+    .tp_clear = txn_clear,
     .tp_repr = txn_repr,
     .tp_getset = txn_getset,
     .tp_new = txn_new,

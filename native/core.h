@@ -183,7 +183,8 @@ extern const hs_lualib_entry hs_lualib[]; /* ends with a NULL name */
 
 /* ---- txn ctx codec (ctx.c) ---- */
 int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen);
-int hs_ctx_decode(lua_State *L, const char *p, size_t len); /* pushes a table; 0 ok */
+int hs_ctx_decode(lua_State *L, const char *p, size_t len); /* pushes a table; 0 ok, -1 corrupt,
+                                                            -2 an integer LuaJIT cannot hold */
 
 /* ---- host (host.c) ---- */
 struct hs_host {

@@ -19,7 +19,6 @@
 #include "core.h"
 
 #define HS_CTX_DEPTH 32
-#define HS_CTX_MAX (8u << 20) /* bytes: a table shared many times over expands as a tree */
 
 /* The encoder keeps no path while it works (formatting one per key cost more than
  * the encoding): keys[d] is the stack index of the key being encoded at depth d,
@@ -75,6 +74,8 @@ static int enc_table(enc *e, int idx, int depth) {
             return enc_fail(e, depth, "has a %s key; ctx keys must be strings, numbers or booleans",
                             luaL_typename(L, k));
         if (enc_value(e, k, depth + 1, 1) || enc_value(e, v, depth + 1, 0)) return -1;
+        if (e->out->len > HS_CTX_MAX) /* a table shared many times over expands as a tree */
+            return enc_fail(e, depth, "makes txn.ctx larger than %s", "8 MiB");
         n++;
         lua_pop(L, 1);
     }
@@ -95,8 +96,8 @@ static int enc_value(enc *e, int idx, int depth, int is_key) {
         break;
     case LUA_TNUMBER: {
         lua_Number d = lua_tonumber(L, idx);
-#ifdef HS_ENGINE_LUAJIT
-        int as_int = d == floor(d) && fabs(d) < 9007199254740992.0;
+#ifdef HS_ENGINE_LUAJIT /* numbers are doubles: integral ones go as integers, but not -0 */
+        int as_int = d == floor(d) && fabs(d) < 9007199254740992.0 && !(d == 0 && signbit(d));
         int64_t i = as_int ? (int64_t)d : 0;
 #else
         int as_int = hs_isinteger(L, idx);
@@ -164,7 +165,8 @@ static int dec_value(lua_State *L, dec *d, int depth) {
         if (d->end - d->p < 8) return -1;
         memcpy(&i, d->p, 8);
         d->p += 8;
-#ifdef HS_ENGINE_LUAJIT
+#ifdef HS_ENGINE_LUAJIT /* a double holds integers up to 2^53 exactly; refuse, not round */
+        if (i > 9007199254740992LL || i < -9007199254740992LL) return -2;
         lua_pushnumber(L, (lua_Number)i);
 #else
         lua_pushinteger(L, (lua_Integer)i);
@@ -197,7 +199,8 @@ static int dec_value(lua_State *L, dec *d, int depth) {
         if (!lua_checkstack(L, 4)) return -1;
         lua_createtable(L, 0, (int)(n < 1024 ? n : 1024));
         for (uint32_t i = 0; i < n; i++) {
-            if (dec_value(L, d, depth + 1) || dec_value(L, d, depth + 1)) return -1;
+            int rc = dec_value(L, d, depth + 1);
+            if (rc || (rc = dec_value(L, d, depth + 1))) return rc;
             lua_rawset(L, -3);
         }
         return 0;
@@ -214,9 +217,10 @@ int hs_ctx_decode(lua_State *L, const char *p, size_t len) {
     }
     dec d = {p, p + len};
     int top = lua_gettop(L);
-    if (dec_value(L, &d, 0) != 0 || !lua_istable(L, -1)) {
+    int rc = dec_value(L, &d, 0);
+    if (rc != 0 || !lua_istable(L, -1)) {
         lua_settop(L, top);
-        return -1;
+        return rc ? rc : -1;
     }
     return 0;
 }

@@ -125,9 +125,9 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks);
 /* Transaction: request, response and ctx of one request. It may move between
  * threads (and engines) between fires; a fire on a transaction that another fire
  * is running on is refused (HS_ERR_USAGE). Every setter validates: header names
- * and the method are tokens, header values hold no CR, LF or NUL, the URI no
- * space or control character, a status is 0 (unset) or 100..999. A refused call
- * returns -1 and changes nothing. */
+ * and the method are tokens, header values hold no control character but tab,
+ * the URI no space or control character, a status is 0 (unset) or 100..999. A
+ * refused call returns -1 and changes nothing. */
 enum { HS_REQ = 0, HS_RESP = 1 };
 enum { HS_F_METHOD = 0, HS_F_URI = 1, HS_F_BODY = 2 };
 hs_txn *hs_txn_new(void);
@@ -147,7 +147,8 @@ int hs_txn_parse_headers(hs_txn *t, int which, const char *block, size_t len);
 const char *hs_txn_headers(hs_txn *t, int which, size_t *len);
 /* Append one header; 0 ok, -1 invalid or no memory. */
 int hs_txn_add_header(hs_txn *t, int which, const char *name, const char *value);
-/* First value of a header, case-insensitive; NULL when absent. */
+/* First value of a header, case-insensitive; NULL when absent. The value is LEN bytes,
+ * not NUL-terminated, valid until the transaction next changes. */
 const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *len);
 /* txn.ctx serialized (see ctx.c for the format); len 0 when empty. */
 const char *hs_txn_ctx(const hs_txn *t, size_t *len);

@@ -452,7 +452,11 @@ static int txn_fields_index(lua_State *L) {
     const char *k = lua_tostring(L, 2);
     if (!k || strcmp(k, "ctx")) return 0;
     hs_txn *t = active_txn(L, S);
-    if (hs_ctx_decode(L, t->ctx.p, t->ctx.len) != 0) return luaL_error(L, "corrupt txn.ctx");
+    int rc = hs_ctx_decode(L, t->ctx.p, t->ctx.len);
+    if (rc == -2)
+        return luaL_error(L, "txn.ctx holds an integer beyond 2^53, which %s cannot represent exactly",
+                          HS_ENGINE_NAME);
+    if (rc != 0) return luaL_error(L, "corrupt txn.ctx");
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->txn_ref);
     lua_pushliteral(L, "ctx");
     lua_pushvalue(L, -3);

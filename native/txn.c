@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "txn.h"
 
@@ -39,9 +38,13 @@ int hs_valid_token(const char *p, size_t n) {
     return 1;
 }
 
+/* RFC 9110 5.5: visible characters, spaces, tabs and obs-text; no other control
+ * character (CR, LF and NUL above all: they would end or cut the field). */
 int hs_valid_field_value(const char *p, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (p[i] == '\r' || p[i] == '\n' || p[i] == '\0') return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f) return 0;
+    }
     return 1;
 }
 
@@ -109,7 +112,7 @@ static void hdrs_compact(hs_hdrs *hs) {
 
 long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from) {
     for (size_t i = from; i < hs->n; i++)
-        if (hs->e[i].nlen == nlen && !strncasecmp(hs->arena.p + hs->e[i].noff, name, nlen))
+        if (hs->e[i].nlen == nlen && hs_name_eq(hs->arena.p + hs->e[i].noff, name, nlen))
             return (long)i;
     return -1;
 }
@@ -133,7 +136,7 @@ static void hdrs_delete_from(hs_hdrs *hs, const char *name, size_t nlen, size_t 
     size_t j = from;
     for (size_t i = from; i < hs->n; i++) {
         hs_hdr *h = &hs->e[i];
-        if (h->nlen == nlen && !strncasecmp(hs->arena.p + h->noff, name, nlen)) {
+        if (h->nlen == nlen && hs_name_eq(hs->arena.p + h->noff, name, nlen)) {
             hs->garbage += h->nlen + h->vlen;
             continue;
         }
@@ -198,7 +201,7 @@ int hs_hdrs_parse(hs_hdrs *hs, const char *block, size_t len, char *why, size_t 
             hs_hdrs_free(&out);
             return refuse(why, whylen, line,
                           rc == HS_TXN_BAD_NAME    ? "invalid field name (not a token)"
-                          : rc == HS_TXN_BAD_VALUE ? "invalid field value (CR or NUL)"
+                          : rc == HS_TXN_BAD_VALUE ? "invalid field value (a control character)"
                                                    : "out of memory");
         }
         p = next;

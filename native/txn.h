@@ -4,8 +4,8 @@
  * directly. No Lua here, so a binding compiles txn.c once for both engines and
  * one transaction object serves either.
  *
- * Every way in validates: header names are tokens, header values hold no CR, LF
- * or NUL, the method is a token, the URI holds no control character or space.
+ * Every way in validates: header names are tokens, header values hold no control
+ * character but tab, the method is a token, the URI holds no control character or space.
  * Nothing is stored half-way: a refused edit leaves the transaction as it was.
  */
 #ifndef HS_TXN_H
@@ -41,6 +41,9 @@ struct hs_txn {
     atomic_int busy;               /* a fire runs on it: a second one is refused */
 };
 
+/* txn.ctx is at most this many bytes, however it was made (Lua, Python, C). */
+#define HS_CTX_MAX (8u << 20)
+
 /* Results of the checked edits below. */
 enum { HS_TXN_OK = 0, HS_TXN_NOMEM = -1, HS_TXN_BAD_NAME = -2, HS_TXN_BAD_VALUE = -3 };
 
@@ -48,6 +51,17 @@ int hs_valid_token(const char *p, size_t n);       /* header name, method */
 int hs_valid_field_value(const char *p, size_t n); /* header value */
 int hs_valid_uri(const char *p, size_t n);         /* request target */
 int hs_valid_status(int status);                   /* 0 (unset) or 100..999 */
+
+/* Header names compare case-insensitively in ASCII (strncasecmp would follow the
+ * locale: a Turkish one folds 'I' differently). */
+static inline int hs_name_eq(const char *a, const char *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+        if (x != y && (x | 0x20) != (y | 0x20)) return 0;
+        if (x != y && !((x | 0x20) >= 'a' && (x | 0x20) <= 'z')) return 0;
+    }
+    return 1;
+}
 
 static inline const char *hs_hdr_name(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].noff; }
 static inline const char *hs_hdr_value(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].voff; }

@@ -94,7 +94,7 @@ def test_lua_changes_are_python_reads_without_a_copy_step(host):
 
 # ---- refused everywhere ----
 
-BAD_VALUES = ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b"]
+BAD_VALUES = ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b", "a\x0bb", "a\x7fb", "\x1b[31m"]
 BAD_NAMES = ["X A", "X:A", "", "X\r\nA", "X\0", "caf\u00e9"]
 
 
@@ -168,6 +168,19 @@ def test_invalid_uris_are_refused_from_python_and_lua(host, uri):
     out = host.fire("read_request", txn)
     assert out.status is hostscript.Outcome.ERROR and "invalid uri" in out.error.message
     assert txn.request.uri == "/ok"
+
+
+def test_tabs_and_obs_text_are_fine_in_values(host):
+    txn = Transaction(headers=[("X-T", "a\tb"), ("X-O", "\xe9\xff")])
+    assert txn.request.headers.items() == [("X-T", "a\tb"), ("X-O", "\xe9\xff")]
+
+
+def test_header_names_fold_case_in_ascii_only():
+    txn = Transaction(headers=[("X-I", "1")])
+    assert txn.request.headers["x-i"] == "1"
+    assert "X-\u0131" not in txn.request.headers  # dotless i is not a case of I
+    with pytest.raises(KeyError):
+        txn.request.headers["X@"]  # '@' and '`' differ by the case bit but are not letters
 
 
 def test_latin1_text_and_bytes_round_trip(host):
