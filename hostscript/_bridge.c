@@ -39,6 +39,7 @@ typedef struct {
     PyObject *hooks;    /* dict: hook name -> index */
     PyObject *out[2];   /* the Outcome objects for HS_CONTINUE, HS_DONE */
     PyObject *finish;   /* (result, hook, txn) -> Outcome: errors and log records */
+    Py_ssize_t inflight; /* fires between their call and their return; under the GIL */
 } HostCore;
 
 static int undeclared_hook(HostCore *self, PyObject *hook) {
@@ -113,11 +114,13 @@ static PyObject *HostCore_fire(PyObject *op, PyObject *const *args, size_t nargs
             return NULL;
         }
     }
+    self->inflight++; /* close() waits for this to drop back (no free under a running fire) */
     int r = self->fire(self->host, hook, txn->t);
     if (released) { /* the core let go of the GIL while Lua ran long */
         PyEval_RestoreThread(released);
         released = NULL;
     }
+    self->inflight--;
     if (!(r & (HS_ERROR | HS_CH_LOGS << 2))) {
         PyObject *o = self->out[r & HS_DONE];
         Py_INCREF(o);
@@ -156,6 +159,15 @@ static PyObject *HostCore_unbind(PyObject *op, PyObject *unused) {
     ((HostCore *)op)->host = NULL; /* the host is closing: fire raises ClosedError from now on */
     Py_RETURN_NONE;
 }
+
+static PyObject *HostCore_get_inflight(PyObject *op, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(((HostCore *)op)->inflight);
+}
+
+static PyGetSetDef HostCore_getset[] = {
+    {"_inflight", HostCore_get_inflight, NULL, "fires running now (close waits for them)", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
 
 static int HostCore_traverse(PyObject *op, visitproc visit, void *arg) {
     HostCore *self = (HostCore *)op;
@@ -205,6 +217,7 @@ static PyTypeObject HostCoreType = {
     .tp_clear = HostCore_clear,
     .tp_dealloc = HostCore_dealloc,
     .tp_methods = HostCore_methods,
+    .tp_getset = HostCore_getset,
 };
 
 /* ---- module ---- */

@@ -1,11 +1,13 @@
 """Host: declares hook points, loads handler scripts, fires hooks from any thread."""
 from __future__ import annotations
 
+import atexit
 import enum
 import logging
 import os
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
@@ -62,6 +64,18 @@ def _free_host(lib: Any, holder: List[Any]) -> None:
         holder[0] = None
 
 
+# Hosts still open when the interpreter exits: closed by one atexit handler, which
+# waits a bounded time for fires still running in daemon threads.
+_open_hosts: "weakref.WeakSet[Host]" = weakref.WeakSet()
+EXIT_WAIT = 1.0  # seconds the interpreter's exit waits for fires still running
+
+
+@atexit.register
+def _close_open_hosts() -> None:
+    for host in list(_open_hosts):
+        host.close(timeout=EXIT_WAIT)
+
+
 class Host(_bridge.HostCore):
     """A set of hook points and the Lua handler scripts loaded for them.
 
@@ -113,7 +127,11 @@ class Host(_bridge.HostCore):
         self._h = h
         lib.hs_host_set_release(h, ffi.cast("void (*)(void)", _bridge.release_address()),
                                 RELEASE_GIL_AFTER)
+        # freed when the Host is collected (no fire can run then: a fire holds it);
+        # at exit _close_open_hosts closes it first, waiting for running fires
         self._finalizer = weakref.finalize(self, _free_host, lib, self._holder)
+        self._finalizer.atexit = False
+        _open_hosts.add(self)
         self._index: Dict[str, int] = {name: i for i, name in enumerate(self.hooks)}
         self._bind(int(ffi.cast("uintptr_t", h)), self._eng.fire_address, self._index,
                    _OUT_CONTINUE, _OUT_DONE, self._finish)
@@ -260,12 +278,29 @@ class Host(_bridge.HostCore):
                                "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}
         return out
 
-    def close(self) -> None:
-        """Close every thread's Lua state and free the host. Idempotent."""
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close every thread's Lua state and free the host. Idempotent.
+
+        New fires raise ClosedError at once; fires already running (in other
+        threads) finish first. With *timeout*, stop waiting for them after that many
+        seconds: the host is then left to the process (its memory is not freed,
+        nothing crashes) and a warning is logged."""
         with self._lock:
+            if self._h is None:
+                return
             self._unbind()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._inflight:
+                if deadline is not None and time.monotonic() >= deadline:
+                    log.warning("closing %r: %d fire(s) still running after %.1f s; the host's "
+                                "memory is left to the process", self, self._inflight, timeout)
+                    self._h = None
+                    self._finalizer.detach()
+                    return
+                time.sleep(0.001)  # lets the running fires take the GIL and return
             self._h = None
             self._finalizer()
+            _open_hosts.discard(self)
 
     @property
     def closed(self) -> bool:
