@@ -3,17 +3,21 @@
  *
  * Ownership at a glance:
  *   hs_host   owns the config, the current program (one reference), the list of
- *             live thread states and the append-only list of compiled modules.
+ *             live states (some of them idle in its pool) and the append-only list
+ *             of compiled modules.
  *   hs_prog   immutable once published; refcounted by the host and by every state
  *             that still runs it. Holds references to its hs_script entries.
  *   hs_script immutable compiled script (bytecode); refcounted by programs, so a
  *             reload of one script shares the others between old and new program.
- *   hs_state  one per (thread, host); listed by its host and by its thread
- *             (thread.c), refcounted by those two listings. Whoever ends first —
+ *   hs_state  serves one thread at a time, at most one per (thread, host); listed
+ *             by its host and by its thread (thread.c), refcounted by those
+ *             listings. When its thread ends it goes to the host's pool of idle
+ *             states (still on the host's list, on no thread's) if there is room,
+ *             and the next new thread takes it over. Otherwise whoever ends first —
  *             the thread or the host — closes its Lua state (claimed flag); the
- *             struct goes when both have let go.
+ *             struct goes when every listing has let go.
  *   hs_thread one per thread that fired: its list of states, refcounted by the
- *             thread and by each state on it.
+ *             thread and by each state on it (a pooled state holds none).
  */
 #ifndef HS_CORE_H
 #define HS_CORE_H
@@ -98,9 +102,10 @@ struct hs_state {
     lua_State *L;
     hs_state *prev, *next; /* host's list of live states (host->mu) */
     int linked;            /* on the host's list */
+    hs_state *pool_next;   /* host's pool of idle states, a subset of its list (host->mu) */
     hs_state *tnext;       /* its thread's list (thread->mu) */
-    hs_thread *thread;     /* reference held; NULL for scratch states */
-    atomic_int refs;       /* the two listings */
+    hs_thread *thread;     /* reference held; NULL for scratch and pooled states */
+    atomic_int refs;       /* the listings: the host's, and its thread's unless pooled */
     atomic_int claimed;    /* set by whoever closes the Lua state: thread end or host free */
     int scratch;           /* a load-time validation state, in no list */
 
@@ -120,7 +125,7 @@ struct hs_state {
     const char *cur_name; /* script whose code runs now (for logs) */
     uint64_t deadline_ns; /* 0: no deadline */
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
-    uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this thread's fire time per hook */
+    uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this state's fire time per hook */
     int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
 
     /* memory accounting (counting allocator) */
@@ -128,7 +133,7 @@ struct hs_state {
     size_t heap_limit;
     int in_errh, mem_refused;
 
-    hs_error err;   /* last fire error of this thread */
+    hs_error err;   /* last fire error of its thread (cleared when a new thread takes it) */
     hs_buf logs;    /* log records of the last fire */
     int logs_dropped; /* records refused since the last fire began (HS_LOGS_MAX) */
     hs_buf ctxbuf;  /* txn.ctx is encoded here, then copied: no allocation per fire */
@@ -142,9 +147,10 @@ void hs_state_teardown(hs_state *S); /* close the Lua state; the struct stays */
 void hs_state_release(hs_state *S);  /* drop one listing; the last frees the struct */
 
 /* ---- which states a thread owns (thread.c) ---- */
-hs_state *hs_thread_state(hs_host *h, hs_error **err); /* this thread's, created lazily */
+/* This thread's state for H; its first fire takes one from the host's pool or creates it. */
+hs_state *hs_thread_state(hs_host *h, hs_error **err);
 hs_state *hs_thread_peek(hs_host *h);                  /* this thread's, or NULL */
-void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list */
+void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list, if any */
 void hs_thread_unref(hs_thread *T);
 int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err set */
 /* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
@@ -200,11 +206,14 @@ struct hs_host {
     int nlua_path;
 
     pthread_mutex_t load_mu; /* serializes hs_load/hs_unload (compile outside mu) */
-    pthread_mutex_t mu;      /* guards prog, states, retired, modules, counters below */
+    pthread_mutex_t mu;      /* guards prog, states, pool, retired, modules, counters below */
     hs_prog *prog;
     _Atomic uint64_t gen; /* == prog->gen; read without the lock on every fire */
     hs_state *states;
-    uint64_t nstates;
+    uint64_t nstates;     /* pooled ones included */
+    int pool_max;         /* hs_config.state_pool: idle states kept at most */
+    hs_state *pool;       /* idle states, most recently used first (thread.c) */
+    uint64_t npooled, pool_hits;
     hs_counters retired; /* counters of states that ended */
     uint64_t compilations, next_script_id;
     void (*release)(void); /* hs_host_set_release: set before the first fire */

@@ -1,15 +1,17 @@
 /*
- * host.c — the host: its configuration, its list of live thread states, and the
- * statistics summed over them.
+ * host.c — the host: its configuration, its list of live states (those serving a
+ * thread and those idle in its pool), and the statistics summed over them.
  *
  * A host is shared by every thread that fires. The only thing the hot path reads
  * from it is the atomic program generation (see dispatch.c); everything else here
  * runs at set-up, at thread start/end, or when someone asks for stats, under
  * host->mu.
  *
- * Lifetime: the host is reference-counted by its handle and by each live state, so
- * a thread ending while or after hs_host_free runs never touches freed memory
- * (thread.c has the protocol).
+ * Lifetime: the host is reference-counted by its handle and by each live state
+ * (pooled ones included), so a thread ending while or after hs_host_free runs never
+ * touches freed memory. hs_host_free closes every listed state, pooled or not, and
+ * empties the pool under host->mu, so no thread can pool a state or take one
+ * afterwards (thread.c has the protocol).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +66,7 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
     h->time_limit = cfg->time_limit > 0 ? cfg->time_limit : 0;
     h->memory_limit = cfg->memory_limit;
     h->sandbox = cfg->sandbox;
+    h->pool_max = cfg->state_pool > 0 ? cfg->state_pool : 0;
     if (cfg->nlua_path > 0) {
         h->lua_path = calloc(cfg->nlua_path, sizeof *h->lua_path);
         if (!h->lua_path) goto nomem;
@@ -137,14 +140,19 @@ void hs_host_free(hs_host *h) {
     hs_state *list = h->states;
     h->states = NULL;
     h->nstates = 0;
-    for (hs_state *S = list; S; S = S->next) S->linked = 0;
+    h->pool = NULL; /* its states are on the list: closed below with the others */
+    h->npooled = 0;
+    for (hs_state *S = list; S; S = S->next) {
+        S->linked = 0;
+        S->pool_next = NULL;
+    }
     pthread_mutex_unlock(&h->mu);
     /* Each freed state drops a host reference; ours keeps h alive until the end. */
     while (list) {
         hs_state *S = list;
         list = S->next;
         if (!atomic_exchange(&S->claimed, 1)) hs_state_teardown(S); /* else its thread did */
-        hs_thread_detach(S);
+        hs_thread_detach(S); /* no-op for a pooled state */
         hs_state_release(S); /* the host's listing */
     }
     hs_host_unref(h);
@@ -200,6 +208,8 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
     out->states = h->nstates;
     out->compilations = h->compilations;
     out->generation = LOAD(h->gen);
+    out->pooled = h->npooled;
+    out->pool_hits = h->pool_hits;
     pthread_mutex_unlock(&h->mu);
     out->fires = sum->fires;
     out->errors = sum->errors;

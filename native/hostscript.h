@@ -66,6 +66,7 @@ typedef struct hs_config {
     int sandbox;                /* 1: safe stdlib only and strict globals */
     const char *const *lua_path; /* directories searched by require for NAME.lua */
     int nlua_path;
+    int state_pool;             /* idle states kept for new threads when theirs end; 0: none */
 } hs_config;
 
 typedef struct hs_hook_stats {
@@ -77,10 +78,12 @@ typedef struct hs_stats {
     uint64_t rehydrations;  /* scripts loaded from bytecode into thread states */
     uint64_t releases;      /* fires that ran long enough to release the host's lock */
     uint64_t compilations;  /* scripts and modules compiled from source */
-    uint64_t states;        /* thread states alive */
+    uint64_t states;        /* Lua states alive (the pooled ones included) */
     uint64_t heap_bytes;    /* Lua heap over all live states */
     uint64_t heap_max;      /* largest heap of one live state */
     uint64_t generation;    /* program version */
+    uint64_t pooled;        /* idle states in the pool now (hs_config.state_pool) */
+    uint64_t pool_hits;     /* new threads that took a pooled state instead of creating one */
 } hs_stats;
 
 /* Host: create with a config (copied), free when no fire is running. NULL + err on bad config. */

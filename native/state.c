@@ -2,10 +2,13 @@
  * state.c — the per-thread Lua state: creation, the counting allocator, running a
  * script's chunk, and rehydration from the published program.
  *
- * A worker state is created on a thread's first fire and listed both by its host
- * and by its thread (thread.c); it is closed when the thread ends or when the host
- * is freed, whichever comes first. A "scratch" state is the same thing used once by
- * hs_load to validate a script; it is in neither list.
+ * A worker state is created on a thread's first fire (unless the host's pool has
+ * an idle one to give) and listed both by its host and by its thread (thread.c).
+ * When the thread ends it goes to the host's pool, if there is room, to serve the
+ * next new thread with its program, classes and module-level locals as they were;
+ * otherwise it is closed then, or when the host is freed, whichever comes first.
+ * A "scratch" state is the same thing used once by hs_load to validate a script;
+ * it is in neither list.
  *
  * Rehydration (on the first fire after the program generation changed) loads the
  * bytecode of new or changed scripts only — unchanged scripts keep their class,
@@ -316,7 +319,7 @@ static void state_free(hs_state *S) {
     if (T) hs_thread_unref(T);
 }
 
-/* Drop one of a worker state's two listings; the last one frees it. */
+/* Drop one of a worker state's listings (thread.c); the last one frees it. */
 void hs_state_release(hs_state *S) {
     if (atomic_fetch_sub(&S->refs, 1) == 1) state_free(S);
 }

@@ -98,6 +98,9 @@ def exercise_hostscript(engine, nthreads=2, nfires=200):
         host.load(SCRIPT, name="clash.lua")
         results = {}
         errors = []
+        # no thread ends before the others are done: an ended thread's state would go
+        # to the host's pool and serve another thread, module-level locals included
+        all_done = threading.Barrier(nthreads)
 
         def worker(k):
             try:
@@ -113,6 +116,11 @@ def exercise_hostscript(engine, nthreads=2, nfires=200):
                 results[k] = last
             except BaseException as exc:  # reported in the output, asserted by the test
                 errors.append(repr(exc))
+            finally:
+                try:
+                    all_done.wait(120)
+                except threading.BrokenBarrierError:
+                    errors.append("a worker did not finish")
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
         for t in threads:

@@ -284,7 +284,7 @@ def test_lua_path_modules_can_be_required(make_host, lua_dir):
 
 
 def test_module_required_at_load_time_is_compiled_once(make_host, lua_dir):
-    host = make_host(lua_path=[lua_dir])
+    host = make_host(lua_path=[lua_dir], state_pool=0)  # three threads, three fresh states
     assert host.stats()["compilations"] == 0
     host.load(USES_MODULES, name="m.lua")
     # the script and its two modules

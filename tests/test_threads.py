@@ -97,7 +97,7 @@ return C
 # ---- compile once, rehydrate elsewhere ----
 
 def test_other_thread_rehydrates_bytecode_without_compiling(make_host):
-    host = make_host()
+    host = make_host(state_pool=0)  # every thread a fresh state (test_pool.py: pooled ones)
     host.load(COUNTER % {"key": "a"}, name="a.lua")
     host.load(COUNTER % {"key": "b"}, name="b.lua")
     host.load("local C = {} function C:on_send_response(txn) txn.ctx.c = 1 end return C",
@@ -285,7 +285,7 @@ def test_concurrent_fires_never_see_half_a_reload(make_host):
 # ---- txn.ctx crosses threads ----
 
 def test_ctx_set_on_one_thread_is_read_on_another(make_host):
-    host = make_host()
+    host = make_host(state_pool=0)  # B must not take over A's state once A ended
     host.load("""
 local token = tostring({})   -- differs per thread state
 local C = {}
@@ -390,7 +390,7 @@ return C
 # ---- states follow threads ----
 
 def test_states_of_short_lived_threads_are_freed(make_host):
-    host = make_host()
+    host = make_host(state_pool=0)  # closed at thread end (test_pool.py: pooled)
     host.load(COUNTER % {"key": "n"}, name="a.lua")
     host.load("local C = {} function C:on_read_request(txn) txn.ctx.big = string.rep('x', 1000) end "
               "return C", name="b.lua")
@@ -423,7 +423,7 @@ def test_states_of_short_lived_threads_are_freed(make_host):
 
 
 def test_states_count_live_threads_only(make_host):
-    host = make_host()
+    host = make_host(state_pool=0)  # a pool would keep the ended threads' states
     host.load(COUNTER % {"key": "n"}, name="a.lua")
     workers = [Worker() for _ in range(4)]
     try:
@@ -445,8 +445,9 @@ def test_states_count_live_threads_only(make_host):
 
 
 def test_two_hosts_in_one_thread_have_separate_states(make_host):
-    h1 = make_host()
-    h2 = make_host()
+    # no pool: the main thread's fire below must get a fresh state, not the thread's
+    h1 = make_host(state_pool=0)
+    h2 = make_host(state_pool=0)
     h1.load(COUNTER % {"key": "n"}, name="counter.lua")
     h2.load(COUNTER % {"key": "n"}, name="counter.lua")
 
@@ -482,7 +483,7 @@ def test_close_with_idle_worker_threads_then_threads_end(make_host, engine):
             workers[0].call(lambda: host.fire("read_request", Transaction()))
 
         # a new host (possibly reusing the old thread-key slot) works in those threads
-        host2 = make_host(hooks=("read_request",))
+        host2 = make_host(hooks=("read_request",), state_pool=0)  # states close at thread end
         host2.load(COUNTER % {"key": "m"}, name="b.lua")
         for w in workers:
             assert w.call(lambda: dict(fire_ok(host2).ctx)) == {"m": 1}
