@@ -1,10 +1,10 @@
 """What a new thread costs: its first fire (R4), the Lua heap its state holds, and the
 process RSS over many short-lived threads that each serve one request.
 
-hostscript gives each thread that fires its own Lua state. Without a state pool the
-thread's first fire creates that state and rehydrates the loaded scripts from
-bytecode; with one (``Host(state_pool=N)``, added by another branch) it takes a
-ready state. Builds without the keyword report the pooled figures as n/a.
+hostscript gives each thread that fires its own Lua state. Without a state pool
+(``Host(state_pool=0)``) the thread's first fire creates that state and rehydrates
+the loaded scripts from bytecode; with one (the default, ``state_pool=16``) it takes
+over the idle state of a thread that ended.
 """
 from __future__ import annotations
 
@@ -20,30 +20,14 @@ from hostscript import Host, Transaction
 from .contestants import HostscriptContestant, LupaContestant
 from .workloads import METHOD, REQUEST_HEADERS, URI, Workload
 
-NO_POOL_REASON = "no state pool in this build"
-
-
-class NoStatePool(Exception):
-    """Host() rejects the state_pool keyword: this build has no state pool."""
-
-
 def hostscript_with_pool(engine: str, workload: Workload, state_pool: int) -> HostscriptContestant:
-    """A hostscript contestant whose host has a pool of STATE_POOL states (0: none).
-    A build without pools has no pool anyway, so state_pool=0 falls back to Host()'s
-    defaults; asking such a build for a pool raises NoStatePool."""
-    try:
-        return HostscriptContestant(engine, workload, state_pool=state_pool)
-    except TypeError as exc:
-        if "state_pool" not in str(exc):
-            raise
-    if state_pool == 0:
-        return HostscriptContestant(engine, workload)
-    raise NoStatePool(NO_POOL_REASON)
+    """A hostscript contestant whose host keeps up to STATE_POOL idle states (0: none)."""
+    return HostscriptContestant(engine, workload, state_pool=state_pool)
 
 
 def pool_hits(host: Host) -> int:
-    """stats()["pool_hits"], 0 when the build does not count them."""
-    return int(host.stats().get("pool_hits", 0))
+    """New threads that took over a pooled state so far."""
+    return int(host.stats()["pool_hits"])
 
 
 def in_new_thread(fn: Callable[[], Any]) -> Any:

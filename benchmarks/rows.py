@@ -181,31 +181,22 @@ def first_fire_row(engine: str, counts: Counts) -> Row:
         measures: Dict[str, Callable[[], float]] = {
             "host.load": lambda: new_threads.load_ns(loader.host, big.lua, "big.lua"),
             "no pool": lambda: new_threads.first_fire_ns(unpooled.host)}
-        pooled: Optional[cs.HostscriptContestant] = None
-        pool_reason = ""
-        try:
-            pooled = hostscript(STATE_POOL)
-        except new_threads.NoStatePool as exc:
-            pool_reason = str(exc)
-        else:
-            pool_host = pooled.host
-            measures["state pool"] = lambda: new_threads.first_fire_ns(pool_host)
+        pooled = hostscript(STATE_POOL)
+        measures["state pool"] = lambda: new_threads.first_fire_ns(pooled.host)
         if not cs.lupa_unavailable(engine):
             lupa = cs.LupaContestant(engine, big)
             measures["lupa new runtime"] = lambda: new_threads.lupa_first_fire_ns(lupa)
-        hits_before = new_threads.pool_hits(pooled.host) if pooled else 0
+        hits_before = new_threads.pool_hits(pooled.host)
         samples = interleave(measures, counts.first_fire_rounds)
-        hits = new_threads.pool_hits(pooled.host) - hits_before if pooled else 0
+        hits = new_threads.pool_hits(pooled.host) - hits_before
     med = medians(samples)
     load, first = med["host.load"], med["no pool"]
     pooled_ns = med.get("state pool")
-    pool_note = (f"state pool: {pool_reason}" if pool_reason else
-                 f"state pool of {STATE_POOL}: {hits} pool hits in {counts.first_fire_rounds} first fires")
+    pool_note = f"state pool of {STATE_POOL}: {hits} pool hits in {counts.first_fire_rounds} first fires"
     return Row(engine, "first-fire", "R4 first fire on a new thread (200 lines)", "ns", first,
                {"with state pool": pooled_ns, "host.load": load,
                 "lupa new runtime": med.get("lupa new runtime")},
-               [Check("pooled first fire / host.load", ratio(pooled_ns, load), "<=", 0.05,
-                      na=pool_reason),
+               [Check("pooled first fire / host.load", ratio(pooled_ns, load), "<=", 0.05),
                 Check("first fire without pool / host.load", ratio(first, load))],
                notes(pool_note, lupa_note(engine)), all_rounds(samples))
 

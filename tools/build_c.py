@@ -3,7 +3,7 @@
 The program is linked with native/*.c, the embedded Lua library (generated next to
 the output by tools/embed_lua.py) and the position-independent static Lua of
 build/lua/<engine>/ (tools/build-lua.sh). Used by tests/test_c_embed.py,
-tests/test_sanitizers.py and hostscript/bench.py:
+tests/test_sanitizers.py, tests/test_txn_entry_points.py and benchmarks/native.py:
 
     python tools/build_c.py ENGINE OUTPUT SOURCE.c [CFLAG ...]
 

@@ -93,7 +93,7 @@ int main(int argc, char **argv) {
     if (!L) return fail("cannot create the bare Lua state");
 
     const char *hooks[] = {"read_request"};
-    hs_config cfg = {hooks, 1, 0, 0, 1, NULL, 0}; /* as Host() by default: no limits, sandbox */
+    hs_config cfg = {hooks, 1, 0, 0, 1, NULL, 0}; /* no limits, sandbox on, no state pool */
     hs_error err;
     hs_host *h = hs_host_new(&cfg, &err);
     if (!h) return fail(err.message);
