@@ -13,7 +13,7 @@ all: install
 deps:
 	sh tools/install-deps.sh
 
-$(LUA_LIBS): tools/build-lua.sh
+$(LUA_LIBS): tools/build-lua.sh $(wildcard tools/patches/*.patch)
 	sh tools/install-deps.sh
 	sh tools/build-lua.sh
 

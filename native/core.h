@@ -36,6 +36,9 @@
 #define HS_HOOK_COUNT 1000          /* instructions between time-limit checks */
 #define HS_ERRH_SLACK (256 << 10)   /* heap allowed over the limit while reporting an error */
 #define HS_LOGS_MAX (64 << 10)      /* log bytes kept per fire */
+#define HS_CSTACK_MARGIN (48 << 10) /* C stack kept free below the deepest Lua may go */
+#define HS_CSTACK_ERRROOM (16 << 10) /* ...of which error handlers may use this much */
+#define HS_CSTACK_MIN (128 << 10)   /* the smallest thread stack supported */
 
 enum { HS_HOOK_OBSERVE_ONLY = 1 }; /* hook flags: "log" may not answer the request */
 
@@ -127,6 +130,8 @@ struct hs_state {
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
     uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this state's fire time per hook */
     int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
+    uintptr_t cstack_floor; /* C recursion stops above this address (limits.c); 0: unchecked */
+    int cstack_tripped;     /* "C stack overflow" raised; its handlers run below the floor */
 
     /* memory accounting (counting allocator) */
     _Atomic size_t heap;
@@ -152,18 +157,36 @@ hs_state *hs_thread_state(hs_host *h, hs_error **err);
 hs_state *hs_thread_peek(hs_host *h);                  /* this thread's, or NULL */
 void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list, if any */
 void hs_thread_unref(hs_thread *T);
-int hs_state_rehydrate(hs_state *S);                    /* 0 ok; -1 with S->err set */
+
+/* ---- state.c ---- */
 /* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
 int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
                  const char *script);
 /* Run the chunk on top of the stack in the state's environment; leaves the class. */
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
 int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);
-uint64_t hs_now_ns(void); /* clock.c */
+
+/* ---- rehydrate.c ---- */
+int hs_state_rehydrate(hs_state *S); /* 0 ok; -1 with S->err set */
+
+/* ---- clock.c ---- */
+uint64_t hs_now_ns(void);
 void hs_clock_init(void);
+
+/* ---- limits.c ---- */
+void *hs_limits_alloc(void *ud, void *ptr, size_t osize, size_t nsize); /* the lua_Alloc, ud = S */
+void hs_limits_install(hs_state *S); /* the count hook, when the host has a time limit */
+/* Before running Lua on this thread: note where its C stack ends; -1 (ERR set) when
+ * too little is left to run safely. */
+int hs_limits_enter(hs_state *S, hs_error *err);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
 void hs_state_release_host(hs_state *S); /* call the host's release callback, once per fire */
 void hs_state_end_deadline(hs_state *S);
+/* Called by the patched engine libraries (tools/patches/). */
+void hs_engine_checkin(lua_State *L);
+int hs_engine_cstack(lua_State *L);
+
+/* ---- errors.c ---- */
 void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...);
 void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int handled);
 

@@ -132,6 +132,10 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook], "no transaction to fire on");
         return HS_ERROR;
     }
+    if (hs_limits_enter(S, &S->err) != 0) {
+        snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
+        return HS_ERROR;
+    }
     if (atomic_exchange_explicit(&t->busy, 1, memory_order_acquire)) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook],
                      "the transaction is in use: another fire is running on it");
@@ -153,6 +157,7 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
         }
     }
     if (S->hooks[hook].n == 0) { /* nothing to run, nothing worth timing */
+        S->cstack_floor = 0;
         atomic_store_explicit(&t->busy, 0, memory_order_release);
         return HS_CONTINUE | (S->logs.len ? HS_CH_LOGS << 2 : 0);
     }
@@ -169,6 +174,7 @@ done:;
         BUMP(S->c.hook_errors[hook]);
     }
     unsigned changed = t->changed | (S->logs.len ? HS_CH_LOGS : 0);
+    S->cstack_floor = 0; /* only this thread's fire may compare against it */
     atomic_store_explicit(&t->busy, 0, memory_order_release); /* the last touch of t */
     return status | (int)(changed << 2);
 }

@@ -35,6 +35,13 @@ static void check_phase(lua_State *L, hs_state *S, const char *api, unsigned for
 int hs_lapi_errh(lua_State *L) {
     hs_state *S = STATE(L);
     S->in_errh = 1;
+    if (!lua_checkstack(L, LUA_MINSTACK)) { /* a Lua stack overflow: no room to build more */
+        snprintf(S->err.message, sizeof S->err.message, "%s",
+                 lua_type(L, 1) == LUA_TSTRING ? lua_tostring(L, 1) : "stack overflow");
+        snprintf(S->err.traceback, sizeof S->err.traceback, "(no traceback: the Lua stack is full)");
+        S->in_errh = 0;
+        return 1;
+    }
     if (S->abort == HS_ERR_TIMEOUT) {
         snprintf(S->err.message, sizeof S->err.message, "time limit exceeded");
     } else if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER) {

@@ -165,7 +165,7 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
     hs_buf bc = {0};
     hs_script *s = NULL;
     hs_state *S = hs_state_new(h, 1, err);
-    if (!S) goto done;
+    if (!S || hs_limits_enter(S, err) != 0) goto done;
     uint64_t mask = 0;
     if (compile(S, name, src, len, &bc, &mask, err) != 0) goto done;
 

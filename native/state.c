@@ -1,6 +1,7 @@
 /*
- * state.c — the per-thread Lua state: creation, the counting allocator, running a
- * script's chunk, and rehydration from the published program.
+ * state.c — the per-thread Lua state: creation and teardown, protected calls, and
+ * running a script's chunk into a handler class. Its limits live in limits.c, its
+ * rehydration from the published program in rehydrate.c.
  *
  * A worker state is created on a thread's first fire (unless the host's pool has
  * an idle one to give) and listed both by its host and by its thread (thread.c).
@@ -9,155 +10,13 @@
  * otherwise it is closed then, or when the host is freed, whichever comes first.
  * A "scratch" state is the same thing used once by hs_load to validate a script;
  * it is in neither list.
- *
- * Rehydration (on the first fire after the program generation changed) loads the
- * bytecode of new or changed scripts only — unchanged scripts keep their class,
- * instance and module-level locals — then rebuilds the per-hook handler cache.
- * It is two-phase: everything new is built first; only if all of it succeeded is
- * it swapped in, so a thread never runs half of a program.
  */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "core.h"
-
-void hs_error_set(hs_error *e, int kind, const char *script, const char *hook, const char *fmt, ...) {
-    e->kind = kind;
-    e->line = 0;
-    snprintf(e->script, sizeof e->script, "%s", script ? script : "");
-    snprintf(e->hook, sizeof e->hook, "%s", hook ? hook : "");
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    e->traceback[0] = 0;
-}
-
-/* The line of "chunk:LINE: message" — Lua may shorten a long chunk name to
- * "...tail", so look for the first ":digits:" rather than for the name. */
-static int line_of(const char *msg) {
-    for (const char *p = strchr(msg, ':'); p; p = strchr(p + 1, ':')) {
-        const char *d = p + 1;
-        while (*d >= '0' && *d <= '9') d++;
-        if (d > p + 1 && *d == ':') return atoi(p + 1);
-    }
-    return 0;
-}
-
-/* Lua shortens a long chunk name to "...tail"; put the whole script name back in
- * front of "...tail:LINE: message" so the operator sees which file it was. */
-static void expand_chunkname(char *msg, size_t cap, const char *script) {
-    if (strncmp(msg, "...", 3) != 0) return;
-    const char *colon = strchr(msg + 3, ':');
-    while (colon && !(colon[1] >= '0' && colon[1] <= '9')) colon = strchr(colon + 1, ':');
-    if (!colon) return;
-    size_t tail = (size_t)(colon - (msg + 3)), slen = strlen(script);
-    if (tail > slen || strncmp(script + slen - tail, msg + 3, tail) != 0) return;
-    char out[1024];
-    snprintf(out, sizeof out, "%s%s", script, colon);
-    snprintf(msg, cap, "%s", out);
-}
-
-/* Fill E from a failed lua_pcall (rc) whose error value is on top. HANDLED: the call
- * ran with the message handler (lapi_hs.c), which stored message and traceback in
- * S->err; otherwise S->err is not looked at (it may hold another call's error). */
-void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int handled) {
-    lua_State *L = S->L;
-    int kind = HS_ERR_RUNTIME;
-    char msg[sizeof e->message];
-    const char *sep = *script ? ": " : "";
-    if (rc == LUA_ERRMEM || S->mem_refused) {
-        kind = HS_ERR_MEMORY;
-        snprintf(msg, sizeof msg, "%s%smemory limit exceeded (%zu bytes per state)", script, sep,
-                 S->heap_limit);
-    } else if (S->abort == HS_ERR_TIMEOUT) {
-        kind = HS_ERR_TIMEOUT;
-        snprintf(msg, sizeof msg, "%s%stime limit exceeded (%g s)", script, sep, S->host->time_limit);
-    } else if (handled && S->err.message[0]) {
-        snprintf(msg, sizeof msg, "%s", S->err.message);
-    } else {
-        const char *m = lua_tostring(L, -1);
-        snprintf(msg, sizeof msg, "%s", m ? m : "(error object is not a string)");
-    }
-    expand_chunkname(msg, sizeof msg, script);
-    char tb[sizeof e->traceback];
-    snprintf(tb, sizeof tb, "%s", handled ? S->err.traceback : "");
-    e->kind = kind;
-    snprintf(e->script, sizeof e->script, "%s", script);
-    memcpy(e->message, msg, sizeof msg);
-    memcpy(e->traceback, tb, sizeof tb);
-    e->line = line_of(e->message);
-    if (kind == HS_ERR_MEMORY) lua_gc(L, LUA_GCCOLLECT, 0);
-}
-
-/* ---- counting allocator ---- */
-
-static void *hs_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
-    hs_state *S = ud;
-    size_t old = ptr ? osize : 0;
-    size_t heap = atomic_load_explicit(&S->heap, memory_order_relaxed);
-    if (nsize == 0) {
-        free(ptr);
-        atomic_store_explicit(&S->heap, heap - old, memory_order_relaxed);
-        return NULL;
-    }
-    if (S->heap_limit && nsize > old) {
-        size_t limit = S->heap_limit + (S->in_errh ? HS_ERRH_SLACK : 0);
-        if (heap + (nsize - old) > limit) {
-            S->mem_refused = 1;
-            return NULL;
-        }
-    }
-    void *p = realloc(ptr, nsize);
-    if (p) atomic_store_explicit(&S->heap, heap - old + nsize, memory_order_relaxed);
-    return p;
-}
-
-/* ---- time limit ---- */
-
-static void count_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
-    void *ud;
-    lua_getallocf(L, &ud);
-    hs_state *S = ud;
-    if (!S->release_at_ns && !S->deadline_ns) return;
-    uint64_t now = hs_now_ns();
-    if (S->release_at_ns && now >= S->release_at_ns) hs_state_release_host(S);
-    if (!S->deadline_ns) return;
-    if (!S->abort && now < S->deadline_ns) return;
-    if (!S->abort) {
-        /* From now on fail at every instruction, so no pcall loop can outlast us. */
-        S->abort = HS_ERR_TIMEOUT;
-        lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
-    }
-    luaL_error(L, "time limit exceeded");
-}
-
-/* The fire runs long: let the host's other threads go on (hostscript.h). */
-void hs_state_release_host(hs_state *S) {
-    S->release_at_ns = 0;
-    S->host->release();
-    atomic_store_explicit(&S->c.releases,
-                          atomic_load_explicit(&S->c.releases, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-}
-
-void hs_state_deadline(hs_state *S, uint64_t start_ns) {
-    if (S->host->time_limit <= 0) return;
-    S->deadline_ns = start_ns + (uint64_t)(S->host->time_limit * 1e9);
-}
-
-void hs_state_end_deadline(hs_state *S) {
-    S->deadline_ns = 0;
-    if (S->abort) {
-        S->abort = 0;
-        lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
-    }
-    S->mem_refused = 0;
-}
 
 /* ---- protected helpers: every Lua call outside a fire goes through here ---- */
 
@@ -242,7 +101,7 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     S->slot = -1;
     S->hooks = calloc(h->nhooks, sizeof *S->hooks);
     if (!S->hooks) goto nomem;
-    S->L = lua_newstate(hs_alloc, S);
+    S->L = lua_newstate(hs_limits_alloc, S);
     if (!S->L) goto nomem;
     if (hs_protected(S, init_body, NULL, err, "") != 0) {
         char msg[sizeof err->message];
@@ -263,7 +122,7 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     S->heap_limit = h->memory_limit;
     lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->errh_ref); /* HS_STACK_ERRH */
     lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->txn_ref);  /* HS_STACK_TXN */
-    if (h->time_limit > 0) lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
+    hs_limits_install(S);
     if (scratch) {
         S->prog = hs_prog_acquire(h);
     } else {
@@ -436,137 +295,3 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     return 0;
 }
 
-/* ---- rehydration ---- */
-
-typedef struct rehydration {
-    hs_prog *p;
-    hs_slot *slots;         /* p->nscripts; class_ref/self_ref >= 0 */
-    char *fresh;            /* slots[i] made here (not shared with the old ones) */
-    hs_hookcache *hooks;    /* nhooks */
-    int nloaded;
-} rehydration;
-
-static void rehydration_undo(hs_state *S, rehydration *r) {
-    lua_State *L = S->L;
-    for (int i = 0; r->slots && i < r->p->nscripts; i++)
-        if (r->fresh[i] && r->slots[i].class_ref) {
-            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
-            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].self_ref);
-        }
-    for (int hk = 0; r->hooks && hk < S->host->nhooks; hk++) {
-        for (int j = 0; j < r->hooks[hk].n; j++) luaL_unref(L, LUA_REGISTRYINDEX, r->hooks[hk].items[j].fn_ref);
-        free(r->hooks[hk].items);
-    }
-    free(r->slots);
-    free(r->fresh);
-    free(r->hooks);
-}
-
-static int rehydrate_body(hs_state *S, void *arg) {
-    rehydration *r = arg;
-    lua_State *L = S->L;
-    hs_host *h = S->host;
-    hs_prog *p = r->p;
-    for (int i = 0; i < p->nscripts; i++) {
-        hs_script *s = p->scripts[i];
-        int old = -1;
-        for (int j = 0; j < S->nslots; j++)
-            if (S->slots[j].script == s) old = j;
-        r->slots[i].script = s;
-        if (old >= 0) {
-            r->slots[i].class_ref = S->slots[old].class_ref;
-            r->slots[i].self_ref = S->slots[old].self_ref;
-            continue;
-        }
-        int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
-        if (rc != 0) {
-            hs_error_from_lua(S, &S->err, rc, s->name, 0);
-            return -1;
-        }
-        if (hs_state_run_chunk(S, s->name, &S->err) != 0) return -1;
-        r->fresh[i] = 1;
-        r->slots[i].self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        r->slots[i].class_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        r->nloaded++;
-    }
-    for (int hk = 0; hk < h->nhooks; hk++) {
-        int n = 0;
-        for (int i = 0; i < p->nscripts; i++) n += (p->scripts[i]->hookmask >> hk) & 1;
-        if (!n) continue;
-        r->hooks[hk].items = calloc(n, sizeof *r->hooks[hk].items);
-        if (!r->hooks[hk].items) return luaL_error(L, "not enough memory");
-        for (int i = 0; i < p->nscripts; i++) {
-            if (!((p->scripts[i]->hookmask >> hk) & 1)) continue;
-            lua_rawgeti(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
-            lua_pushfstring(L, "on_%s", h->hooks[hk]);
-            lua_gettable(L, -2);
-            hs_handler *it = &r->hooks[hk].items[r->hooks[hk].n];
-            it->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-            it->self_ref = r->slots[i].self_ref;
-            it->slot = i;
-            r->hooks[hk].n++;
-            lua_pop(L, 1);
-        }
-    }
-    return 0;
-}
-
-int hs_state_rehydrate(hs_state *S) {
-    hs_host *h = S->host;
-    lua_State *L = S->L;
-    rehydration r = {0};
-    r.p = hs_prog_acquire(h);
-    r.slots = calloc(r.p->nscripts + 1, sizeof *r.slots);
-    r.fresh = calloc(r.p->nscripts + 1, 1);
-    r.hooks = calloc(h->nhooks, sizeof *r.hooks);
-    if (!r.slots || !r.fresh || !r.hooks) {
-        hs_error_set(&S->err, HS_ERR_MEMORY, "", "", "out of memory preparing scripts");
-        rehydration_undo(S, &r);
-        hs_prog_release(r.p);
-        return -1;
-    }
-    S->modprog = r.p;
-    int failed = hs_protected(S, rehydrate_body, &r, &S->err, "") != 0;
-    S->modprog = NULL;
-    if (failed) {
-        char msg[sizeof S->err.message];
-        snprintf(msg, sizeof msg, "%s", S->err.message);
-        snprintf(S->err.message, sizeof S->err.message,
-                 "cannot prepare the program on this thread: %.970s", msg);
-        rehydration_undo(S, &r);
-        hs_prog_release(r.p);
-        return -1;
-    }
-    int had_program = S->nslots > 0;
-    /* Swap in: drop what the new program no longer uses. */
-    for (int j = 0; j < S->nslots; j++) {
-        int kept = 0;
-        for (int i = 0; i < r.p->nscripts; i++)
-            if (!r.fresh[i] && r.slots[i].script == S->slots[j].script) kept = 1;
-        if (!kept) {
-            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].class_ref);
-            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].self_ref);
-        }
-    }
-    for (int hk = 0; hk < h->nhooks; hk++) {
-        for (int j = 0; j < S->hooks[hk].n; j++)
-            luaL_unref(L, LUA_REGISTRYINDEX, S->hooks[hk].items[j].fn_ref);
-        free(S->hooks[hk].items);
-        S->hooks[hk] = r.hooks[hk];
-    }
-    free(r.hooks);
-    /* script references: the state keeps its own on each slot's script */
-    for (int i = 0; i < r.p->nscripts; i++) atomic_fetch_add(&r.slots[i].script->refs, 1);
-    for (int j = 0; j < S->nslots; j++)
-        hs_script_release(S->slots[j].script);
-    free(S->slots);
-    free(r.fresh);
-    S->slots = r.slots;
-    S->nslots = r.p->nscripts;
-    hs_prog_release(S->prog);
-    S->prog = r.p;
-    S->gen = r.p->gen;
-    atomic_fetch_add_explicit(&S->c.rehydrations, r.nloaded, memory_order_relaxed);
-    if (had_program) lua_gc(L, LUA_GCCOLLECT, 0); /* old classes are garbage now */
-    return 0;
-}

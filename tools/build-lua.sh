@@ -6,6 +6,12 @@
 # pkg-config found (liblua5.4-dev, libluajit2-5.1-dev), with -fPIC, into build/lua/:
 #   build/lua/lua54/{include,liblua.a}   build/lua/luajit/{include,libluajit.a}
 # The engine modules link these with --exclude-libs=ALL, so no lua_* symbol is exported.
+#
+# Each engine gets one small patch from tools/patches/ before it is compiled: its long
+# C loops (pattern matching, string.rep, table.move/concat) check in with hostscript's
+# time limit, and C code calling back into Lua checks the thread's C stack
+# (native/limits.c has the other half). An archive built from other patches — or
+# none — is rebuilt.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/build/lua"
@@ -36,8 +42,18 @@ fetch() { # fetch <binary package> -> prints the unpacked source directory
     echo "$dir"
 }
 
-if [ ! -f "$out/lua54/liblua.a" ]; then
-    d=$(fetch liblua5.4-dev)
+# patched <engine> <unpacked source dir> -> prints a patched copy under build/lua/
+patched() {
+    copy="$out/$1-src"
+    rm -rf "$copy" && cp -r "$2" "$copy"
+    patch -s -p1 -d "$copy" < "$root/tools/patches/$1-limits.patch" || need "tools/patches/$1-limits.patch does not apply to $(basename "$2")"
+    echo "$copy"
+}
+
+stamp_of() { cat "$root/tools/patches/$1-limits.patch" "$0" | cksum | cut -d' ' -f1; }
+
+if [ ! -f "$out/lua54/liblua.a" ] || [ "$(cat "$out/lua54/patch.stamp" 2>/dev/null)" != "$(stamp_of lua54)" ]; then
+    d=$(patched lua54 "$(fetch liblua5.4-dev)")
     rm -rf "$out/lua54" && mkdir -p "$out/lua54/include" "$out/lua54/obj"
     for f in "$d"/src/*.c; do
         case $(basename "$f") in lua.c|luac.c) continue ;; esac
@@ -45,16 +61,18 @@ if [ ! -f "$out/lua54/liblua.a" ]; then
     done | xargs -P "$jobs" -I{} sh -c 'gcc -O2 -fPIC -DLUA_COMPAT_5_3 -DLUA_USE_POSIX -c "$1" -o "$2/obj/$(basename "$1" .c).o"' _ {} "$out/lua54"
     ar rcs "$out/lua54/liblua.a" "$out"/lua54/obj/*.o
     cp "$d"/src/lua.h "$d"/src/luaconf.h "$d"/src/lualib.h "$d"/src/lauxlib.h "$out/lua54/include/"
-    echo "hostscript: built $out/lua54/liblua.a from $(basename "$d")"
+    stamp_of lua54 > "$out/lua54/patch.stamp"
+    echo "hostscript: built $out/lua54/liblua.a from $(basename "$d") (patched)"
 fi
 
-if [ ! -f "$out/luajit/libluajit.a" ]; then
-    d=$(fetch libluajit2-5.1-dev)
+if [ ! -f "$out/luajit/libluajit.a" ] || [ "$(cat "$out/luajit/patch.stamp" 2>/dev/null)" != "$(stamp_of luajit)" ]; then
+    d=$(patched luajit "$(fetch libluajit2-5.1-dev)")
     make -s -C "$d/src" -j"$jobs" clean >/dev/null 2>&1 || true
     make -s -C "$d/src" -j"$jobs" libluajit.a BUILDMODE=static CFLAGS="-fPIC" >/dev/null
     rm -rf "$out/luajit" && mkdir -p "$out/luajit/include"
     cp "$d/src/libluajit.a" "$out/luajit/"
     cp "$d"/src/lua.h "$d"/src/luaconf.h "$d"/src/lualib.h "$d"/src/lauxlib.h "$d"/src/luajit.h "$out/luajit/include/"
     [ -f "$d/src/lua.hpp" ] && cp "$d/src/lua.hpp" "$out/luajit/include/" || true
-    echo "hostscript: built $out/luajit/libluajit.a from $(basename "$d")"
+    stamp_of luajit > "$out/luajit/patch.stamp"
+    echo "hostscript: built $out/luajit/libluajit.a from $(basename "$d") (patched)"
 fi

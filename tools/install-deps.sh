@@ -3,7 +3,7 @@
 # the Lua dev packages pkg-config finds, a compiler, and deb-src entries so that
 # tools/build-lua.sh can fetch the matching Lua sources. Runs apt only as root.
 set -eu
-pkgs="liblua5.4-dev libluajit2-5.1-dev pkg-config dpkg-dev gcc make python3-venv"
+pkgs="liblua5.4-dev libluajit2-5.1-dev pkg-config dpkg-dev gcc make patch python3-venv"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,0 +1,147 @@
+/*
+ * rehydrate.c — bringing a thread state up to the published program.
+ *
+ * Rehydration (on the first fire after the program generation changed) loads the
+ * bytecode of new or changed scripts only — unchanged scripts keep their class,
+ * instance and module-level locals — then rebuilds the per-hook handler cache.
+ * It is two-phase: everything new is built first; only if all of it succeeded is
+ * it swapped in, so a thread never runs half of a program.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+typedef struct rehydration {
+    hs_prog *p;
+    hs_slot *slots;         /* p->nscripts; class_ref/self_ref >= 0 */
+    char *fresh;            /* slots[i] made here (not shared with the old ones) */
+    hs_hookcache *hooks;    /* nhooks */
+    int nloaded;
+} rehydration;
+
+static void rehydration_undo(hs_state *S, rehydration *r) {
+    lua_State *L = S->L;
+    for (int i = 0; r->slots && i < r->p->nscripts; i++)
+        if (r->fresh[i] && r->slots[i].class_ref) {
+            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
+            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].self_ref);
+        }
+    for (int hk = 0; r->hooks && hk < S->host->nhooks; hk++) {
+        for (int j = 0; j < r->hooks[hk].n; j++) luaL_unref(L, LUA_REGISTRYINDEX, r->hooks[hk].items[j].fn_ref);
+        free(r->hooks[hk].items);
+    }
+    free(r->slots);
+    free(r->fresh);
+    free(r->hooks);
+}
+
+static int rehydrate_body(hs_state *S, void *arg) {
+    rehydration *r = arg;
+    lua_State *L = S->L;
+    hs_host *h = S->host;
+    hs_prog *p = r->p;
+    for (int i = 0; i < p->nscripts; i++) {
+        hs_script *s = p->scripts[i];
+        int old = -1;
+        for (int j = 0; j < S->nslots; j++)
+            if (S->slots[j].script == s) old = j;
+        r->slots[i].script = s;
+        if (old >= 0) {
+            r->slots[i].class_ref = S->slots[old].class_ref;
+            r->slots[i].self_ref = S->slots[old].self_ref;
+            continue;
+        }
+        int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
+        if (rc != 0) {
+            hs_error_from_lua(S, &S->err, rc, s->name, 0);
+            return -1;
+        }
+        if (hs_state_run_chunk(S, s->name, &S->err) != 0) return -1;
+        r->fresh[i] = 1;
+        r->slots[i].self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        r->slots[i].class_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        r->nloaded++;
+    }
+    for (int hk = 0; hk < h->nhooks; hk++) {
+        int n = 0;
+        for (int i = 0; i < p->nscripts; i++) n += (p->scripts[i]->hookmask >> hk) & 1;
+        if (!n) continue;
+        r->hooks[hk].items = calloc(n, sizeof *r->hooks[hk].items);
+        if (!r->hooks[hk].items) return luaL_error(L, "not enough memory");
+        for (int i = 0; i < p->nscripts; i++) {
+            if (!((p->scripts[i]->hookmask >> hk) & 1)) continue;
+            lua_rawgeti(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
+            lua_pushfstring(L, "on_%s", h->hooks[hk]);
+            lua_gettable(L, -2);
+            hs_handler *it = &r->hooks[hk].items[r->hooks[hk].n];
+            it->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+            it->self_ref = r->slots[i].self_ref;
+            it->slot = i;
+            r->hooks[hk].n++;
+            lua_pop(L, 1);
+        }
+    }
+    return 0;
+}
+
+int hs_state_rehydrate(hs_state *S) {
+    hs_host *h = S->host;
+    lua_State *L = S->L;
+    rehydration r = {0};
+    r.p = hs_prog_acquire(h);
+    r.slots = calloc(r.p->nscripts + 1, sizeof *r.slots);
+    r.fresh = calloc(r.p->nscripts + 1, 1);
+    r.hooks = calloc(h->nhooks, sizeof *r.hooks);
+    if (!r.slots || !r.fresh || !r.hooks) {
+        hs_error_set(&S->err, HS_ERR_MEMORY, "", "", "out of memory preparing scripts");
+        rehydration_undo(S, &r);
+        hs_prog_release(r.p);
+        return -1;
+    }
+    S->modprog = r.p;
+    int failed = hs_protected(S, rehydrate_body, &r, &S->err, "") != 0;
+    S->modprog = NULL;
+    if (failed) {
+        char msg[sizeof S->err.message];
+        snprintf(msg, sizeof msg, "%s", S->err.message);
+        snprintf(S->err.message, sizeof S->err.message,
+                 "cannot prepare the program on this thread: %.970s", msg);
+        rehydration_undo(S, &r);
+        hs_prog_release(r.p);
+        return -1;
+    }
+    int had_program = S->nslots > 0;
+    /* Swap in: drop what the new program no longer uses. */
+    for (int j = 0; j < S->nslots; j++) {
+        int kept = 0;
+        for (int i = 0; i < r.p->nscripts; i++)
+            if (!r.fresh[i] && r.slots[i].script == S->slots[j].script) kept = 1;
+        if (!kept) {
+            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].class_ref);
+            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].self_ref);
+        }
+    }
+    for (int hk = 0; hk < h->nhooks; hk++) {
+        for (int j = 0; j < S->hooks[hk].n; j++)
+            luaL_unref(L, LUA_REGISTRYINDEX, S->hooks[hk].items[j].fn_ref);
+        free(S->hooks[hk].items);
+        S->hooks[hk] = r.hooks[hk];
+    }
+    free(r.hooks);
+    /* script references: the state keeps its own on each slot's script */
+    for (int i = 0; i < r.p->nscripts; i++) atomic_fetch_add(&r.slots[i].script->refs, 1);
+    for (int j = 0; j < S->nslots; j++)
+        hs_script_release(S->slots[j].script);
+    free(S->slots);
+    free(r.fresh);
+    S->slots = r.slots;
+    S->nslots = r.p->nscripts;
+    hs_prog_release(S->prog);
+    S->prog = r.p;
+    S->gen = r.p->gen;
+    atomic_fetch_add_explicit(&S->c.rehydrations, r.nloaded, memory_order_relaxed);
+    if (had_program) lua_gc(L, LUA_GCCOLLECT, 0); /* old classes are garbage now */
+    return 0;
+}
