@@ -106,9 +106,13 @@ static void seed_random(lua_State *L) {
     lua_pop(L, 1);
 }
 
-/* ---- pcall / xpcall that cannot catch the time limit ----
- * Written in Lua around the engine's own pcall/xpcall so that coroutines may still
- * yield inside them (a C wrapper would be a yield barrier on both engines). */
+/* ---- pcall / xpcall that cannot catch the time limit; coroutines bounded ----
+ * Written in Lua around the engine's own functions so that coroutines may still
+ * yield inside them (a C wrapper would be a yield barrier on both engines).
+ *
+ * Each nested coroutine.resume runs on the C stack of the thread that fires, and
+ * LuaJIT's resume never passes a check of the patched engine (it is assembly), so
+ * resume and wrap check the C stack themselves before resuming. */
 
 /* A message handler may run inside the time-limit hook with hooks off, so once
  * the limit fired, the user's handler is skipped rather than trusted to return. */
@@ -118,10 +122,20 @@ static const char wrap_pcall_src[] =
     "  if not ok and aborted() then error((...), 0) end\n"
     "  return ok, ...\n"
     "end\n"
+    "local resume, create, cstack = coroutine.resume, coroutine.create, select(5, ...)\n"
+    "local function rethrow(ok, ...)\n"
+    "  if not ok then error((...), 0) end\n"
+    "  return ...\n"
+    "end\n"
     "return function(f, ...) return finish(pcall(f, ...)) end,\n"
     "       function(f, h, ...)\n"
     "         local function guarded(e) if aborted() then return e end return h(e) end\n"
     "         return finish(xpcall(f, guarded, ...))\n"
+    "       end,\n"
+    "       function(co, ...) cstack() return resume(co, ...) end,\n"
+    "       function(f)\n"
+    "         local co = create(f)\n"
+    "         return function(...) cstack() return rethrow(resume(co, ...)) end\n"
     "       end\n";
 
 static int sb_aborted(lua_State *L) {
@@ -129,7 +143,13 @@ static int sb_aborted(lua_State *L) {
     return 1;
 }
 
-/* Replace G.pcall and G.xpcall. The wrapper is parsed once per host (by the state
+static int sb_cstack(lua_State *L) {
+    if (!hs_engine_cstack(L)) return 0;
+    lua_pushliteral(L, "C stack overflow: coroutines nested too deep"); /* no position: */
+    return lua_error(L); /* it would name the wrapper, not the script */
+}
+
+/* Replace G.pcall, G.xpcall, coroutine.resume and coroutine.wrap. The wrapper is parsed once per host (by the state
  * hs_host_new makes first, before any other thread can see the host) and loaded
  * from that bytecode afterwards: parsing it was a fifth of creating a state. */
 static void wrap_pcall(lua_State *L, hs_state *S, int G) {
@@ -146,7 +166,13 @@ static void wrap_pcall(lua_State *L, hs_state *S, int G) {
     lua_getfield(L, G, "error");
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, sb_aborted, 1);
-    lua_call(L, 4, 2);
+    lua_pushcfunction(L, sb_cstack);
+    lua_call(L, 5, 4);
+    lua_getfield(L, G, "coroutine");
+    lua_insert(L, -3);
+    lua_setfield(L, -3, "wrap");
+    lua_setfield(L, -2, "resume");
+    lua_pop(L, 1);
     lua_setfield(L, G, "xpcall");
     lua_setfield(L, G, "pcall");
 }
