@@ -142,6 +142,11 @@ int hs_ctx_encode(lua_State *L, int idx, hs_buf *out, char *err, size_t errlen) 
         snprintf(err, errlen, "txn.ctx must be a table, not %s", luaL_typename(L, idx));
         return -1;
     }
+    if (lua_getmetatable(L, idx)) {
+        lua_pop(L, 1);
+        snprintf(err, errlen, "txn.ctx is a table with a metatable; ctx keeps plain data only");
+        return -1;
+    }
     int top = lua_gettop(L);
     int rc = enc_table(&e, hs_absindex(L, idx), 0);
     lua_settop(L, top);

@@ -481,6 +481,9 @@ static int txn_newindex(lua_State *L) {
         return luaL_error(L, "txn.%s cannot be assigned (keep per-request data in txn.ctx)",
                           k ? k : "?");
     luaL_checktype(L, 3, LUA_TTABLE);
+    if (lua_getmetatable(L, 3))
+        return luaL_error(L, "txn.ctx must be a plain table (it is saved as data: a metatable "
+                             "would be lost)");
     lua_rawset(L, 1);
     S->ctx_live = 1;
     return 0;

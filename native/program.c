@@ -145,7 +145,10 @@ static int compile_body(hs_state *S, void *arg) {
 static int compile(hs_state *S, const char *name, const char *src, size_t len, hs_buf *bc,
                    uint64_t *mask, hs_error *err) {
     compilation c = {name, src, len, bc, mask, err};
-    return hs_protected(S, compile_body, &c, err, name);
+    hs_state_deadline(S, hs_now_ns()); /* chunk, class fields and new(): one time limit */
+    int rc = hs_protected(S, compile_body, &c, err, name);
+    hs_state_end_deadline(S);
+    return rc;
 }
 
 int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error *err) {

@@ -53,6 +53,7 @@ static int rehydrate_body(hs_state *S, void *arg) {
             r->slots[i].self_ref = S->slots[old].self_ref;
             continue;
         }
+        hs_state_deadline(S, hs_now_ns()); /* each script's chunk and new() get a time limit */
         int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
         if (rc != 0) {
             hs_error_from_lua(S, &S->err, rc, s->name, 0);
@@ -64,6 +65,7 @@ static int rehydrate_body(hs_state *S, void *arg) {
         r->slots[i].class_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         r->nloaded++;
     }
+    hs_state_deadline(S, hs_now_ns()); /* reading on_<hook> may run a class's __index */
     for (int hk = 0; hk < h->nhooks; hk++) {
         int n = 0;
         for (int i = 0; i < p->nscripts; i++) n += (p->scripts[i]->hookmask >> hk) & 1;
@@ -102,6 +104,7 @@ int hs_state_rehydrate(hs_state *S) {
     }
     S->modprog = r.p;
     int failed = hs_protected(S, rehydrate_body, &r, &S->err, "") != 0;
+    hs_state_end_deadline(S);
     S->modprog = NULL;
     if (failed) {
         char msg[sizeof S->err.message];

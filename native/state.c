@@ -198,14 +198,15 @@ int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, in
 }
 
 /* Call the function on top with NARGS arguments below it, through the message
- * handler, under the time limit; 0 or the pcall code (error value on top). */
+ * handler; 0 or the pcall code (error value on top). The caller has started the
+ * deadline (and ends it), so that everything it runs — the chunk, reading the
+ * class's fields through metamethods, new() — shares one time limit. */
 static int call_user(hs_state *S, int nargs, int nres) {
     lua_State *L = S->L;
     int fn = lua_gettop(L) - nargs;
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->errh_ref);
     lua_insert(L, fn);
     S->err.message[0] = S->err.traceback[0] = 0;
-    hs_state_deadline(S, hs_now_ns());
     int rc = lua_pcall(L, nargs, nres, fn);
     lua_remove(L, fn);
     return rc;
@@ -226,7 +227,8 @@ static void declared_hooks(hs_host *h, char *buf, size_t cap) {
 
 /* The function on top is a script's main chunk: give it the script environment,
  * run it, check that it returned a handler class, make the instance. Leaves
- * class and self on the stack (0) or nothing (-1, ERR set). Protected context. */
+ * class and self on the stack (0) or nothing (-1, ERR set). Protected context,
+ * under a deadline the caller started: reading "new" may run an __index. */
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     lua_State *L = S->L;
     hs_host *h = S->host;
@@ -237,12 +239,10 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     int rc = call_user(S, 0, 1);
     if (rc != 0) {
         hs_error_from_lua(S, err, rc, name, 1); /* before the deadline ends: it tells a timeout */
-        hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_pop(L, 1);
         return -1;
     }
-    hs_state_end_deadline(S);
     if (!lua_istable(L, -1)) {
         hs_error_set(err, HS_ERR_SCRIPT, name, "",
                      "%s: the script must return a handler class (a table), not %s", name,
@@ -263,6 +263,12 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
             lua_settop(L, cls - 1);
             return -1;
         }
+        if (k && !strncmp(k, "on_", 3) && !lua_isfunction(L, -1)) {
+            hs_error_set(err, HS_ERR_SCRIPT, name, "", "%s: %s must be a function, not %s", name, k,
+                         luaL_typename(L, -1));
+            lua_settop(L, cls - 1);
+            return -1;
+        }
         lua_pop(L, 1);
     }
     lua_getfield(L, cls, "new");
@@ -280,12 +286,10 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     rc = call_user(S, 0, 1);
     if (rc != 0) {
         hs_error_from_lua(S, err, rc, name, 1);
-        hs_state_end_deadline(S);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
         lua_settop(L, cls - 1);
         return -1;
     }
-    hs_state_end_deadline(S);
     if (lua_isnil(L, -1)) {
         hs_error_set(err, HS_ERR_SCRIPT, name, "", "%s: new() returned nil, not the handler instance",
                      name);

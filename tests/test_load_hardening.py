@@ -1,0 +1,98 @@
+"""Everything that runs Lua runs protected and under the deadline, at load time and
+on the worker threads: the chunk, reading the class's fields (which may run an
+__index), Class.new(), turning an error value into a message. A script cannot make
+host.load() hang, nor kill the process by failing oddly. Hang and crash cases run
+in a subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import hostscript
+from hostscript import Outcome, Transaction
+
+CHILD = textwrap.dedent(r"""
+    import json, sys, time, logging
+    import hostscript
+    logging.disable(logging.CRITICAL)
+    engine, src = sys.argv[1], sys.argv[2]
+    host = hostscript.Host(engine=engine, time_limit=0.05, memory_limit=4 << 20)
+    out = {}
+    t0 = time.perf_counter()
+    try:
+        host.load(src, name="evil.lua")
+        out["loaded"] = True
+    except hostscript.ScriptError as e:
+        out.update(loaded=False, kind=e.kind, message=e.message)
+    out["elapsed"] = time.perf_counter() - t0
+    host.load("local C = {} function C:on_read_request(txn) txn.resp.status = 204 end return C", name="ok.lua")
+    txn = hostscript.Transaction()
+    r = host.fire("read_request", txn)
+    out["next"] = r.status.name == "CONTINUE" and txn.response.status == 204
+    print(json.dumps(out))
+""")
+
+
+def run_child(engine: str, src: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, engine, src], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+LOOPING_CLASSES = {
+    "index-loops": "return setmetatable({}, {__index = function() while true do end end})",
+    "index-loops-after-new": "local n = 0 return setmetatable({on_read_request = function() end}, "
+                             "{__index = function(t, k) if k ~= 'new' then while true do end end end})",
+    "new-loops": "return {new = function() while true do end end}",
+    "index-recurses": "local C C = setmetatable({}, {__index = function(t, k) return C[k .. 'x'] end}) return C",
+}
+
+
+@pytest.mark.parametrize("case", list(LOOPING_CLASSES))
+def test_reading_a_class_cannot_outlast_the_time_limit_at_load(engine, case):
+    res = run_child(engine, LOOPING_CLASSES[case])
+    assert res["loaded"] is False, res
+    assert res["kind"] in ("timeout", "script", "memory"), res
+    assert res["elapsed"] < 5, res
+    assert res["next"], res
+
+
+def test_a_number_raised_with_the_heap_full_is_reported_not_fatal(engine):
+    src = """
+    local hog = {}
+    for i = 1, 100000 do hog[i] = false end
+    local n = 0
+    local function fill() while true do n = n + 1; hog[n] = string.rep("x", 16) .. n end end
+    return setmetatable({}, {__index = function() pcall(fill) error(12345) end})
+    """
+    res = run_child(engine, src)
+    assert res["loaded"] is False and res["next"], res
+
+
+def test_a_non_function_handler_is_a_load_error_naming_it(host):
+    with pytest.raises(hostscript.ScriptError, match="on_read_request must be a function, not string"):
+        host.load("return {on_read_request = 'oops'}", name="bad.lua")
+    assert host.scripts == []
+
+
+def test_a_ctx_with_a_metatable_is_refused_not_silently_emptied(host):
+    host.load("local C = {} function C:on_read_request(txn) "
+              "txn.ctx = setmetatable({}, {__index = {a = 1}}) end return C", name="m.lua")
+    out = host.fire("read_request", Transaction())
+    assert out.status is Outcome.ERROR and "plain table" in out.error.message
+
+
+def test_each_script_keeps_its_own_time_limit_when_a_thread_rehydrates_many(make_host):
+    # every chunk takes ~40% of the limit; rehydrating five of them in one fire must
+    # not add up to a timeout
+    host = make_host(time_limit=0.1)
+    for i in range(5):
+        host.load("local t0 = os.clock() while os.clock() - t0 < 0.04 do end "
+                  "local C = {} function C:on_read_request(txn) end return C", name=f"s{i}.lua")
+    from helpers import run_in_thread
+    out = run_in_thread(host.fire, "read_request", Transaction())
+    assert out.status is Outcome.CONTINUE, out.error
