@@ -165,6 +165,9 @@ int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_err
 /* Run the chunk on top of the stack in the state's environment; leaves the class. */
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
 int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);
+/* A fresh Lua state in place of S's (its program, classes and module data dropped);
+ * 0, or -1 with ERR set and S without a Lua state. */
+int hs_state_reopen(hs_state *S, hs_error *err);
 
 /* ---- rehydrate.c ---- */
 int hs_state_rehydrate(hs_state *S); /* 0 ok; -1 with S->err set */

@@ -5,7 +5,10 @@
  * bytecode of new or changed scripts only — unchanged scripts keep their class,
  * instance and module-level locals — then rebuilds the per-hook handler cache.
  * It is two-phase: everything new is built first; only if all of it succeeded is
- * it swapped in, so a thread never runs half of a program.
+ * it swapped in, so a thread never runs half of a program. When the new versions
+ * do not fit in the memory limit next to the old ones, the state is reopened and
+ * the new program loaded alone (its module-level data starts over, as on a new
+ * thread) rather than leaving the thread stuck on an error.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +92,13 @@ static int rehydrate_body(hs_state *S, void *arg) {
 }
 
 int hs_state_rehydrate(hs_state *S) {
+    if (!S->L) { /* a reopen failed earlier: try again */
+        hs_error e;
+        if (hs_state_reopen(S, &e) != 0) {
+            S->err = e;
+            return -1;
+        }
+    }
     hs_host *h = S->host;
     lua_State *L = S->L;
     rehydration r = {0};
@@ -107,12 +117,23 @@ int hs_state_rehydrate(hs_state *S) {
     hs_state_end_deadline(S);
     S->modprog = NULL;
     if (failed) {
+        rehydration_undo(S, &r);
+        hs_prog_release(r.p);
+        if (S->err.kind == HS_ERR_MEMORY && S->nslots > 0) {
+            /* The old versions still hold their memory while the new ones load (a
+             * module-level cache, say): start over from a fresh state, with the new
+             * program only, as a new thread would. */
+            hs_error e;
+            if (hs_state_reopen(S, &e) != 0) {
+                S->err = e;
+                return -1;
+            }
+            return hs_state_rehydrate(S);
+        }
         char msg[sizeof S->err.message];
         snprintf(msg, sizeof msg, "%s", S->err.message);
         snprintf(S->err.message, sizeof S->err.message,
                  "cannot prepare the program on this thread: %.970s", msg);
-        rehydration_undo(S, &r);
-        hs_prog_release(r.p);
         return -1;
     }
     int had_program = S->nslots > 0;

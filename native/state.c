@@ -90,39 +90,75 @@ static int init_body(hs_state *S, void *arg) {
     return hs_sandbox_open(S);
 }
 
-hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
-    hs_state *S = calloc(1, sizeof *S);
-    if (!S) goto nomem;
-    S->host = h;
-    atomic_fetch_add(&h->refs, 1);
-    S->scratch = scratch;
+/* Make S->L (NULL before): libraries, hs, the sandbox, the stack entries a fire
+ * expects, the limits. 0, or -1 with ERR set and S->L closed again. */
+static int open_lua(hs_state *S, hs_error *err) {
+    hs_host *h = S->host;
     S->heap_limit = 0; /* LuaJIT cannot survive running out of memory inside lua_newstate */
-    S->hook = -1;
-    S->slot = -1;
-    S->hooks = calloc(h->nhooks, sizeof *S->hooks);
-    if (!S->hooks) goto nomem;
     S->L = lua_newstate(hs_limits_alloc, S);
-    if (!S->L) goto nomem;
+    if (!S->L) {
+        hs_error_set(err, HS_ERR_MEMORY, "", "", "out of memory creating a Lua state");
+        return -1;
+    }
     if (hs_protected(S, init_body, NULL, err, "") != 0) {
         char msg[sizeof err->message];
         snprintf(msg, sizeof msg, "%s", err->message);
         hs_error_set(err, err->kind, "", "", "cannot create a Lua state: %s%s", msg,
                      err->kind == HS_ERR_MEMORY ? " (raise memory_limit)" : "");
-        hs_state_close(S);
-        return NULL;
+        return -1;
     }
     size_t base = atomic_load_explicit(&S->heap, memory_order_relaxed);
     if (h->memory_limit && base + (base >> 1) > h->memory_limit) {
         hs_error_set(err, HS_ERR_MEMORY, "", "",
                      "memory_limit of %zu bytes is too small: a fresh %s state already takes %zu "
                      "bytes (allow at least %zu)", h->memory_limit, HS_ENGINE_NAME, base, 2 * base);
-        hs_state_close(S);
-        return NULL;
+        return -1;
     }
     S->heap_limit = h->memory_limit;
     lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->errh_ref); /* HS_STACK_ERRH */
     lua_rawgeti(S->L, LUA_REGISTRYINDEX, S->txn_ref);  /* HS_STACK_TXN */
     hs_limits_install(S);
+    return 0;
+}
+
+/* Close S->L and drop everything that lived in it (classes, handler cache, the
+ * program it ran); the struct, its listings and counters stay. */
+static void close_lua(hs_state *S) {
+    if (S->L) lua_close(S->L);
+    S->L = NULL;
+    S->env_ref = S->txn_ref = S->errh_ref = S->loaded_ref = S->trampoline_ref = 0;
+    for (int i = 0; i < S->nslots; i++)
+        hs_script_release(S->slots[i].script);
+    free(S->slots);
+    S->slots = NULL;
+    S->nslots = 0;
+    if (S->hooks)
+        for (int i = 0; i < S->host->nhooks; i++) {
+            free(S->hooks[i].items);
+            S->hooks[i].items = NULL;
+            S->hooks[i].n = 0;
+        }
+    hs_prog_release(S->prog);
+    S->prog = NULL;
+    S->gen = 0;
+    hs_buf_free(&S->ctxbuf);
+    atomic_store_explicit(&S->heap, 0, memory_order_relaxed);
+}
+
+hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
+    hs_state *S = calloc(1, sizeof *S);
+    if (!S) goto nomem;
+    S->host = h;
+    atomic_fetch_add(&h->refs, 1);
+    S->scratch = scratch;
+    S->hook = -1;
+    S->slot = -1;
+    S->hooks = calloc(h->nhooks, sizeof *S->hooks);
+    if (!S->hooks) goto nomem;
+    if (open_lua(S, err) != 0) {
+        hs_state_close(S);
+        return NULL;
+    }
     if (scratch) {
         S->prog = hs_prog_acquire(h);
     } else {
@@ -142,22 +178,16 @@ nomem:
     return NULL;
 }
 
+int hs_state_reopen(hs_state *S, hs_error *err) {
+    close_lua(S);
+    return open_lua(S, err);
+}
+
 /* Close the Lua state and free what it used; the struct stays (hs_state_release). */
 void hs_state_teardown(hs_state *S) {
-    if (S->L) lua_close(S->L);
-    S->L = NULL;
-    for (int i = 0; i < S->nslots; i++)
-        hs_script_release(S->slots[i].script);
-    free(S->slots);
-    S->slots = NULL;
-    S->nslots = 0;
-    if (S->hooks) {
-        for (int i = 0; i < S->host->nhooks; i++) free(S->hooks[i].items);
-        free(S->hooks);
-        S->hooks = NULL;
-    }
-    hs_prog_release(S->prog);
-    S->prog = NULL;
+    close_lua(S);
+    free(S->hooks);
+    S->hooks = NULL;
     hs_module **mods = (hs_module **)S->pending.p;
     for (size_t i = 0; i < S->pending.len / sizeof *mods; i++) {
         free(mods[i]->name);
@@ -166,8 +196,6 @@ void hs_state_teardown(hs_state *S) {
     }
     hs_buf_free(&S->pending);
     hs_buf_free(&S->logs);
-    hs_buf_free(&S->ctxbuf);
-    atomic_store_explicit(&S->heap, 0, memory_order_relaxed);
 }
 
 static void state_free(hs_state *S) {

@@ -96,3 +96,39 @@ def test_each_script_keeps_its_own_time_limit_when_a_thread_rehydrates_many(make
     from helpers import run_in_thread
     out = run_in_thread(host.fire, "read_request", Transaction())
     assert out.status is Outcome.CONTINUE, out.error
+
+
+CACHE = """
+local cache = {}
+for i = 1, %d do cache[i] = string.rep("v%d", 20) .. i end
+local C = {}
+function C:on_read_request(txn) txn.resp.headers["x-version"] = "%d" txn.resp.headers["x-n"] = tostring(#cache) end
+return C
+"""
+
+
+def test_reloading_a_script_with_a_big_cache_under_the_memory_limit_does_not_brick_the_thread(make_host):
+    # each version's module-level cache takes ~60% of the limit: old and new cannot
+    # live side by side in one state while the new one loads
+    limit = 8 << 20
+    host = make_host(memory_limit=limit)
+    n = 60000
+    host.load(CACHE % (n, 1, 1), name="cache.lua")
+    host.load("local D = {} function D:on_send_response(txn) txn.resp.headers['x-d'] = '1' end return D",
+              name="other.lua")
+    from helpers import run_in_thread
+
+    def serve_many():
+        seen = []
+        for version in (1, 2, 3):
+            if version > 1:
+                host.load(CACHE % (n, version, version), name="cache.lua")
+            txn = Transaction()
+            out = host.fire("read_request", txn)
+            assert out.status is Outcome.CONTINUE, out.error
+            host.fire("send_response", txn)
+            seen.append((txn.response.headers["x-version"], txn.response.headers["x-d"]))
+        return seen
+
+    assert run_in_thread(serve_many) == [("1", "1"), ("2", "1"), ("3", "1")]
+    assert host.stats()["errors"] == 0  # the thread served every request
