@@ -123,12 +123,22 @@ static int l_now(lua_State *L) {
 
 static void push_buf(lua_State *L, const hs_buf *b) { lua_pushlstring(L, b->p ? b->p : "", b->len); }
 
+/* The transaction's storage is malloc'd, outside the Lua heap; with a memory limit
+ * it counts too: a handler may not make a transaction hold more than the limit. */
+static void txn_room(lua_State *L, hs_state *S, const hs_txn *t, size_t extra) {
+    size_t limit = S->host->memory_limit, have = hs_txn_size(t);
+    if (!limit || (extra <= limit && have <= limit - extra)) return;
+    S->mem_refused = 1; /* reported as the memory limit */
+    luaL_error(L, "memory limit exceeded: the transaction would hold more than %zu bytes", limit);
+}
+
 /* Store the string at idx in B after VALID accepted it (NULL: anything goes). */
-static int set_buf(lua_State *L, hs_buf *b, int idx, int (*valid)(const char *, size_t),
+static int set_buf(lua_State *L, hs_state *S, hs_buf *b, int idx, int (*valid)(const char *, size_t),
                    const char *what) {
     size_t n;
     const char *v = luaL_checklstring(L, idx, &n);
     if (valid && !valid(v, n)) return luaL_error(L, "invalid %s", what);
+    txn_room(L, S, S->txn, n);
     if (hs_buf_set(b, v, n) != 0) return luaL_error(L, "not enough memory");
     return 0;
 }
@@ -148,10 +158,10 @@ static int req_newindex(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     const char *k = lua_tostring(L, 2);
     if (k && !strcmp(k, "method")) {
-        set_buf(L, &t->method, 3, hs_valid_token, "method (an HTTP token: letters, digits, !#$%&'*+-.^_`|~)");
+        set_buf(L, S, &t->method, 3, hs_valid_token, "method (an HTTP token: letters, digits, !#$%&'*+-.^_`|~)");
         t->changed |= HS_CH_METHOD;
     } else if (k && !strcmp(k, "uri")) {
-        set_buf(L, &t->uri, 3, hs_valid_uri, "uri (no spaces or control characters)");
+        set_buf(L, S, &t->uri, 3, hs_valid_uri, "uri (no spaces or control characters)");
         t->changed |= HS_CH_URI;
     } else {
         return luaL_error(L, "txn.req.%s cannot be assigned (method, uri and headers can)",
@@ -190,7 +200,7 @@ static int resp_newindex(lua_State *L) {
         t->status = check_status(L, 3);
         t->changed |= HS_CH_STATUS;
     } else if (k && !strcmp(k, "body")) {
-        set_buf(L, &t->body, 3, NULL, "body");
+        set_buf(L, S, &t->body, 3, NULL, "body");
         t->changed |= HS_CH_BODY;
     } else {
         return luaL_error(L, "txn.resp.%s cannot be assigned (status, body and headers can)",
@@ -241,18 +251,21 @@ static int hdr_index(lua_State *L) {
 }
 
 /* Set (replace) NAME to the value(s) at idx: string/number, list of them, or nil. */
-static void set_header(lua_State *L, hs_txn *t, int which, const char *k, size_t kn, int idx) {
+static void set_header(lua_State *L, hs_state *S, hs_txn *t, int which, const char *k, size_t kn,
+                       int idx) {
     hs_hdrs *hs = &t->hdr[which];
     size_t vn;
     if (lua_isnil(L, idx)) {
         hs_hdrs_remove(hs, k, kn);
     } else if (lua_istable(L, idx)) {
-        size_t len = hs_rawlen(L, idx);
+        size_t len = hs_rawlen(L, idx), total = 0;
         for (size_t i = 1; i <= len; i++) { /* validate all before changing anything */
             lua_rawgeti(L, idx, (int)i);
             check_value(L, -1, &vn);
+            total += kn + vn + sizeof(hs_hdr);
             lua_pop(L, 1);
         }
+        txn_room(L, S, t, total);
         hs_hdrs_remove(hs, k, kn);
         for (size_t i = 1; i <= len; i++) {
             lua_rawgeti(L, idx, (int)i);
@@ -262,6 +275,7 @@ static void set_header(lua_State *L, hs_txn *t, int which, const char *k, size_t
         }
     } else {
         const char *v = check_value(L, idx, &vn);
+        txn_room(L, S, t, kn + vn + sizeof(hs_hdr));
         if (hs_hdrs_set(hs, k, kn, v, vn)) luaL_error(L, "not enough memory");
     }
     mark_headers(t, which);
@@ -272,7 +286,7 @@ static int hdr_newindex(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t kn;
     const char *k = check_name(L, 2, &kn);
-    set_header(L, t, WHICH(L), k, kn, 3);
+    set_header(L, S, t, WHICH(L), k, kn, 3);
     return 0;
 }
 
@@ -305,7 +319,7 @@ static int hdr_set(lua_State *L) {
     size_t kn;
     const char *k = check_name(L, 2, &kn);
     lua_settop(L, 3);
-    set_header(L, t, WHICH(L), k, kn, 3);
+    set_header(L, S, t, WHICH(L), k, kn, 3);
     return 0;
 }
 
@@ -315,6 +329,7 @@ static int hdr_add(lua_State *L) {
     size_t kn, vn;
     const char *k = check_name(L, 2, &kn);
     const char *v = check_value(L, 3, &vn);
+    txn_room(L, S, t, kn + vn + sizeof(hs_hdr));
     if (hs_hdrs_add(&t->hdr[WHICH(L)], k, kn, v, vn)) return luaL_error(L, "not enough memory");
     mark_headers(t, WHICH(L));
     return 0;
@@ -437,13 +452,14 @@ static int txn_respond(lua_State *L) {
         luaL_checktype(L, 4, LUA_TTABLE);
         check_header_table(L, 4);
     }
+    txn_room(L, S, t, blen);
     if (hs_buf_set(&t->body, body, blen)) return luaL_error(L, "not enough memory");
     if (has_headers) {
         lua_pushnil(L);
         while (lua_next(L, 4)) {
             size_t kn;
             const char *k = lua_tolstring(L, -2, &kn);
-            set_header(L, t, HS_RESP, k, kn, lua_gettop(L));
+            set_header(L, S, t, HS_RESP, k, kn, lua_gettop(L));
             lua_pop(L, 1);
         }
     }

@@ -66,6 +66,12 @@ static inline int hs_name_eq(const char *a, const char *b, size_t n) {
 static inline const char *hs_hdr_name(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].noff; }
 static inline const char *hs_hdr_value(const hs_hdrs *hs, size_t i) { return hs->arena.p + hs->e[i].voff; }
 
+/* Bytes the transaction holds (what a memory limit counts it as). */
+static inline size_t hs_txn_size(const hs_txn *t) {
+    return t->method.len + t->uri.len + t->body.len + t->ctx.len + t->hdr[0].arena.len +
+           t->hdr[1].arena.len + (t->hdr[0].n + t->hdr[1].n) * sizeof(hs_hdr);
+}
+
 long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
 /* Unchecked edits: the caller validated name and value. 0 ok, -1 no memory. */
 int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);

@@ -148,3 +148,30 @@ def test_library_loops_that_finish_are_unaffected(engine):
     res = run_case(engine, body, time_limit=5)
     assert res["status"] == "CONTINUE", res
     assert res["next"]
+
+
+TXN_GROWTH = {
+    "headers-add": 'local s = string.rep("x", 4e6) while true do txn.resp.headers:add("x-a", s) end',
+    "headers-list": 'local s = string.rep("x", 1e6) local l = {} for i = 1, 40 do l[i] = s end '
+                    'txn.req.headers["x-b"] = l',
+    "body": 'local s = string.rep("x", 4e6) txn.resp.body = s .. s .. s .. s .. s',
+    "respond": 'local s = string.rep("x", 6e6) txn:respond(200, s .. s .. s)',
+}
+
+
+@pytest.mark.parametrize("case", list(TXN_GROWTH))
+def test_transaction_storage_counts_against_the_memory_limit(make_host, case):
+    import os
+    import hostscript
+    host = make_host(time_limit=2, memory_limit=16 << 20)
+    host.load("local C = {} function C:on_read_request(txn) " + TXN_GROWTH[case] + " end return C", name="g.lua")
+    txn = hostscript.Transaction()
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    out = host.fire("read_request", txn)
+    with open("/proc/self/statm") as f:
+        after = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert out.status is hostscript.Outcome.ERROR and out.error.kind == "memory", out
+    assert after - before < 96 << 20  # bounded: not gigabytes of headers
+    total = sum(len(k) + len(v) for k, v in txn.response.headers) + len(txn.response.body)
+    assert total <= 16 << 20
