@@ -18,6 +18,8 @@
 /* LuaJIT's lua_dump keeps debug info (needed for line numbers in tracebacks). */
 #define hs_dump(L, w, ud) lua_dump((L), (w), (ud))
 #define hs_rawlen(L, i) lua_objlen((L), (i))
+/* The memory limit is raised at safe points, not by refusing allocations (limits.c). */
+#define hs_soft_memory_limit 1
 #define hs_isinteger(L, i) 0
 #ifndef lua_pushglobaltable
 #define lua_pushglobaltable(L) lua_pushvalue((L), LUA_GLOBALSINDEX)
@@ -54,6 +56,7 @@ static inline int hs_engine_setup(lua_State *L, int limited) {
 #define HS_ENGINE_VERSION LUA_RELEASE
 
 #define hs_dump(L, w, ud) lua_dump((L), (w), (ud), 0)
+#define hs_soft_memory_limit 0
 #define hs_rawlen(L, i) lua_rawlen((L), (i))
 #define hs_isinteger(L, i) lua_isinteger((L), (i))
 

@@ -35,6 +35,8 @@
 #define HS_MAX_HOOKS 64
 #define HS_HOOK_COUNT 1000          /* instructions between time-limit checks */
 #define HS_ERRH_SLACK (256 << 10)   /* heap allowed over the limit while reporting an error */
+#define HS_MEM_HEADROOM(limit) ((limit) / 4 + (1 << 20)) /* LuaJIT: granted past the limit until
+                                                            the next safe point (limits.c) */
 #define HS_LOGS_MAX (64 << 10)      /* log bytes kept per fire */
 #define HS_CSTACK_MARGIN (48 << 10) /* C stack kept free below the deepest Lua may go */
 #define HS_CSTACK_ERRROOM (16 << 10) /* ...of which error handlers may use this much */
@@ -137,6 +139,7 @@ struct hs_state {
     _Atomic size_t heap;
     size_t heap_limit;
     int in_errh, mem_refused;
+    int mem_over; /* LuaJIT: past the limit within the headroom; raised at the next safe point */
 
     hs_error err;   /* last fire error of its thread (cleared when a new thread takes it) */
     hs_buf logs;    /* log records of the last fire */

@@ -59,7 +59,7 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int
     int kind = HS_ERR_RUNTIME;
     char msg[sizeof e->message];
     const char *sep = *script ? ": " : "";
-    if (rc == LUA_ERRMEM || S->mem_refused) {
+    if (rc == LUA_ERRMEM || S->mem_refused || S->abort == HS_ERR_MEMORY) {
         kind = HS_ERR_MEMORY;
         snprintf(msg, sizeof msg, "%s%smemory limit exceeded (%zu bytes per state)", script, sep,
                  S->heap_limit);

@@ -3,6 +3,13 @@
  * allocator), time (the deadline, checked by an instruction-count hook and by the
  * check-ins of long C loops), the GIL release of long fires, and the C stack.
  *
+ * Memory: the allocator refuses what would pass the state's limit — except on
+ * LuaJIT, whose out-of-memory path is fragile under a limiting allocator (a loop
+ * that keeps catching the error crashes the interpreter): there, allocations up to
+ * HS_MEM_HEADROOM over the limit are granted and the limit is raised as an error at
+ * the next safe point (the count hook, a check-in), one pcall cannot catch; only a
+ * single allocation beyond that headroom is refused outright.
+ *
  * The count hook never runs inside a C function, so the engines' own library code
  * is patched (tools/patches/, applied by tools/build-lua.sh) to call
  * hs_engine_checkin() from its long loops — pattern matching, string.rep,
@@ -39,8 +46,11 @@ void *hs_limits_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (S->heap_limit && nsize > old) {
         size_t limit = S->heap_limit + (S->in_errh ? HS_ERRH_SLACK : 0);
         if (heap + (nsize - old) > limit) {
-            S->mem_refused = 1;
-            return NULL;
+            if (!hs_soft_memory_limit || heap + (nsize - old) > limit + HS_MEM_HEADROOM(limit)) {
+                S->mem_refused = 1;
+                return NULL;
+            }
+            S->mem_over = 1; /* granted: the limit error comes at the next safe point */
         }
     }
     void *p = realloc(ptr, nsize);
@@ -55,6 +65,13 @@ static void count_hook(lua_State *L, lua_Debug *ar);
 /* What the count hook and the engines' check-ins do: let the host's other threads
  * go on once the fire runs long; raise the time limit past the deadline. */
 static void check_time(lua_State *L, hs_state *S) {
+    if (S->mem_over || S->abort == HS_ERR_MEMORY) { /* a soft memory limit passed (LuaJIT) */
+        if (!S->abort) {
+            S->abort = HS_ERR_MEMORY;
+            lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+        }
+        luaL_error(L, "memory limit exceeded");
+    }
     if (!S->release_at_ns && !S->deadline_ns) return;
     uint64_t now = hs_now_ns();
     if (S->release_at_ns && now >= S->release_at_ns) hs_state_release_host(S);
@@ -81,7 +98,8 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
 }
 
 void hs_limits_install(hs_state *S) {
-    if (S->host->time_limit > 0) lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
+    if (S->host->time_limit > 0 || (hs_soft_memory_limit && S->host->memory_limit))
+        lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);
 }
 
 /* The fire runs long: let the host's other threads go on (hostscript.h). */
@@ -100,6 +118,7 @@ void hs_state_deadline(hs_state *S, uint64_t start_ns) {
 
 void hs_state_end_deadline(hs_state *S) {
     S->deadline_ns = 0;
+    S->mem_over = 0;
     if (S->abort) {
         S->abort = 0;
         lua_sethook(S->L, count_hook, LUA_MASKCOUNT, HS_HOOK_COUNT);

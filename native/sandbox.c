@@ -138,8 +138,10 @@ static const char wrap_pcall_src[] =
     "         return function(...) cstack() return rethrow(resume(co, ...)) end\n"
     "       end\n";
 
+/* The time or memory limit was hit in this fire: no pcall may swallow that. */
 static int sb_aborted(lua_State *L) {
-    lua_pushboolean(L, STATE(L)->abort != 0);
+    hs_state *S = STATE(L);
+    lua_pushboolean(L, S->abort != 0 || S->mem_refused);
     return 1;
 }
 

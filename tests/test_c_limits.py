@@ -175,3 +175,25 @@ def test_transaction_storage_counts_against_the_memory_limit(make_host, case):
     assert after - before < 96 << 20  # bounded: not gigabytes of headers
     total = sum(len(k) + len(v) for k, v in txn.response.headers) + len(txn.response.body)
     assert total <= 16 << 20
+
+
+# Out-of-memory caught again and again inside one fire: the path that crashed
+# LuaJIT's interpreter under a limiting allocator. LuaJIT now grants a headroom and
+# raises the limit at the next safe point, where no pcall can catch it.
+OOM_LOOPS = [
+    ("sub-in-pcall", 'local s, k = string.rep("x", 2e6), {} '
+                     "for i = 1, 1e5 do local ok, r = pcall(string.sub, s, 1, 1e6 + i) k[i % 64 + 1] = r end"),
+    ("rep-in-pcall", "local k = {} for i = 1, 1e5 do local ok, r = pcall(string.rep, 'y', 1e5 + i) k[i] = r end"),
+    ("table-in-pcall", "local k = {} while true do pcall(function() for i = 1, 1e4 do k[#k + 1] = {i, i} end end) end"),
+    ("concat-in-pcall", 'local parts = {} for i = 1, 300 do parts[i] = string.rep("z", 1e4) .. i end '
+                        "local k = {} for i = 1, 1e4 do parts[1] = tostring(i) "  # (LuaJIT interns equal strings)
+                        "local ok, r = pcall(table.concat, parts) k[i] = r end"),
+]
+
+
+@pytest.mark.parametrize("time_limit", [TIME_LIMIT * 20, 0], ids=["time-limit", "memory-limit-only"])
+@pytest.mark.parametrize("name,body", OOM_LOOPS, ids=[c[0] for c in OOM_LOOPS])
+def test_out_of_memory_caught_in_a_loop_ends_the_fire_cleanly(engine, name, body, time_limit):
+    res = run_case(engine, body, time_limit=time_limit)
+    assert res["status"] == "ERROR" and res["kind"] == "memory", res
+    assert res["next"], res
