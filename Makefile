@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE := $(wildcard native/*.c native/*.h) $(shell find src/lua -name '*.lua')
 LUA_LIBS := build/lua/lua54/liblua.a build/lua/luajit/libluajit.a
 
-.PHONY: all deps install test test-c run bench clean
+.PHONY: all deps install test run bench clean
 
 all: install
 
@@ -42,4 +42,4 @@ bench: $(VENV)/.bench
 	$(PY) -m hostscript bench --markdown --json build/bench.json --plot build/bench.png
 
 clean:
-	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info
+	rm -rf build/c build/bench build/temp* build/lib* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info

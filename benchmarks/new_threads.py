@@ -90,7 +90,7 @@ def load_ns(host: Host, source: str, name: str) -> int:
 
 def heap_per_state_bytes(hs: HostscriptContestant) -> Tuple[int, int]:
     """(heap_max, heap_bytes / states) of the host's states while a thread that served
-    one request is still alive (a thread's state is closed when the thread ends)."""
+    one request is still alive (its state goes back to the pool when the thread ends)."""
     served, release = threading.Event(), threading.Event()
     failure: List[BaseException] = []
 

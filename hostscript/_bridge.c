@@ -120,17 +120,19 @@ static PyObject *HostCore_fire(PyObject *op, PyObject *const *args, size_t nargs
         PyEval_RestoreThread(released);
         released = NULL;
     }
-    self->inflight--;
     if (!(r & (HS_ERROR | HS_CH_LOGS << 2))) {
+        self->inflight--;
         PyObject *o = self->out[r & HS_DONE];
         Py_INCREF(o);
         return o;
     }
+    /* finish reads this thread's error and log records from the host: the fire is
+     * not over for close() until it has */
     PyObject *rr = PyLong_FromLong(r);
-    if (!rr) return NULL;
     PyObject *fargs[3] = {rr, args[0], args[1]};
-    PyObject *res = PyObject_Vectorcall(self->finish, fargs, 3, NULL);
-    Py_DECREF(rr);
+    PyObject *res = rr ? PyObject_Vectorcall(self->finish, fargs, 3, NULL) : NULL;
+    Py_XDECREF(rr);
+    self->inflight--;
     return res;
 }
 

@@ -194,13 +194,13 @@ class Host(_bridge.HostCore):
     def scripts(self) -> List[str]:
         """Names of the loaded scripts, in load order (the order handlers run in)."""
         ffi, lib = self._ffi, self._lib
-        h = self._live()
-        need = lib.hs_scripts(h, ffi.NULL, 0)
-        if not need:
-            return []
-        buf = ffi.new("char[]", need)
-        lib.hs_scripts(h, buf, need)
-        return [n.decode() for n in ffi.buffer(buf, need)[:].split(b"\0")[:-1]]
+        with self._lock:  # close() may not free the host meanwhile
+            h = self._live()
+            need = lib.hs_scripts(h, ffi.NULL, 0)
+            buf = ffi.new("char[]", need or 1)
+            need = min(need, lib.hs_scripts(h, buf, need))
+            data = ffi.buffer(buf, need)[:]
+        return [n.decode() for n in data.split(b"\0")[:-1]]
 
     def _load(self, source: Union[str, bytes], name: str, path: Optional[str]) -> Script:
         ffi, lib = self._ffi, self._lib
@@ -281,7 +281,8 @@ class Host(_bridge.HostCore):
         ffi, lib = self._ffi, self._lib
         st = ffi.new("hs_stats *")
         hk = ffi.new("hs_hook_stats[]", len(self.hooks))
-        lib.hs_host_stats(self._live(), st, hk)
+        with self._lock:  # close() may not free the host meanwhile
+            lib.hs_host_stats(self._live(), st, hk)
         out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}

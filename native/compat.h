@@ -70,9 +70,9 @@ static inline void hs_openlib(lua_State *L, const char *name, lua_CFunction f) {
     lua_pop(L, 1);
 }
 
-static inline int hs_engine_setup(lua_State *L, int time_limited) {
+static inline int hs_engine_setup(lua_State *L, int limited) {
     (void)L;
-    (void)time_limited;
+    (void)limited;
     return 0;
 }
 #endif

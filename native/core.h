@@ -57,7 +57,6 @@ typedef struct hs_script {
     char *bc;
     size_t bclen;
     uint64_t hookmask; /* bit h: the class has on_<hooks[h]> */
-    uint64_t id;       /* unique per compilation */
 } hs_script;
 
 typedef struct hs_module {
@@ -126,7 +125,7 @@ struct hs_state {
 
     /* the fire in progress */
     hs_txn *txn;
-    int hook, slot, ctx_live;
+    int hook, ctx_live;
     const char *cur_name; /* script whose code runs now (for logs) */
     uint64_t deadline_ns; /* 0: no deadline */
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
@@ -157,7 +156,6 @@ void hs_state_release(hs_state *S);  /* drop one listing; the last frees the str
 /* ---- which states a thread owns (thread.c) ---- */
 /* This thread's state for H; its first fire takes one from the host's pool or creates it. */
 hs_state *hs_thread_state(hs_host *h, hs_error **err);
-hs_state *hs_thread_peek(hs_host *h);                  /* this thread's, or NULL */
 void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list, if any */
 void hs_thread_unref(hs_thread *T);
 
@@ -204,7 +202,6 @@ void hs_sandbox_push_env(hs_state *S);
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
 int hs_lapi_errh(lua_State *L);
-void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len);
 void hs_lapi_log_dropped(hs_state *S); /* one warning record for what hs_lapi_log dropped */
 extern const char hs_done_sentinel;
 
@@ -223,7 +220,7 @@ int hs_ctx_decode(lua_State *L, const char *p, size_t len); /* pushes a table; 0
 
 /* ---- host (host.c) ---- */
 struct hs_host {
-    atomic_int refs; /* the host handle itself + each live state */
+    atomic_int refs; /* the host handle itself + each live or scratch state */
     uint64_t id;     /* unique in the process: thread.c's cache tells hosts apart by it */
     int nhooks;
     char **hooks;
@@ -244,13 +241,13 @@ struct hs_host {
     hs_state *pool;       /* idle states, most recently used first (thread.c) */
     uint64_t npooled, pool_hits;
     hs_counters retired; /* counters of states that ended */
-    uint64_t compilations, next_script_id;
+    uint64_t compilations;
     void (*release)(void); /* hs_host_set_release: set before the first fire */
     uint64_t long_ns;
     hs_buf wrap_bc; /* the pcall wrappers, compiled by the first state (sandbox.c) */
+    int wrap_tried; /* that first state tried (written before the host is shared) */
     hs_buf load_logs;
     hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
-    int closed;
 };
 
 void hs_host_unref(hs_host *h);

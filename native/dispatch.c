@@ -3,7 +3,7 @@
  *
  * A fire touches only the calling thread's state, one atomic load of the host's
  * program generation, and the transaction: no lock, no allocation in the common
- * case. When the generation moved, the state rehydrates first (state.c); a thread
+ * case. When the generation moved, the state rehydrates first (rehydrate.c); a thread
  * therefore runs one program for a whole fire, never half of a reload.
  *
  * Handlers of the hook run in load order as Class:on_<hook>(txn), each through
@@ -83,7 +83,6 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     }
     for (int i = 0; i < hc->n; i++) {
         hs_handler *it = &hc->items[i];
-        S->slot = it->slot;
         S->cur_name = S->slots[it->slot].script->name;
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->fn_ref);
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->self_ref);
@@ -115,7 +114,6 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     S->release_at_ns = 0;
     S->txn = NULL;
     S->hook = -1;
-    S->slot = -1;
     S->cur_name = NULL;
     return status;
 }
@@ -132,13 +130,14 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook], "no transaction to fire on");
         return HS_ERROR;
     }
-    if (hs_limits_enter(S, &S->err) != 0) {
-        snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
-        return HS_ERROR;
-    }
     if (atomic_exchange_explicit(&t->busy, 1, memory_order_acquire)) {
         hs_error_set(&S->err, HS_ERR_USAGE, "", h->hooks[hook],
                      "the transaction is in use: another fire is running on it");
+        return HS_ERROR;
+    }
+    if (hs_limits_enter(S, &S->err) != 0) {
+        snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
+        atomic_store_explicit(&t->busy, 0, memory_order_release);
         return HS_ERROR;
     }
     t->changed = 0;

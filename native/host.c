@@ -2,8 +2,8 @@
  * host.c — the host: its configuration, its list of live states (those serving a
  * thread and those idle in its pool), and the statistics summed over them.
  *
- * A host is shared by every thread that fires. The only thing the hot path reads
- * from it is the atomic program generation (see dispatch.c); everything else here
+ * A host is shared by every thread that fires. The only mutable thing the hot path
+ * reads from it is the atomic program generation (see dispatch.c); everything here
  * runs at set-up, at thread start/end, or when someone asks for stats, under
  * host->mu.
  *
@@ -136,7 +136,6 @@ void hs_host_unref(hs_host *h) {
 void hs_host_free(hs_host *h) {
     if (!h) return;
     pthread_mutex_lock(&h->mu);
-    h->closed = 1;
     hs_state *list = h->states;
     h->states = NULL;
     h->nstates = 0;

@@ -6,7 +6,7 @@
  * The txn object and its proxies are built once per state and reused by every
  * fire: a fire only points S->txn at the C transaction, so calling a handler costs
  * no allocation. Reads go straight to the C transaction (headers are looked up
- * lazily, on access); writes mark what changed so the host copies back only that.
+ * lazily, on access); writes mark what changed (hs_fire reports those bits).
  * Using a saved txn after its hook returned is an error, not a stale read.
  */
 #include <stdint.h>
@@ -76,7 +76,7 @@ static void put_log(hs_state *S, int level, const char *script, const char *msg,
     hs_buf_put(&S->logs, msg, len);
 }
 
-void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
+static void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
     const char *script = S->cur_name ? S->cur_name : "";
     if (S->logs.len + len + strlen(script) + 7 > HS_LOGS_MAX) {
         S->logs_dropped++; /* counted, and said once at the end of the fire */
@@ -345,7 +345,7 @@ static int hdr_remove(lua_State *L) {
     return 0;
 }
 
-/* for name, value in headers:each() do ... end — upvalue 4: next index */
+/* for name, value in headers:each() do ... end — upvalue 3: next index */
 static int hdr_each_step(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
@@ -417,26 +417,31 @@ static void new_message(lua_State *L, hs_state *S, int which, lua_CFunction idx,
 
 /* ---- txn ---- */
 
-/* Validate a header table {name = value | {values}} at idx without changing anything. */
-static void check_header_table(lua_State *L, int idx) {
+/* Validate a header table {name = value | {values}} at idx without changing
+ * anything; the bytes it would add to the transaction. */
+static size_t check_header_table(lua_State *L, int idx) {
+    size_t total = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
-        size_t n;
+        size_t n, kn;
         if (lua_type(L, -2) != LUA_TSTRING)
             luaL_error(L, "header names must be strings, not %s", luaL_typename(L, -2));
-        check_name(L, -2, &n);
+        check_name(L, -2, &kn);
         if (lua_istable(L, -1)) {
             size_t len = hs_rawlen(L, -1);
             for (size_t i = 1; i <= len; i++) {
                 lua_rawgeti(L, -1, (int)i);
                 check_value(L, -1, &n);
+                total += kn + n + sizeof(hs_hdr);
                 lua_pop(L, 1);
             }
         } else {
             check_value(L, -1, &n);
+            total += kn + n + sizeof(hs_hdr);
         }
         lua_pop(L, 1);
     }
+    return total;
 }
 
 static int txn_respond(lua_State *L) {
@@ -448,11 +453,12 @@ static int txn_respond(lua_State *L) {
     size_t blen = 0;
     const char *body = lua_isnoneornil(L, 3) ? "" : luaL_checklstring(L, 3, &blen);
     int has_headers = !lua_isnoneornil(L, 4);
+    size_t hbytes = 0;
     if (has_headers) {
         luaL_checktype(L, 4, LUA_TTABLE);
-        check_header_table(L, 4);
+        hbytes = check_header_table(L, 4);
     }
-    txn_room(L, S, t, blen);
+    txn_room(L, S, t, blen + hbytes);
     if (hs_buf_set(&t->body, body, blen)) return luaL_error(L, "not enough memory");
     if (has_headers) {
         lua_pushnil(L);

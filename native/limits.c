@@ -12,8 +12,9 @@
  *
  * The count hook never runs inside a C function, so the engines' own library code
  * is patched (tools/patches/, applied by tools/build-lua.sh) to call
- * hs_engine_checkin() from its long loops — pattern matching, string.rep,
- * table.move, table.concat — which does what the hook does: release the host's
+ * hs_engine_checkin() from its long loops — pattern matching and string.rep on
+ * both engines, table.move and table.concat on Lua 5.4 (LuaJIT's table.move is Lua
+ * code the hook sees) — which does what the hook does: release the host's
  * lock once the fire runs long, raise "time limit exceeded" past the deadline.
  *
  * C code calling back into Lua (gsub with a function, sort comparators,

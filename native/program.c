@@ -184,7 +184,6 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
     int idx = find_script(old, name);
     if (idx < 0) idx = old->nscripts;
     pthread_mutex_lock(&h->mu);
-    s->id = ++h->next_script_id;
     h->compilations++;
     pthread_mutex_unlock(&h->mu);
     hs_module **mods = (hs_module **)S->pending.p;

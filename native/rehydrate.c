@@ -27,8 +27,8 @@ typedef struct rehydration {
 static void rehydration_undo(hs_state *S, rehydration *r) {
     lua_State *L = S->L;
     for (int i = 0; r->slots && i < r->p->nscripts; i++)
-        if (r->fresh[i] && r->slots[i].class_ref) {
-            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
+        if (r->fresh[i]) { /* luaL_unref ignores a ref that was never made (0 is none) */
+            if (r->slots[i].class_ref) luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
             luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].self_ref);
         }
     for (int hk = 0; r->hooks && hk < S->host->nhooks; hk++) {
@@ -63,8 +63,8 @@ static int rehydrate_body(hs_state *S, void *arg) {
             return -1;
         }
         if (hs_state_run_chunk(S, s->name, &S->err) != 0) return -1;
-        r->fresh[i] = 1;
         r->slots[i].self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        r->fresh[i] = 1; /* from here undo drops what is set (a ref of 0 is none) */
         r->slots[i].class_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         r->nloaded++;
     }

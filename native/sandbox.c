@@ -155,11 +155,15 @@ static int sb_cstack(lua_State *L) {
  * hs_host_new makes first, before any other thread can see the host) and loaded
  * from that bytecode afterwards: parsing it was a fifth of creating a state. */
 static void wrap_pcall(lua_State *L, hs_state *S, int G) {
-    hs_buf *bc = &S->host->wrap_bc;
+    hs_host *h = S->host;
+    hs_buf *bc = &h->wrap_bc;
     if (!bc->len) {
         if (luaL_loadbuffer(L, wrap_pcall_src, sizeof wrap_pcall_src - 1, "=[hs pcall]") != 0)
             lua_error(L);
-        if (hs_dump(L, hs_buf_writer, bc) != 0) bc->len = 0;
+        if (!h->wrap_tried) { /* only the host's first state, before any thread sees the host */
+            h->wrap_tried = 1;
+            if (hs_dump(L, hs_buf_writer, bc) != 0) bc->len = 0;
+        }
     } else if (luaL_loadbufferx(L, bc->p, bc->len, "=[hs pcall]", "b") != 0) {
         lua_error(L);
     }

@@ -152,7 +152,6 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     atomic_fetch_add(&h->refs, 1);
     S->scratch = scratch;
     S->hook = -1;
-    S->slot = -1;
     S->hooks = calloc(h->nhooks, sizeof *S->hooks);
     if (!S->hooks) goto nomem;
     if (open_lua(S, err) != 0) {
@@ -262,7 +261,6 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     hs_host *h = S->host;
     hs_sandbox_push_env(S);
     hs_setenv(L, lua_gettop(L) - 1);
-    S->slot = -1;
     S->cur_name = name;
     int rc = call_user(S, 0, 1);
     if (rc != 0) {

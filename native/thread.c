@@ -170,7 +170,7 @@ static hs_state *find(hs_thread *T, hs_host *h) {
     return S;
 }
 
-hs_state *hs_thread_peek(hs_host *h) {
+static hs_state *hs_thread_peek(hs_host *h) {
     if (cache_host == h && cache_id == h->id) return cache_state;
     hs_thread *T = this_thread(0);
     return T ? find(T, h) : NULL;

@@ -50,7 +50,10 @@ def test_short_fires_keep_the_gil(make_host):
     txn = hostscript.Transaction()
     for _ in range(2000):
         host.fire("read_request", txn)
-    assert host.stats()["releases"] == 0
+    # 0 on a quiet machine; a fire the OS preempts looks long for a few fires after
+    # (the moving average), so a loaded machine may see a handful. Releasing on
+    # every fire — what this guards against — would be 2000.
+    assert host.stats()["releases"] <= 100
 
 
 def test_a_long_fire_with_a_time_limit_releases_the_gil_on_its_first_run(make_host):

@@ -279,7 +279,7 @@ def test_failed_reload_keeps_the_old_version(host, tmp_path):
 
 def test_load_file_syntax_error_reports_line_for_long_path(host, tmp_path):
     # Lua shortens long chunk names in its messages ("...tail/name.lua:3:"); the
-    # error must still carry the line (DESIGN: a failed load raises name, line, message).
+    # error must still carry the line (a failed load raises name, line, message).
     d = tmp_path / "etc" / "hostscript" / "handlers.d" / "production"
     d.mkdir(parents=True)
     path = d / "syntax_error.lua"

@@ -1,4 +1,4 @@
-"""hostscript and lupa in one process (DESIGN.md, "Symbol clashes").
+"""hostscript and lupa in one process (the engines link Lua statically with hidden symbols).
 
 lupa's extension modules export every ``lua_*`` symbol; loading one with RTLD_GLOBAL
 (``lupa.allow_lua_module_loading()``) puts those symbols in the global scope, where a

@@ -714,7 +714,7 @@ def test_ctx_replaced_by_assignment(host):
 def test_ctx_snapshot_does_not_silently_merge_number_and_boolean_keys(host, num, boolean):
     # In Lua, t[1] and t[true] (t[0] and t[false]) are different keys, and txn.ctx
     # keeps both between hooks. In a Python dict 1 == True and 0 == False, so a naive
-    # snapshot keeps one value and drops the other without a word. DESIGN.md: "not a
+    # snapshot keeps one value and drops the other without a word. the contract: "not a
     # silent loss" -- either raise a clear error or keep both values.
     out, txn = run(host, f'txn.ctx.m = {{[{num}] = "one", [{boolean}] = "yes"}}')
     ok(out)
@@ -771,7 +771,7 @@ def test_ctx_with_non_plain_data_is_a_ctx_error(host, label, stmt):
                                   "txn.ctx.h = txn.resp.headers"])
 def test_ctx_refuses_a_headers_proxy_instead_of_saving_an_empty_table(host, stmt):
     # a headers proxy keeps no data in its table: saving it as {} would be a
-    # silent loss; DESIGN.md: anything but plain data is a clear error
+    # silent loss; the contract: anything but plain data is a clear error
     out, txn = run(host, stmt, Transaction(headers=[("Host", "h")],
                                            response_headers=[("Server", "s")]))
     assert out.status is Outcome.ERROR, f"saved as {txn.ctx!r}"

@@ -8,7 +8,7 @@
 # The engine modules link these with --exclude-libs=ALL, so no lua_* symbol is exported.
 #
 # Each engine gets one small patch from tools/patches/ before it is compiled: its long
-# C loops (pattern matching, string.rep, table.move/concat) check in with hostscript's
+# C loops (pattern matching, string.rep; on Lua 5.4 table.move/concat too) check in with hostscript's
 # time limit, and C code calling back into Lua checks the thread's C stack
 # (native/limits.c has the other half). An archive built from other patches — or
 # none — is rebuilt.
