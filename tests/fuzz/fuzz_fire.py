@@ -90,15 +90,19 @@ if ENGINE is not None and ENGINE not in ENGINES:
 
 # Findings of this fuzzer the core has not fixed yet (tests/test_fuzz_findings.py).
 KNOWN = {
-    "pattern-backtracking": "string.find/match/gsub with a backtracking pattern on a long "
-                            "subject runs in one C call, which the count hook cannot "
-                            "interrupt: the fire outlasts time_limit by seconds, or forever",
+    "c-call-time": "one long C library call is not interrupted by the count hook that "
+                   "enforces time_limit: a backtracking pattern or a plain find of a long "
+                   "needle (string.find/match/gsub), string.rep('', 2^31) and "
+                   "table.move({}, 1, 3e9, 1, {}) (Lua 5.4) run for seconds, or forever",
     "proxy-rawset": "rawset on txn, txn.req/resp or their headers proxies writes the "
                     "per-state tables every later fire reuses: the value (txn.ctx "
                     "included) leaks into the next transactions",
     "headers-assign": "txn.req.headers = v / txn.resp.headers = v is accepted silently and "
                       "replaces the per-state headers proxy: the transaction is not changed, "
                       "and every later fire in that state reads and writes v instead",
+    "luajit-cstack": "on LuaJIT, Lua code re-entered through C library calls (a gsub callback "
+                     "calling gsub, ...) nests C frames until the thread's C stack overflows: "
+                     "the process dies with SIGSEGV instead of a 'C stack overflow' error",
 }
 _avoid = os.environ.get("HS_FUZZ_AVOID", "known")
 if _avoid == "known":

@@ -162,6 +162,13 @@ class LuaGen:
     def count(self) -> str:
         return self.s.pick(COUNTS)
 
+    def c_count(self) -> str:
+        """A count a C library function loops over by itself (string.rep, table.move)."""
+        n = self.count()
+        if "c-call-time" in self.avoid:  # known finding: the count hook cannot stop the loop
+            return "math.min(%s, 1e6)" % n
+        return n
+
     # ---- expressions ----
 
     def str_expr(self, d: int) -> str:
@@ -177,7 +184,7 @@ class LuaGen:
                                    "_VERSION", "tostring(txn.ctx.s)", "tostring(self)",
                                    "tostring(#txn.req.uri)"]),
             lambda d: "v%d" % self.s.below(3),
-            lambda d: "string.rep(%s, %s%s)" % (self.str_expr(d), self.count(),
+            lambda d: "string.rep(%s, %s%s)" % (self.str_expr(d), self.c_count(),
                                                ", " + self.str_expr(d) if self.s.chance(1, 4) else ""),
             lambda d: "(%s):%s" % (self.str_expr(d), self.s.pick([
                 "upper()", "lower()", "reverse()", "len()", "byte()", "sub(2)", "sub(-3, -1)",
@@ -242,16 +249,16 @@ class LuaGen:
         if self.s.chance(1, 5):
             return self.literal()
         n = self.s.below(9)
-        if "pattern-backtracking" in self.avoid:
+        if "c-call-time" in self.avoid:
             n = min(n, 5)
         return lua_quote("".join(self.s.pick(PATTERN_ITEMS) for _ in range(n)).encode("latin-1"))
 
     def pattern_call(self, d: int) -> str:
         subject = self.str_expr(d)
-        if "pattern-backtracking" in self.avoid:
-            subject = "(%s):sub(1, 24)" % subject  # backtracking on 24 bytes stays cheap
+        k = self.s.below(6)
+        if "c-call-time" in self.avoid:  # known finding: one C call the count hook cannot stop
+            subject = "(%s):sub(1, %d)" % (subject, 4096 if k >= 4 else 24)
         pat = self.pattern()
-        k = self.s.below(5)
         if k == 0:
             return "string.gsub(%s, %s, %s%s)" % (subject, pat, self.s.pick(REPLS),
                                                   ", " + self.count() if self.s.chance(1, 3) else "")
@@ -264,7 +271,10 @@ class LuaGen:
             return ("(function() local r = {} for a, b in string.gmatch(%s, %s) do "
                     "r[#r + 1] = tostring(a) .. tostring(b) if #r > 50 then break end end "
                     "return table.concat(r, ',') end)()" % (subject, pat))
-        return "tostring(string.find(%s, %s, 1, true))" % (subject, self.str_expr(d))
+        if k == 4:
+            return "tostring(string.find(%s, %s, 1, true))" % (subject, self.str_expr(d))
+        return "tostring(string.find(%s, string.rep('x', %s) .. 'y', 1, true))" % (
+            subject, self.s.pick(["10", "1000", "1e5", "2e5"]))
 
     def function(self, d: int) -> str:
         self.nfun += 1
@@ -408,6 +418,10 @@ class LuaGen:
                                    "local _ = undeclared_global", "math.randomseed(1)",
                                    "string.dump(print)", "string.x = 1", "require('hs.util')",
                                    "require('nope')", "require('../etc/passwd')"]),
+            lambda d: self.reentry(),
+            lambda d: "local t2 = {} table.move(%s, %s, %s, %s, t2)" % (
+                self.s.pick(["{}", "{1, 2, 3}", "txn.req.headers:get_all('x-a')"]),
+                self.s.pick(["1", "-2^53", "0", "2^62"]), self.c_count(), self.number()),
             lambda d: "local i = 0 repeat i = i + 1\n%s\nuntil i >= %s" % (self.block(d, 2),
                                                                            self.count()),
             lambda d: "if %s then\n%s\nelse\n%s\nend" % (self.any_expr(d), self.block(d, 2),
@@ -438,6 +452,32 @@ class LuaGen:
                                    "txn.req.headers.get(nil, 'host')",
                                    "local f = txn.req.headers.each local it = f() it()"]),
         ], d)
+
+    # Lua code that C library functions call back (gsub, tostring, sort, metamethods,
+    # pcall, coroutines), calling itself through them: the C stack grows per level.
+    REENTRY = [
+        "local function f(s) {G} return (string.gsub(s, '.', f)) end f('ab')",
+        "local f f = function(s) {G} return (s:gsub('%w', {{}}, 1) .. s:gsub('.', f)) end f('xy')",
+        "local t t = setmetatable({{}}, {{__tostring = function() {G} return tostring(t) end}}) local _ = tostring(t)",
+        "local t t = setmetatable({{}}, {{__index = function(_, k) {G} return t[k] end}}) local _ = t.x",
+        "local t t = setmetatable({{}}, {{__concat = function(a, b) {G} return t .. 'x' end}}) local _ = t .. 'y'",
+        "local function r() {G} return pcall(r) end r()",
+        "local function r() {G} return select(2, xpcall(r, function(e) return e end)) end r()",
+        "local function r() {G} return coroutine.wrap(r)() end r()",
+        "local function c(a, b) {G} table.sort({{3, 2, 1}}, c) return a < b end table.sort({{3, 2, 1}}, c)",
+        "local function r() {G} return tostring(setmetatable({{}}, {{__tostring = r}})) end r()",
+        "local function r() {G} return (load('return ...'))(r()) end r()",
+        "local function r() {G} local ok, e = pcall(string.rep, setmetatable({{}}, {{__tostring = r}})) return e end r()",
+        "local h h = function() {G} return txn.req.headers:get_all(h()) end h()",
+        "local function r(s) {G} return (s:gsub('.', function(c) return r(c) end)) end r('a')",
+    ]
+
+    def reentry(self) -> str:
+        code = self.s.pick(self.REENTRY)
+        guard = ""
+        if "luajit-cstack" in self.avoid:  # known finding: LuaJIT runs out of C stack
+            guard = "DEPTH = (DEPTH or 0) + 1 if DEPTH > 150 then return '' end"
+        return "do local DEPTH = 0 " + code.format(G=guard) + " end"
 
     def respond(self, d: int) -> str:
         args = [self.s.pick(STATUS)]
@@ -543,7 +583,15 @@ def header_source(s: Source) -> Any:
             block += s.pick([b"\r\n", b"\n", b"\r\n\r\nGET / HTTP/1.1\r\n", b"", b"\x00"])
         return s.pick([block, block, bytearray(block), memoryview(block)])
     if k == 7:
-        return {py_text(s, NAMES): py_text(s, VALUES) for _ in range(s.below(4))}
+        out = {}
+        for _ in range(s.below(4)):
+            name = py_text(s, NAMES)
+            try:
+                hash(name)
+            except TypeError:
+                name = repr(name)
+            out[name] = py_text(s, VALUES)
+        return out
     if k == 8:
         msg = email.message.Message()
         for _ in range(s.below(4)):
