@@ -162,6 +162,11 @@ class LuaGen:
     def count(self) -> str:
         return self.s.pick(COUNTS)
 
+    def c_start(self, starts: Sequence[str]) -> str:
+        """Where such a loop starts: with c_count, far from the end only when not avoided."""
+        start = self.s.pick(starts)
+        return "1" if "c-call-time" in self.avoid else start
+
     def c_count(self) -> str:
         """A count a C library function loops over by itself (string.rep, table.move)."""
         n = self.count()
@@ -421,7 +426,7 @@ class LuaGen:
             lambda d: self.reentry(),
             lambda d: "local t2 = {} table.move(%s, %s, %s, %s, t2)" % (
                 self.s.pick(["{}", "{1, 2, 3}", "txn.req.headers:get_all('x-a')"]),
-                self.s.pick(["1", "-2^53", "0", "2^62"]), self.c_count(), self.number()),
+                self.c_start(["1", "-2^53", "0", "2^62"]), self.c_count(), self.number()),
             lambda d: "local i = 0 repeat i = i + 1\n%s\nuntil i >= %s" % (self.block(d, 2),
                                                                            self.count()),
             lambda d: "if %s then\n%s\nelse\n%s\nend" % (self.any_expr(d), self.block(d, 2),
