@@ -180,3 +180,35 @@ def test_lua_reentered_through_gsub_without_end_is_an_error_not_a_crash(request,
     assert res["status"] == "ERROR" and res["kind"] in ("runtime", "memory"), res
     assert "stack overflow" in res["message"] or res["kind"] == "memory", res
     assert res["next"] == "CONTINUE" and res["next_ctx"] == {"probe": True}, res
+
+
+# ---- luajit-caught-oom ----
+
+LUAJIT_CAUGHT_OOM = known(
+    "luajit-caught-oom",
+    "on LuaJIT a memory error caught by pcall leaves the heap full of garbage (no emergency "
+    "GC, and the core collects only after a fire that failed with it): the next fire, "
+    "another request's, fails with 'memory limit exceeded'",
+    ("luajit",))
+
+
+def test_a_memory_error_caught_by_pcall_does_not_fail_the_next_request(request, engine, make_host):
+    mark_known(request, engine, LUAJIT_CAUGHT_OOM)
+    host = make_host(("read_request",), memory_limit=8 << 20)
+    host.load("""local C = {}
+    function C:on_read_request(txn)
+      if txn.req.headers['x-bomb'] then
+        local ok, e = pcall(function() local t = {} for i = 1, 1e9 do t = {t} end end)
+        txn.resp.headers['x-caught'] = tostring(e)
+      else
+        txn.ctx.ok = true
+      end
+    end
+    return C""", name="oom.lua")
+    bomb = Transaction(headers=[("x-bomb", "1")])
+    assert host.fire("read_request", bomb).status is Outcome.CONTINUE
+    assert bomb.response.headers["x-caught"] == "not enough memory"
+    other = Transaction()
+    out = host.fire("read_request", other)
+    assert out.status is Outcome.CONTINUE, out.error
+    assert other.ctx == {"ok": True}

@@ -105,3 +105,14 @@ def run_sanitized(engine: str, program: str, variant: str, tmp_path: pathlib.Pat
 @pytest.mark.parametrize("program,variant", MATRIX, ids=[f"{p}-{v}" for p, v in MATRIX])
 def test_c_threads_and_limits_are_clean_under_sanitizers(engine, program, variant, tmp_path):
     run_sanitized(engine, program, variant, tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="native/program.c publish() passes NULL to memcpy "
+                                       "(old->modules, 0 bytes) on the first load: UB; suppressed "
+                                       "above as KNOWN_UB until fixed, then drop both")
+def test_the_first_load_has_no_undefined_behaviour(tmp_path):
+    exe = build_c_program("lua54", "exit_race.c", tmp_path / "exit_race_ub", "-g", "-O1",
+                          "-fsanitize=undefined", "-fno-sanitize-recover=undefined")
+    proc = subprocess.run([str(exe), "1"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1"))
+    assert proc.returncode == 0 and "runtime error:" not in proc.stderr, proc.stderr[-3000:]
