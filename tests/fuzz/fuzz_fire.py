@@ -574,8 +574,11 @@ class Run:
             for hook in ("read_request", s.pick(HOOKS)):
                 self.probe(hook, "at the end of the input", s.chance(1, 4))
             ok, st = call("host.stats()", host.stats)
-            if not ok or st["fires"] < 1:
+            if not ok or st["fires"] < 1 or st["heap_max"] > MEMORY_LIMIT + (1 << 20):
                 violation(f"host.stats() = {st!r}")
+            ok, names = call("host.scripts", lambda: host.scripts)
+            if not ok or sorted(names) != sorted(self.handled):
+                violation(f"host.scripts = {names!r}, loaded {sorted(self.handled)!r}")
         finally:
             host.close()
         ok, out = call("fire on a closed host", host.fire, "read_request", hostscript.Transaction())
