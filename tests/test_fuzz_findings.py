@@ -212,3 +212,40 @@ def test_a_memory_error_caught_by_pcall_does_not_fail_the_next_request(request, 
     out = host.fire("read_request", other)
     assert out.status is Outcome.CONTINUE, out.error
     assert other.ctx == {"ok": True}
+
+
+# ---- coroutine-load ----
+
+COROUTINE_LOAD = known(
+    "coroutine-load",
+    "sb_load and sb_require (native/sandbox.c) push the sandbox environment with "
+    "hs_sandbox_push_env(S), onto S->L, the state's main Lua thread, not the coroutine that "
+    "runs: load returns its source string, require fails, and on Lua 5.4 repeated loads "
+    "write past the main thread's stack (heap corruption, SIGSEGV)")
+
+
+@pytest.mark.parametrize("body,want", [
+    ("local f = load('return 42') txn.resp.headers['x-r'] = tostring(f and f())", "42"),
+    ("txn.resp.headers['x-r'] = type(require('hs.util'))", "table"),
+], ids=["load", "require"])
+def test_load_and_require_work_inside_a_coroutine(request, engine, make_host, body, want):
+    mark_known(request, engine, COROUTINE_LOAD)
+    host = make_host(("read_request",))
+    host.load("local C = {} function C:on_read_request(txn)\n"
+              f"local co = coroutine.wrap(function() {body} end) co()\n"
+              "end return C", name="co.lua")
+    txn = Transaction()
+    out = host.fire("read_request", txn)
+    assert out.status is Outcome.CONTINUE, out.error
+    assert txn.response.headers["x-r"] == want
+
+
+def test_many_loads_inside_a_coroutine_do_not_corrupt_the_heap(request, engine):
+    # LuaJIT grows the main thread's stack on each push: only Lua 5.4 writes past it
+    mark_known(request, engine, COROUTINE_LOAD[:2] + (("lua54",),))
+    body = ("local co = coroutine.wrap(function() for i = 1, 10000 do load('return 1') end end) "
+            "co() txn.ctx.r = 'done'")
+    rc, res, err = fire_in_child(engine, body, time_limit=5.0)
+    assert rc == 0, f"the process died with {rc}: {err[-2000:]}"
+    assert res["status"] == "CONTINUE", res
+    assert res["next"] == "CONTINUE" and res["next_ctx"] == {"probe": True}, res

@@ -36,8 +36,9 @@ which this machine's toolchain (gcc) lacks, so the C side is exercised, not meas
 
 Known findings (KNOWN below) are steered around by default so a long run looks for
 new ones; HS_FUZZ_AVOID=none turns that off (HS_FUZZ_AVOID=a,b picks). The same
-setting must be used to replay an input (HS_FUZZ_ENGINE need not: an input reads its
-engine byte either way, and the variable only overrides what it says).
+setting must be used to replay an input, and HS_FUZZ_ENGINE too when the run forced
+one (an input builds the same script either way: it reads its engine byte even when
+the variable overrides it).
 
 Usage:
   python tests/fuzz/fuzz_fire.py [libFuzzer flags] [CORPUS_DIR ...]   # fuzz (atheris)
@@ -107,6 +108,10 @@ KNOWN = {
     "luajit-caught-oom": "on LuaJIT, a memory error a handler catches with pcall leaves the "
                          "state's heap full of garbage (LuaJIT has no emergency GC): the next "
                          "fire, another request's, fails with 'memory limit exceeded'",
+    "coroutine-load": "load() (and require) inside a coroutine push the sandbox environment "
+                      "onto the state's main Lua thread instead of the running coroutine: "
+                      "load returns its source string, and repeated, Lua 5.4 writes past the "
+                      "main thread's stack (heap corruption, SIGSEGV / glibc abort)",
 }
 _avoid = os.environ.get("HS_FUZZ_AVOID", "known")
 if _avoid == "known":

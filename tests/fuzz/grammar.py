@@ -121,6 +121,7 @@ class LuaGen:
         self.avoid = avoid
         self.budget = 160  # nodes left; then only leaves
         self.nfun = 0
+        self.in_coroutine = 0
 
     # ---- helpers ----
 
@@ -221,7 +222,8 @@ class LuaGen:
             lambda d: "tostring(string.unpack and string.unpack(%s, %s))" % (
                 self.s.pick(PACK_FORMATS), self.str_expr(d)),
             lambda d: "(%s)(%s)" % (self.function(d), self.str_expr(d)),
-            lambda d: "(load(%s) or tostring)(%s)" % (self.code_string(d), self.str_expr(d)),
+            lambda d: "(%s(%s) or tostring)(%s)" % (self.fn("load"), self.code_string(d),
+                                                    self.str_expr(d)),
             lambda d: "tostring(setmetatable({}, {__tostring = function() return %s end}))" %
                       self.any_expr(d),
         ], d)
@@ -391,11 +393,9 @@ class LuaGen:
             lambda d: "print(%s)" % ", ".join(self.any_expr(d) for _ in range(self.s.below(3))),
             lambda d: "for i = 1, %s do hs.log.info(%s) end" % (self.count(), self.str_expr(d)),
             lambda d: "pcall(function()\n%s\nend)" % self.block(d),
-            lambda d: "local ok, e = pcall(%s, %s)" % (self.s.pick(["error", "string.rep", "tostring",
-                                                                   "txn.respond", "hs.log.info",
-                                                                   "coroutine.wrap", "load",
-                                                                   "next", "setmetatable"]),
-                                                       self.any_expr(d)),
+            lambda d: "local ok, e = pcall(%s, %s)" % (self.fn(self.s.pick([
+                "error", "string.rep", "tostring", "txn.respond", "hs.log.info", "coroutine.wrap",
+                "load", "next", "setmetatable"])), self.any_expr(d)),
             lambda d: "xpcall(function()\n%s\nend, function(e)\n%s\nreturn e end)" % (
                 self.block(d), self.block(d, 2)),
             lambda d: self.raise_error(d),
@@ -422,7 +422,8 @@ class LuaGen:
                                    "select(-1)", "tostring(nil .. 'x')", "undeclared_global = 1",
                                    "local _ = undeclared_global", "math.randomseed(1)",
                                    "string.dump(print)", "string.x = 1", "require('hs.util')",
-                                   "require('nope')", "require('../etc/passwd')"]),
+                                   "require('nope')", "require('../etc/passwd')"]).replace(
+                                       "require(", self.fn("require") + "("),
             lambda d: self.reentry(),
             lambda d: "local t2 = {} table.move(%s, %s, %s, %s, t2)" % (
                 self.s.pick(["{}", "{1, 2, 3}", "txn.req.headers:get_all('x-a')"]),
@@ -431,11 +432,9 @@ class LuaGen:
                                                                            self.count()),
             lambda d: "if %s then\n%s\nelse\n%s\nend" % (self.any_expr(d), self.block(d, 2),
                                                           self.block(d, 2)),
-            lambda d: ("local co = coroutine.wrap(function(...)\n%s\ncoroutine.yield(%s)\n%s\nend)"
-                       "\nco(%s) co()" % (self.block(d, 2), self.any_expr(d), self.block(d, 2),
-                                          self.any_expr(d))),
+            lambda d: self.coroutine(d),
             lambda d: "coroutine.yield(%s)" % self.any_expr(d),
-            lambda d: "local f = load(%s) if f then f(%s) end" % (self.code_string(d),
+            lambda d: "local f = %s(%s) if f then f(%s) end" % (self.fn("load"), self.code_string(d),
                                                                    self.any_expr(d)),
             lambda d: "rawset(%s, %s, %s)" % (self.rawset_target(), self.name(d), self.ctx_value(d)),
             lambda d: "local _ = rawget(%s, %s)" % (self.s.pick(["txn", "txn.req", "txn.req.headers",
@@ -478,11 +477,24 @@ class LuaGen:
     ]
 
     def reentry(self) -> str:
-        code = self.s.pick(self.REENTRY)
+        code = self.s.pick(self.REENTRY).replace("(load(", "(" + self.fn("load") + "(")
         guard = ""
         if "luajit-cstack" in self.avoid:  # known finding: LuaJIT runs out of C stack
             guard = "DEPTH = (DEPTH or 0) + 1 if DEPTH > 150 then return '' end"
         return "do local DEPTH = 0 " + code.format(G=guard) + " end"
+
+    def coroutine(self, d: int) -> str:
+        self.in_coroutine += 1
+        body = (self.block(d, 2), self.any_expr(d), self.block(d, 2))
+        self.in_coroutine -= 1
+        return ("local co = coroutine.wrap(function(...)\n%s\ncoroutine.yield(%s)\n%s\nend)"
+                "\nco(%s) co()" % (*body, self.any_expr(d)))
+
+    def fn(self, name: str) -> str:
+        """NAME, or a stand-in where calling it is a known finding."""
+        if name in ("load", "require") and self.in_coroutine and "coroutine-load" in self.avoid:
+            return "NO_" + name.upper()  # known finding: load/require in a coroutine
+        return name
 
     def respond(self, d: int) -> str:
         args = [self.s.pick(STATUS)]
@@ -510,7 +522,9 @@ class LuaGen:
         """(source, hooks it handles, whether it returns the class itself). The first statement of every handler is the
         probe guard: a transaction with PROBE_HEADER only sets txn.ctx.probe."""
         s = self.s
-        lines = ["local C = {}", "local SAVED_TXN, SAVED_ITER, SAVED_HDRS"]
+        lines = ["local C = {}", "local SAVED_TXN, SAVED_ITER, SAVED_HDRS",
+                 "local function NO_LOAD() return nil, 'avoided' end",
+                 "local function NO_REQUIRE() return nil end"]
         if s.chance(1, 4):
             lines.append("function C.new() return {n = 0} end")
         if s.chance(1, 16):
