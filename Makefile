@@ -60,7 +60,7 @@ $(VENV)/.fuzz: $(VENV)/.installed
 fuzz: $(VENV)/.fuzz
 	mkdir -p build/fuzz/corpus build/fuzz/artifacts
 	HS_FUZZ_ENGINE=$(FUZZ_ENGINE) $(PY) tests/fuzz/fuzz_fire.py -max_total_time=$(FUZZ_SECONDS) \
-		$(FUZZ_FLAGS) -artifact_prefix=build/fuzz/artifacts/ build/fuzz/corpus
+		$(FUZZ_FLAGS) -artifact_prefix=build/fuzz/artifacts/ build/fuzz/corpus tests/fuzz/corpus
 
 clean:
 	rm -rf build/c build/bench build/temp* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info

@@ -40,6 +40,10 @@ setting must be used to replay an input, and HS_FUZZ_ENGINE too when the run for
 one (an input builds the same script either way: it reads its engine byte even when
 the variable overrides it).
 
+tests/fuzz/corpus is a seed corpus: the corpus of the first runs (10+ minutes on
+each engine) reduced with libFuzzer's -merge=1; tests/test_fuzz_smoke.py starts from
+it, `make fuzz` can be pointed at it (it writes new inputs to build/fuzz/corpus).
+
 Usage:
   python tests/fuzz/fuzz_fire.py [libFuzzer flags] [CORPUS_DIR ...]   # fuzz (atheris)
   python tests/fuzz/fuzz_fire.py CRASHFILE ...          # plain replay: run, report, exit 1 on a violation
@@ -56,6 +60,7 @@ import math
 import os
 import pathlib
 import queue
+import shlex
 import sys
 import threading
 import time
@@ -632,6 +637,9 @@ def main(argv: List[str]) -> int:
         return replay(files, show)
     print(f"hostscript {hostscript.__file__}; engine {ENGINE or 'from the input'}; "
           f"avoiding {sorted(AVOID) or 'nothing'}", file=sys.stderr)
+    # libFuzzer's -merge/-fork run argv[0] through the shell: make that this interpreter
+    argv = [f"{shlex.quote(sys.executable)} {shlex.quote(str(pathlib.Path(argv[0]).resolve()))}",
+            *argv[1:]]
     atheris.Setup(argv, TestOneInput)
     atheris.Fuzz()
     return 0
