@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE := $(wildcard native/*.c native/*.h) $(shell find src/lua -name '*.lua')
 LUA_LIBS := build/lua/lua54/liblua.a build/lua/luajit/libluajit.a
 
-.PHONY: all deps install test run bench clean
+.PHONY: all deps install test test-sanitize fuzz run bench clean
 
 all: install
 
@@ -40,6 +40,27 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) -m hostscript bench --markdown --json build/bench.json --plot build/bench.png
+
+# The C thread and limit tests under ASan+UBSan and TSan (tests/test_sanitizers.py, and
+# the TSan case of tests/test_txn_entry_points.py); `make test` runs them too.
+test-sanitize: install
+	$(PY) -m pytest -q tests/test_sanitizers.py \
+		"tests/test_txn_entry_points.py::test_c_second_fire_on_a_busy_transaction_is_refused"
+
+# The atheris fuzz target (tests/fuzz/fuzz_fire.py) for FUZZ_SECONDS, both engines
+# (FUZZ_ENGINE=luajit|lua54 for one); the corpus grows in build/fuzz/corpus, crashes
+# land in build/fuzz/artifacts (replay: $(PY) tests/fuzz/fuzz_fire.py FILE).
+FUZZ_SECONDS ?= 300
+FUZZ_ENGINE ?=
+FUZZ_FLAGS ?= -timeout=10 -len_control=0 -max_len=2048 -rss_limit_mb=4096
+$(VENV)/.fuzz: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[fuzz]'
+	touch $@
+
+fuzz: $(VENV)/.fuzz
+	mkdir -p build/fuzz/corpus build/fuzz/artifacts
+	HS_FUZZ_ENGINE=$(FUZZ_ENGINE) $(PY) tests/fuzz/fuzz_fire.py -max_total_time=$(FUZZ_SECONDS) \
+		$(FUZZ_FLAGS) -artifact_prefix=build/fuzz/artifacts/ build/fuzz/corpus tests/fuzz/corpus
 
 clean:
 	rm -rf build/c build/bench build/temp* build/lib* hostscript/_lua54*.so hostscript/_luajit*.so hostscript/_bridge*.so $(VENV) *.egg-info

@@ -72,6 +72,7 @@ def make_ffi(engine: str) -> FFI:
         define_macros=MACROS[engine],
         extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall"],
         extra_objects=[str(archive)],
+        depends=[str(archive)] + [_rel(p) for p in NATIVE.glob("*.h")],  # relink when Lua is rebuilt
         extra_link_args=["-Wl,--exclude-libs,ALL"],
         libraries=["m", "dl", "pthread"],
     )

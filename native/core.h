@@ -197,7 +197,8 @@ void hs_error_from_lua(hs_state *S, hs_error *e, int rc, const char *script, int
 /* ---- sandbox and require (sandbox.c) ---- */
 int hs_sandbox_open(hs_state *S); /* builds what script environments share (env_ref) */
 /* Push a new chunk's environment: its own table in the sandbox, else the globals. */
-void hs_sandbox_push_env(hs_state *S);
+void hs_sandbox_push_env(hs_state *S, lua_State *L);
+extern const char hs_readonly_key; /* in a metatable: rawset refuses the table (sandbox.c) */
 
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */

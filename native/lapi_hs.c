@@ -149,6 +149,7 @@ static int req_index(lua_State *L) {
     const char *k = lua_tostring(L, 2);
     if (k && !strcmp(k, "method")) push_buf(L, &t->method);
     else if (k && !strcmp(k, "uri")) push_buf(L, &t->uri);
+    else if (k && !strcmp(k, "headers")) lua_pushvalue(L, lua_upvalueindex(2));
     else lua_pushnil(L);
     return 1;
 }
@@ -164,7 +165,8 @@ static int req_newindex(lua_State *L) {
         set_buf(L, S, &t->uri, 3, hs_valid_uri, "uri (no spaces or control characters)");
         t->changed |= HS_CH_URI;
     } else {
-        return luaL_error(L, "txn.req.%s cannot be assigned (method, uri and headers can)",
+        return luaL_error(L, "txn.req.%s cannot be assigned (method and uri can; headers are "
+                             "set one by one: txn.req.headers[name] = value)",
                           k ? k : "?");
     }
     return 0;
@@ -186,6 +188,8 @@ static int resp_index(lua_State *L) {
         else lua_pushnil(L);
     } else if (k && !strcmp(k, "body")) {
         push_buf(L, &t->body);
+    } else if (k && !strcmp(k, "headers")) {
+        lua_pushvalue(L, lua_upvalueindex(2));
     } else {
         lua_pushnil(L);
     }
@@ -203,7 +207,8 @@ static int resp_newindex(lua_State *L) {
         set_buf(L, S, &t->body, 3, NULL, "body");
         t->changed |= HS_CH_BODY;
     } else {
-        return luaL_error(L, "txn.resp.%s cannot be assigned (status, body and headers can)",
+        return luaL_error(L, "txn.resp.%s cannot be assigned (status and body can; headers are "
+                             "set one by one: txn.resp.headers[name] = value)",
                           k ? k : "?");
     }
     return 0;
@@ -373,6 +378,15 @@ static const luaL_Reg hdr_methods[] = {
     {"get", hdr_get}, {"get_all", hdr_get_all}, {"set", hdr_set}, {"add", hdr_add},
     {"remove", hdr_remove}, {"each", hdr_each}, {NULL, NULL}};
 
+/* Mark the metatable on top: the sandbox's rawset refuses its table. These objects
+ * live as long as the state, so a raw field stored in one would show in every later
+ * request's handlers. */
+static void mark_readonly(lua_State *L) {
+    lua_pushlightuserdata(L, (void *)&hs_readonly_key);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+}
+
 /* Pushes a headers proxy for WHICH. */
 static void new_headers(lua_State *L, hs_state *S, int which) {
     lua_newtable(L); /* proxy */
@@ -396,22 +410,26 @@ static void new_headers(lua_State *L, hs_state *S, int which) {
     lua_setfield(L, -3, "__newindex");
     lua_pushliteral(L, "headers");
     lua_setfield(L, -3, "__metatable");
+    lua_pushvalue(L, -2); /* the metatable, on top for mark_readonly */
+    mark_readonly(L);
+    lua_pop(L, 1);
     lua_pop(L, 1);
     lua_setmetatable(L, -2);
 }
 
-/* Pushes a req/resp table: {headers = proxy} with field metamethods. */
+/* Pushes a req/resp table: empty, every field (headers too) through its metamethods,
+ * so nothing can be stored in it. Upvalues of __index: state, headers proxy. */
 static void new_message(lua_State *L, hs_state *S, int which, lua_CFunction idx, lua_CFunction nidx) {
     lua_newtable(L);
-    new_headers(L, S, which);
-    lua_setfield(L, -2, "headers");
     lua_newtable(L);
     lua_pushlightuserdata(L, S);
-    lua_pushcclosure(L, idx, 1);
+    new_headers(L, S, which);
+    lua_pushcclosure(L, idx, 2);
     lua_setfield(L, -2, "__index");
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, nidx, 1);
     lua_setfield(L, -2, "__newindex");
+    mark_readonly(L);
     lua_setmetatable(L, -2);
 }
 
@@ -534,6 +552,7 @@ static void new_txn(lua_State *L, hs_state *S) {
     lua_setfield(L, -2, "__newindex");
     lua_pushliteral(L, "txn");
     lua_setfield(L, -2, "__metatable");
+    mark_readonly(L);
     lua_setmetatable(L, -2);
     S->txn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }

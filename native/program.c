@@ -79,7 +79,7 @@ static int publish(hs_host *h, hs_prog *old, int idx, hs_script *s, hs_module **
         p->scripts[p->nscripts++] = e;
     }
     if (idx == old->nscripts) p->scripts[p->nscripts++] = s;
-    memcpy(p->modules, old->modules, old->nmodules * sizeof *p->modules);
+    if (old->nmodules) memcpy(p->modules, old->modules, old->nmodules * sizeof *p->modules);
     p->nmodules = old->nmodules;
     for (int i = 0; i < nnew; i++) p->modules[p->nmodules++] = newmods[i];
 

@@ -43,7 +43,7 @@ static int strict_newindex(lua_State *L) {
 
 /* ---- read-only library tables ---- */
 
-static const char readonly_key = 'R'; /* marks the metatable of a read-only view */
+const char hs_readonly_key = 'R'; /* marks the metatable of a table rawset may not change */
 
 static int readonly_newindex(lua_State *L) {
     const char *k = lua_tostring(L, 2);
@@ -67,7 +67,7 @@ static void make_readonly(lua_State *L, int t, const char *name) {
     lua_setfield(L, -2, "__newindex");
     lua_pushliteral(L, "read-only");
     lua_setfield(L, -2, "__metatable");
-    lua_pushlightuserdata(L, (void *)&readonly_key);
+    lua_pushlightuserdata(L, (void *)&hs_readonly_key);
     lua_pushboolean(L, 1);
     lua_rawset(L, -3);
     lua_setmetatable(L, -2);
@@ -78,9 +78,10 @@ static void make_readonly(lua_State *L, int t, const char *name) {
 static int sb_rawset(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (lua_getmetatable(L, 1)) {
-        lua_pushlightuserdata(L, (void *)&readonly_key);
+        lua_pushlightuserdata(L, (void *)&hs_readonly_key);
         lua_rawget(L, -2);
-        if (lua_toboolean(L, -1)) return luaL_error(L, "rawset: library tables are read-only in the sandbox");
+        if (lua_toboolean(L, -1))
+            return luaL_error(L, "rawset: library tables and the txn objects are read-only in the sandbox");
         lua_pop(L, 2);
     }
     luaL_checkany(L, 3);
@@ -199,7 +200,7 @@ static int sb_load(lua_State *L) {
         return 2;
     }
     if (envi) lua_pushvalue(L, envi);
-    else hs_sandbox_push_env(S);
+    else hs_sandbox_push_env(S, L); /* L: the coroutine that runs load, maybe not S->L */
     hs_setenv(L, lua_gettop(L) - 1);
     return 1;
 }
@@ -348,7 +349,7 @@ static int sb_require(lua_State *L) {
     lua_pop(L, 1);
     find_module(L, S, name);
     int chunk = lua_gettop(L);
-    hs_sandbox_push_env(S);
+    hs_sandbox_push_env(S, L);
     hs_setenv(L, chunk);
     const char *outer = S->cur_name;
     lua_pushvalue(L, 1);
@@ -380,8 +381,7 @@ static void copy_fields(lua_State *L, int from, int to, const char *const *names
     }
 }
 
-void hs_sandbox_push_env(hs_state *S) {
-    lua_State *L = S->L;
+void hs_sandbox_push_env(hs_state *S, lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->env_ref);
     if (!S->host->sandbox) return; /* the globals */
     lua_createtable(L, 0, 1);      /* env_ref is the metatable environments share */

@@ -259,7 +259,7 @@ static void declared_hooks(hs_host *h, char *buf, size_t cap) {
 int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     lua_State *L = S->L;
     hs_host *h = S->host;
-    hs_sandbox_push_env(S);
+    hs_sandbox_push_env(S, L);
     hs_setenv(L, lua_gettop(L) - 1);
     S->cur_name = name;
     int rc = call_user(S, 0, 1);
