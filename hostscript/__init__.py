@@ -18,4 +18,4 @@ __all__ = [
     "Headers", "Host", "Outcome", "Request", "Response", "Script", "ScriptError", "Status",
     "Transaction", "UsageError", "engines",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
