@@ -75,6 +75,9 @@ typedef struct hs_prog {
 } hs_prog;
 
 void hs_prog_release(hs_prog *p);
+/* Publish OLD with script S at IDX (old->nscripts: appended; S NULL: IDX removed) and NEWMODS. */
+int hs_prog_publish(hs_host *h, hs_prog *old, int idx, hs_script *s, hs_module **newmods, int nnew);
+int hs_prog_find(const hs_prog *p, const char *name); /* index of script NAME, -1 when absent */
 void hs_script_release(hs_script *s);
 hs_prog *hs_prog_acquire(hs_host *h); /* current program, +1 reference */
 const hs_module *hs_prog_module(const hs_prog *p, const char *name);
