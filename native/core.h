@@ -10,14 +10,13 @@
  *   hs_script immutable compiled script (bytecode); refcounted by programs, so a
  *             reload of one script shares the others between old and new program.
  *   hs_state  serves one thread at a time, at most one per (thread, host); listed
- *             by its host and by its thread (thread.c), refcounted by those
- *             listings. When its thread ends it goes to the host's pool of idle
- *             states (still on the host's list, on no thread's) if there is room,
- *             and the next new thread takes it over. Otherwise whoever ends first —
- *             the thread or the host — closes its Lua state (claimed flag); the
- *             struct goes when every listing has let go.
- *   hs_thread one per thread that fired: its list of states, refcounted by the
- *             thread and by each state on it (a pooled state holds none).
+ *             by its host and by its thread, refcounted by those listings, holding
+ *             a reference on its host. host.c owns the rules (thread.c asks it for
+ *             a state and gives it back): when its thread ends a state goes to the
+ *             host's pool of idle states if there is room, and the next new thread
+ *             takes it over; otherwise whoever ends first — the thread or the host
+ *             — closes its Lua state (claimed flag), and the last listing frees it.
+ *   hs_thread one per thread that fired (thread.c): its list of states.
  */
 #ifndef HS_CORE_H
 #define HS_CORE_H
@@ -103,15 +102,13 @@ typedef struct hs_counters {
 } hs_counters;
 
 typedef struct hs_state hs_state;
-typedef struct hs_thread hs_thread;
 struct hs_state {
     hs_host *host; /* reference held */
     lua_State *L;
     hs_state *prev, *next; /* host's list of live states (host->mu) */
-    int linked;            /* on the host's list */
+    atomic_int linked;     /* on the host's list (written under host->mu) */
     hs_state *pool_next;   /* host's pool of idle states, a subset of its list (host->mu) */
     hs_state *tnext;       /* its thread's list (thread->mu) */
-    hs_thread *thread;     /* reference held; NULL for scratch and pooled states */
     atomic_int refs;       /* the listings: the host's, and its thread's unless pooled */
     atomic_int claimed;    /* set by whoever closes the Lua state: thread end or host free */
     int scratch;           /* a load-time validation state, in no list */
@@ -154,13 +151,12 @@ struct hs_state {
 hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err);
 void hs_state_close(hs_state *S);    /* scratch or unlisted: teardown + free */
 void hs_state_teardown(hs_state *S); /* close the Lua state; the struct stays */
-void hs_state_release(hs_state *S);  /* drop one listing; the last frees the struct */
+int hs_state_unref(hs_state *S);     /* drop one listing; 1 when it was the last */
+void hs_state_destroy(hs_state *S);  /* free the struct (after the last listing) */
 
 /* ---- which states a thread owns (thread.c) ---- */
 /* This thread's state for H; its first fire takes one from the host's pool or creates it. */
 hs_state *hs_thread_state(hs_host *h, hs_error **err);
-void hs_thread_detach(hs_state *S); /* host free: take S off its thread's list, if any */
-void hs_thread_unref(hs_thread *T);
 
 /* ---- state.c ---- */
 /* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
@@ -255,6 +251,12 @@ struct hs_host {
 };
 
 void hs_host_unref(hs_host *h);
-void hs_host_retire_counters(hs_host *h, const hs_counters *c);
+/* The listing of worker states (host.c), for thread.c: a new state listed by the
+ * host and (refs 2) by the calling thread; the host's most recently pooled state
+ * for a new thread (NULL: none); a state its thread has let go of (thread exit, or
+ * found closed by hs_host_free) — pooled, or closed and dropped. */
+hs_state *hs_host_new_state(hs_host *h, hs_error *err);
+hs_state *hs_host_take_pooled(hs_host *h);
+void hs_host_state_ended(hs_state *S);
 
 #endif

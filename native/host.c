@@ -7,11 +7,19 @@
  * runs at set-up, at thread start/end, or when someone asks for stats, under
  * host->mu.
  *
- * Lifetime: the host is reference-counted by its handle and by each live state
- * (pooled ones included), so a thread ending while or after hs_host_free runs never
- * touches freed memory. hs_host_free closes every listed state, pooled or not, and
- * empties the pool under host->mu, so no thread can pool a state or take one
- * afterwards (thread.c has the protocol).
+ * It also owns the rules of a worker state's life, which thread.c follows without
+ * knowing them (this file never calls thread.c):
+ *   - a state is listed by its host (always, pooled or not) and by its thread
+ *     (while it has one); each listing holds one of S->refs, and the owner of the
+ *     last frees the struct and drops the state's reference on the host, so the
+ *     host outlives its states;
+ *   - whoever sets S->claimed first closes the Lua state: the thread letting go of
+ *     it, or hs_host_free; the other only unlinks;
+ *   - pooling and taking from the pool happen under host->mu, only while S->linked;
+ *     a pooled state is on no thread's list;
+ *   - hs_host_free empties the list and the pool and clears S->linked under
+ *     host->mu, closes every state, and leaves those a thread still lists on that
+ *     thread's list: the thread drops them (thread.c, find and thread_exit).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -133,6 +141,77 @@ void hs_host_unref(hs_host *h) {
     if (atomic_fetch_sub(&h->refs, 1) == 1) host_destroy(h);
 }
 
+static void hs_host_retire_counters(hs_host *h, const hs_counters *c);
+
+/* Drop one listing of S; the last frees it and its reference on the host. */
+static void drop(hs_state *S) {
+    hs_host *h = S->host;
+    if (!hs_state_unref(S)) return;
+    hs_state_destroy(S);
+    hs_host_unref(h);
+}
+
+hs_state *hs_host_new_state(hs_host *h, hs_error *err) {
+    hs_state *S = hs_state_new(h, 0, err);
+    if (!S) return NULL;
+    atomic_fetch_add(&h->refs, 1); /* a listed state keeps its host alive */
+    atomic_init(&S->refs, 2);      /* the host's listing and the thread's */
+    pthread_mutex_lock(&h->mu);
+    S->next = h->states;
+    if (h->states) h->states->prev = S;
+    h->states = S;
+    atomic_store(&S->linked, 1);
+    h->nstates++;
+    pthread_mutex_unlock(&h->mu);
+    return S;
+}
+
+hs_state *hs_host_take_pooled(hs_host *h) {
+    if (!h->pool_max) return NULL; /* no pool: not worth the lock */
+    pthread_mutex_lock(&h->mu);
+    hs_state *S = h->pool;
+    if (S) {
+        h->pool = S->pool_next;
+        S->pool_next = NULL;
+        h->npooled--;
+        h->pool_hits++;
+        atomic_fetch_add(&S->refs, 1); /* the new thread's listing */
+    }
+    pthread_mutex_unlock(&h->mu);
+    /* hs_last_error of this thread must not report the previous thread's failure */
+    if (S) memset(&S->err, 0, sizeof S->err);
+    return S;
+}
+
+/* Its thread has let go of S. Pool it if there is room (it stays on the host's list);
+ * else close it unless the host did, take it off the host's list unless the host
+ * is freeing, and drop the listings that ended. A state whose thread ended in the
+ * middle of a fire (pthread_exit from a callback) holds a half-run call on its Lua
+ * stack: only closing it is safe. */
+void hs_host_state_ended(hs_state *S) {
+    hs_host *h = S->host; /* S holds a reference: h is alive */
+    int pooled = 0, unlinked = 0;
+    pthread_mutex_lock(&h->mu);
+    if (atomic_load(&S->linked) && h->npooled < (uint64_t)h->pool_max && S->hook < 0) {
+        S->pool_next = h->pool;
+        h->pool = S;
+        h->npooled++;
+        pooled = 1;
+    } else if (atomic_load(&S->linked)) {
+        if (S->prev) S->prev->next = S->next;
+        else h->states = S->next;
+        if (S->next) S->next->prev = S->prev;
+        atomic_store(&S->linked, 0);
+        h->nstates--;
+        hs_host_retire_counters(h, &S->c);
+        unlinked = 1;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (!pooled && !atomic_exchange(&S->claimed, 1)) hs_state_teardown(S);
+    if (unlinked) drop(S); /* the host's listing */
+    drop(S);               /* the thread's listing */
+}
+
 void hs_host_free(hs_host *h) {
     if (!h) return;
     pthread_mutex_lock(&h->mu);
@@ -142,17 +221,18 @@ void hs_host_free(hs_host *h) {
     h->pool = NULL; /* its states are on the list: closed below with the others */
     h->npooled = 0;
     for (hs_state *S = list; S; S = S->next) {
-        S->linked = 0;
+        atomic_store(&S->linked, 0);
         S->pool_next = NULL;
     }
     pthread_mutex_unlock(&h->mu);
-    /* Each freed state drops a host reference; ours keeps h alive until the end. */
+    /* A state a thread still lists stays on that list, closed: the thread drops it
+     * when it next looks (thread.c) or ends. Our reference keeps h alive until the
+     * end; each state's keeps it alive until that state is dropped. */
     while (list) {
         hs_state *S = list;
         list = S->next;
         if (!atomic_exchange(&S->claimed, 1)) hs_state_teardown(S); /* else its thread did */
-        hs_thread_detach(S); /* no-op for a pooled state */
-        hs_state_release(S); /* the host's listing */
+        drop(S); /* the host's listing */
     }
     hs_host_unref(h);
 }
@@ -188,7 +268,7 @@ static void add_counters(hs_counters *dst, const hs_counters *src, int nhooks) {
 }
 
 /* Caller holds h->mu. */
-void hs_host_retire_counters(hs_host *h, const hs_counters *c) {
+static void hs_host_retire_counters(hs_host *h, const hs_counters *c) {
     add_counters(&h->retired, c, h->nhooks);
 }
 

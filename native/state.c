@@ -3,13 +3,10 @@
  * running a script's chunk into a handler class. Its limits live in limits.c, its
  * rehydration from the published program in rehydrate.c.
  *
- * A worker state is created on a thread's first fire (unless the host's pool has
- * an idle one to give) and listed both by its host and by its thread (thread.c).
- * When the thread ends it goes to the host's pool, if there is room, to serve the
- * next new thread with its program, classes and module-level locals as they were;
- * otherwise it is closed then, or when the host is freed, whichever comes first.
- * A "scratch" state is the same thing used once by hs_load to validate a script;
- * it is in neither list.
+ * Who lists a state, pools it and frees it is host.c's and thread.c's business;
+ * this file only makes, reopens and closes the Lua side, and frees the struct when
+ * told to. A "scratch" state is the same thing used once by hs_load to validate a
+ * script; it is in no list.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -148,8 +145,7 @@ static void close_lua(hs_state *S) {
 hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
     hs_state *S = calloc(1, sizeof *S);
     if (!S) goto nomem;
-    S->host = h;
-    atomic_fetch_add(&h->refs, 1);
+    S->host = h; /* the caller keeps h alive (host.c takes a reference for a listed state) */
     S->scratch = scratch;
     S->hook = -1;
     S->hooks = calloc(h->nhooks, sizeof *S->hooks);
@@ -158,18 +154,7 @@ hs_state *hs_state_new(hs_host *h, int scratch, hs_error *err) {
         hs_state_close(S);
         return NULL;
     }
-    if (scratch) {
-        S->prog = hs_prog_acquire(h);
-    } else {
-        atomic_init(&S->refs, 2); /* listed by the host and by its thread */
-        pthread_mutex_lock(&h->mu);
-        S->next = h->states;
-        if (h->states) h->states->prev = S;
-        h->states = S;
-        S->linked = 1;
-        h->nstates++;
-        pthread_mutex_unlock(&h->mu);
-    }
+    if (scratch) S->prog = hs_prog_acquire(h);
     return S;
 nomem:
     hs_error_set(err, HS_ERR_MEMORY, "", "", "out of memory creating a Lua state");
@@ -197,23 +182,14 @@ void hs_state_teardown(hs_state *S) {
     hs_buf_free(&S->logs);
 }
 
-static void state_free(hs_state *S) {
-    hs_host *h = S->host;
-    hs_thread *T = S->thread;
-    free(S);
-    hs_host_unref(h);
-    if (T) hs_thread_unref(T);
-}
+int hs_state_unref(hs_state *S) { return atomic_fetch_sub(&S->refs, 1) == 1; }
 
-/* Drop one of a worker state's listings (thread.c); the last one frees it. */
-void hs_state_release(hs_state *S) {
-    if (atomic_fetch_sub(&S->refs, 1) == 1) state_free(S);
-}
+void hs_state_destroy(hs_state *S) { free(S); }
 
 /* A scratch state, or a worker state that never got listed. */
 void hs_state_close(hs_state *S) {
     hs_state_teardown(S);
-    state_free(S);
+    free(S);
 }
 
 /* ---- loading and running chunks ---- */

@@ -287,7 +287,7 @@ def test_concurrent_fires_never_see_half_a_reload(make_host):
 def test_ctx_set_on_one_thread_is_read_on_another(make_host):
     host = make_host(state_pool=0)  # B must not take over A's state once A ended
     host.load("""
-local token = tostring({})   -- differs per thread state
+local token = tostring(math.random())   -- differs per state (each is seeded on its own)
 local C = {}
 function C:on_read_request(txn)
   local c = txn.ctx
