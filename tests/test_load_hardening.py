@@ -132,3 +132,30 @@ def test_reloading_a_script_with_a_big_cache_under_the_memory_limit_does_not_bri
 
     assert run_in_thread(serve_many) == [("1", "1"), ("2", "1"), ("3", "1")]
     assert host.stats()["errors"] == 0  # the thread served every request
+
+
+def test_util_trim_and_split_are_linear_on_long_runs_of_spaces(make_host):
+    # "^%s*(.-)%s*$" retried its tail at every position: 32 KiB of spaces took seconds
+    host = make_host(time_limit=0.5)
+    host.load("""local util = require "hs.util"
+    local C = {}
+    function C:on_read_request(txn)
+      local v = txn.req.headers["accept"]
+      txn.resp.headers["x-n"] = tostring(#util.split(v, ","))
+      txn.resp.headers["x-t"] = util.trim(v):sub(1, 3)
+    end
+    return C""", name="u.lua")
+    spaces = " " * (32 << 10)
+    txn = Transaction(headers=[("Accept", spaces + "a" + spaces + ",b" + spaces + "x")])
+    out = host.fire("read_request", txn)
+    assert out.status is Outcome.CONTINUE, out.error
+    assert txn.response.headers["x-n"] == "2"
+    assert txn.response.headers["x-t"] == "a  "
+
+
+def test_strict_globals_error_names_no_api_that_does_not_exist(host):
+    host.load("local C = {} function C:on_read_request(txn) counter = 1 end return C", name="g.lua")
+    out = host.fire("read_request", Transaction())
+    assert out.status is Outcome.ERROR
+    assert "undeclared global 'counter'" in out.error.message
+    assert "hs.shared" not in out.error.message and "txn.ctx" in out.error.message
