@@ -44,8 +44,7 @@ bench: $(VENV)/.bench
 # The C thread and limit tests under ASan+UBSan and TSan (tests/test_sanitizers.py, and
 # the TSan case of tests/test_txn_entry_points.py); `make test` runs them too.
 test-sanitize: install
-	$(PY) -m pytest -q tests/test_sanitizers.py \
-		"tests/test_txn_entry_points.py::test_c_second_fire_on_a_busy_transaction_is_refused"
+	$(PY) -m pytest -q tests/test_sanitizers.py
 
 # The atheris fuzz target (tests/fuzz/fuzz_fire.py) for FUZZ_SECONDS, both engines
 # (FUZZ_ENGINE=luajit|lua54 for one); the corpus grows in build/fuzz/corpus, crashes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from . import contestants as cs
 from . import http_server, native, new_threads, scaling
@@ -119,7 +119,7 @@ def noop_fire_row(engine: str, counts: Counts) -> Row:
         calls = {}
         for name, c in contestants.items():
             request, fire = c.new_request(*ARGS), c.fire_function()
-            fire("log", request)  # hostscript binds the transaction to its C twin here
+            fire("log", request)  # one fire before timing: nothing lazy is left to set up
             calls[name] = Call(fire, ("log", request))
         samples = interleaved_calls(calls, counts.rounds, counts.round_ns)
     finally:

@@ -167,13 +167,32 @@ static int fill_headers(hs_txn *t, hs_hdrs *hs, PyObject *src) {
     return 0;
 }
 
-/* ---- Headers: a view of one direction's header fields ---- */
+/* ---- views: Headers, Request and Response hold their transaction and nothing else ---- */
 
 typedef struct {
     PyObject_HEAD
     TxnObject *txn;
+} PartObject; /* Request, Response */
+
+typedef struct {
+    PyObject_HEAD
+    TxnObject *txn; /* first, as in PartObject: view_traverse and view_dealloc serve both */
     int which;
 } HeadersObject;
+
+/* Views are GC objects: a view stored in its own transaction's ctx is a cycle. */
+static int view_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((PartObject *)self)->txn);
+    return 0;
+}
+
+static void view_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
+    Py_DECREF(((PartObject *)self)->txn);
+    PyObject_GC_Del(self);
+}
+
+/* ---- Headers: a view of one direction's header fields ---- */
 
 static hs_hdrs *hdrs_of(HeadersObject *h) {
     if (hs_py_txn_check_free(h->txn->t)) return NULL;
@@ -190,17 +209,7 @@ static PyObject *headers_new(TxnObject *txn, int which) {
     return (PyObject *)h;
 }
 
-/* Views are GC objects: a view stored in its own transaction's ctx is a cycle. */
-static int view_traverse(PyObject *self, visitproc visit, void *arg) {
-    Py_VISIT(((HeadersObject *)self)->txn);
-    return 0;
-}
 
-static void headers_dealloc(PyObject *self) {
-    PyObject_GC_UnTrack(self);
-    Py_DECREF(((HeadersObject *)self)->txn);
-    PyObject_GC_Del(self);
-}
 
 /* Index of the first NAME at or after FROM; -1 absent; -2 with an exception. */
 static long headers_find(hs_hdrs *hs, PyObject *name, size_t from) {
@@ -497,7 +506,7 @@ PyTypeObject Hs_HeadersType = {
               "Headers(items) makes one that belongs to no transaction, from what "
               "Transaction(headers=...) takes.",
     .tp_new = headers_tp_new,
-    .tp_dealloc = headers_dealloc,
+    .tp_dealloc = view_dealloc,
     .tp_repr = headers_repr,
     .tp_as_mapping = &headers_as_mapping,
     .tp_as_sequence = &headers_as_sequence,
@@ -509,11 +518,6 @@ PyTypeObject Hs_HeadersType = {
 
 /* ---- Request and Response: views of the transaction's two halves ---- */
 
-typedef struct {
-    PyObject_HEAD
-    TxnObject *txn;
-} PartObject;
-
 static PyObject *part_new(TxnObject *txn, PyTypeObject *type) {
     PartObject *p = PyObject_GC_New(PartObject, type);
     if (!p) return NULL;
@@ -521,12 +525,6 @@ static PyObject *part_new(TxnObject *txn, PyTypeObject *type) {
     p->txn = txn;
     PyObject_GC_Track(p);
     return (PyObject *)p;
-}
-
-static void part_dealloc(PyObject *self) {
-    PyObject_GC_UnTrack(self);
-    Py_DECREF(((PartObject *)self)->txn);
-    PyObject_GC_Del(self);
 }
 
 /* The transaction of a view, NULL (BusyError) while a fire runs on it. */
@@ -706,7 +704,7 @@ PyTypeObject Hs_RequestType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_traverse = view_traverse,
     .tp_doc = "The request as handlers see it: method, uri, headers (a view of the transaction).",
-    .tp_dealloc = part_dealloc,
+    .tp_dealloc = view_dealloc,
     .tp_repr = request_repr,
     .tp_getset = request_getset,
 };
@@ -718,7 +716,7 @@ PyTypeObject Hs_ResponseType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_traverse = view_traverse,
     .tp_doc = "The response: status (None until set), headers, body (a view of the transaction).",
-    .tp_dealloc = part_dealloc,
+    .tp_dealloc = view_dealloc,
     .tp_repr = response_repr,
     .tp_getset = response_getset,
 };

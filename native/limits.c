@@ -63,9 +63,10 @@ void *hs_limits_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 
 static void count_hook(lua_State *L, lua_Debug *ar);
 
-/* What the count hook and the engines' check-ins do: let the host's other threads
- * go on once the fire runs long; raise the time limit past the deadline. */
-static void check_time(lua_State *L, hs_state *S) {
+/* What the count hook and the engines' check-ins do: raise the memory limit a
+ * LuaJIT state went past, let the host's other threads go on once the fire runs
+ * long, raise the time limit past the deadline. */
+static void check_limits(lua_State *L, hs_state *S) {
     if (S->mem_over || S->abort == HS_ERR_MEMORY) { /* a soft memory limit passed (LuaJIT) */
         if (!S->abort) {
             S->abort = HS_ERR_MEMORY;
@@ -95,7 +96,7 @@ static hs_state *state_of(lua_State *L) {
 
 static void count_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
-    check_time(L, state_of(L)); /* the hook is only set on the core's states */
+    check_limits(L, state_of(L)); /* the hook is only set on the core's states */
 }
 
 void hs_limits_install(hs_state *S) {
@@ -132,7 +133,7 @@ void hs_state_end_deadline(hs_state *S) {
 
 void hs_engine_checkin(lua_State *L) {
     hs_state *S = state_of(L);
-    if (S) check_time(L, S);
+    if (S) check_limits(L, S);
 }
 
 /* ---- the C stack ---- */

@@ -1,10 +1,12 @@
 """Helpers shared by the test files."""
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,3 +38,20 @@ def build_c_program(engine: str, source: str, exe: pathlib.Path, *cflags: str) -
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll pred() until it is true or TIMEOUT passes; its last value. (Thread-exit
+    destructors run just after join returns.)"""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > end:
+            return v
+        time.sleep(0.0005)

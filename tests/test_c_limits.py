@@ -161,16 +161,14 @@ TXN_GROWTH = {
 
 @pytest.mark.parametrize("case", list(TXN_GROWTH))
 def test_transaction_storage_counts_against_the_memory_limit(make_host, case):
-    import os
     import hostscript
+    from helpers import rss_bytes
     host = make_host(time_limit=2, memory_limit=16 << 20)
     host.load("local C = {} function C:on_read_request(txn) " + TXN_GROWTH[case] + " end return C", name="g.lua")
     txn = hostscript.Transaction()
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = rss_bytes()
     out = host.fire("read_request", txn)
-    with open("/proc/self/statm") as f:
-        after = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    after = rss_bytes()
     assert out.status is hostscript.Outcome.ERROR and out.error.kind == "memory", out
     assert after - before < 96 << 20  # bounded: not gigabytes of headers
     total = sum(len(k) + len(v) for k, v in txn.response.headers) + len(txn.response.body)
@@ -197,3 +195,33 @@ def test_out_of_memory_caught_in_a_loop_ends_the_fire_cleanly(engine, name, body
     res = run_case(engine, body, time_limit=time_limit)
     assert res["status"] == "ERROR" and res["kind"] == "memory", res
     assert res["next"], res
+
+
+TINY_STACK = r"""
+import json, logging, sys, threading
+import hostscript
+logging.disable(logging.CRITICAL)
+threading.stack_size(64 * 1024)
+host = hostscript.Host(engine=sys.argv[1])
+host.load("local C = {} function C:on_read_request(txn) txn.resp.status = 204 end return C", name="a.lua")
+res = {}
+def run():
+    out = host.fire("read_request", hostscript.Transaction())
+    res.update(status=out.status.name, kind=out.error and out.error.kind,
+               message=out.error and out.error.message)
+t = threading.Thread(target=run)
+t.start()
+t.join()
+print(json.dumps(res))
+"""
+
+
+def test_a_thread_stack_too_small_to_run_lua_safely_is_refused_up_front(engine):
+    # 64 KiB is below what the C-stack bound needs to keep its margins: the fire is
+    # refused with a usage error instead of running where recursion could not be caught
+    proc = subprocess.run([sys.executable, "-c", TINY_STACK, engine], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["status"] == "ERROR" and res["kind"] == "usage", res
+    assert "too little C stack" in res["message"], res

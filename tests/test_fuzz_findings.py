@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import hostscript
 from hostscript import Outcome, Transaction
 
 ROOT = Path(__file__).resolve().parent.parent

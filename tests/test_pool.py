@@ -8,18 +8,16 @@ before starting the next threads; that makes every count exact.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 import hostscript
 from hostscript import Outcome, Transaction
-from helpers import ROOT
+from helpers import ROOT, rss_bytes, wait_for
 
 COUNTER = """
 local n = 0               -- module-level: lives as long as the state
@@ -31,16 +29,6 @@ function C:on_read_request(txn)
 end
 return C
 """
-
-
-def wait_for(pred, timeout=15.0):
-    """Poll pred() until true: thread-exit destructors run just after join returns."""
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > end:
-            return v
-        time.sleep(0.0005)
 
 
 def settled(host, pooled, states):
@@ -76,11 +64,6 @@ def fire_in_threads(host, count, hook="read_request"):
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     return seen
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---- churn: many short-lived threads reuse a bounded set of states ----

@@ -5,13 +5,12 @@ Every test runs on both engines (the ``engine`` fixture in conftest.py).
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 import hostscript
 from hostscript import Outcome, Transaction
-from helpers import run_in_thread
+from helpers import run_in_thread, wait_for
 
 
 class Worker:
@@ -64,16 +63,6 @@ class Worker:
             self._cv.notify_all()
         self.thread.join(30)
         assert not self.thread.is_alive()
-
-
-def wait_for(pred, timeout=15.0):
-    """Poll pred() until true (thread-exit destructors run just after join returns)."""
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > end:
-            return v
-        time.sleep(0.01)
 
 
 def fire_ok(host, hook="read_request", txn=None):

@@ -18,7 +18,7 @@ import weakref
 import pytest
 
 import hostscript
-from hostscript import Headers, Outcome, Transaction
+from hostscript import Outcome, Transaction
 
 from helpers import ROOT
 

@@ -15,7 +15,7 @@ or without it, except at the avoided spots.
 from __future__ import annotations
 
 import email.message
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 PROBE_HEADER = "x-fuzz-probe"
