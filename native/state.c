@@ -167,7 +167,7 @@ int hs_state_reopen(hs_state *S, hs_error *err) {
     return open_lua(S, err);
 }
 
-/* Close the Lua state and free what it used; the struct stays (hs_state_release). */
+/* Close the Lua state and free what it used; the struct stays (hs_state_destroy). */
 void hs_state_teardown(hs_state *S) {
     close_lua(S);
     free(S->hooks);
