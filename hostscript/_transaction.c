@@ -605,19 +605,19 @@ static int status_arg(PyObject *value, int *status) {
 }
 
 /* A body is bytes-like, or str (sent as UTF-8). Fills a Py_buffer to release. */
-static int body_arg(PyObject *value, Py_buffer *view, PyObject **tmp) {
+static int body_arg(PyObject *value, Py_buffer *view, PyObject **tmp, const char *what) {
     *tmp = NULL;
     if (PyUnicode_Check(value)) {
         if (!(*tmp = PyUnicode_AsUTF8String(value))) {
             PyErr_Clear();
-            PyErr_SetString(Hs_UsageError, "a str body must encode as UTF-8");
+            PyErr_Format(Hs_UsageError, "a str %s must encode as UTF-8", what);
             return -1;
         }
         value = *tmp;
     }
     if (PyObject_GetBuffer(value, view, PyBUF_SIMPLE) == 0) return 0;
     PyErr_Clear();
-    PyErr_Format(Hs_ArgumentTypeError, "body must be bytes or str, not %s", Py_TYPE(value)->tp_name);
+    PyErr_Format(Hs_ArgumentTypeError, "%s must be bytes or str, not %s", what, Py_TYPE(value)->tp_name);
     Py_CLEAR(*tmp);
     return -1;
 }
@@ -625,7 +625,7 @@ static int body_arg(PyObject *value, Py_buffer *view, PyObject **tmp) {
 static int set_body(hs_txn *t, PyObject *value) {
     Py_buffer view;
     PyObject *tmp;
-    if (body_arg(value, &view, &tmp)) return -1;
+    if (body_arg(value, &view, &tmp, "body")) return -1;
     if (hs_py_txn_check_free(t)) { /* a __buffer__ method may have run Python code */
         PyBuffer_Release(&view);
         Py_XDECREF(tmp);
@@ -918,6 +918,35 @@ int hs_py_txn_flush_ctx(TxnObject *x) {
     return rc;
 }
 
+/* txn.cache_key: the secondary cache key a handler set (bytes, b"" when none). */
+static PyObject *txn_cache_key(PyObject *self, void *c) {
+    (void)c;
+    hs_txn *t = ((TxnObject *)self)->t;
+    if (hs_py_txn_check_free(t)) return NULL;
+    return PyBytes_FromStringAndSize(t->cache_key.p ? t->cache_key.p : "", (Py_ssize_t)t->cache_key.len);
+}
+
+static int txn_set_cache_key(PyObject *self, PyObject *value, void *c) {
+    (void)c;
+    hs_txn *t = ((TxnObject *)self)->t;
+    Py_buffer view;
+    PyObject *tmp;
+    if (hs_py_txn_check_free(t) || no_delete(value, "cache_key") || body_arg(value, &view, &tmp, "cache_key")) return -1;
+    int rc = 0;
+    if (hs_py_txn_check_free(t)) {
+        rc = -1;
+    } else if ((size_t)view.len > HS_CACHE_KEY_MAX) {
+        PyErr_Format(Hs_UsageError, "cache_key is %zd bytes, more than %d", view.len, HS_CACHE_KEY_MAX);
+        rc = -1;
+    } else if (hs_buf_set(&t->cache_key, view.buf, (size_t)view.len)) {
+        PyErr_NoMemory();
+        rc = -1;
+    }
+    PyBuffer_Release(&view);
+    Py_XDECREF(tmp);
+    return rc;
+}
+
 static PyObject *txn_repr(PyObject *self) {
     PyObject *q = txn_request(self, NULL), *s = q ? txn_response(self, NULL) : NULL;
     PyObject *r = s ? PyUnicode_FromFormat("Transaction(%R, %R)", q, s) : NULL;
@@ -933,6 +962,8 @@ static PyGetSetDef txn_getset[] = {
      "the handlers' txn.ctx as a dict (sequences become lists). Changes made here, or a dict "
      "assigned, reach Lua at the next fire; read it again after a fire to see the handlers' ctx.",
      NULL},
+    {"cache_key", txn_cache_key, txn_set_cache_key,
+     "the secondary cache key handlers set with txn:set_cache_key (bytes; b'' when none)", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 PyTypeObject Hs_TransactionType = {

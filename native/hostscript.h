@@ -34,7 +34,8 @@ enum {
     HS_CH_STATUS = 1 << 4,
     HS_CH_BODY = 1 << 5,
     HS_CH_CTX = 1 << 6,
-    HS_CH_LOGS = 1 << 7 /* log records are waiting: hs_logs() */
+    HS_CH_LOGS = 1 << 7, /* log records are waiting: hs_logs() */
+    HS_CH_CACHE_KEY = 1 << 8
 };
 
 /* Kinds of error reported in hs_error.kind. */
@@ -132,7 +133,10 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks);
  * the URI no space or control character, a status is 0 (unset) or 100..999. A
  * refused call returns -1 and changes nothing. */
 enum { HS_REQ = 0, HS_RESP = 1 };
-enum { HS_F_METHOD = 0, HS_F_URI = 1, HS_F_BODY = 2 };
+enum { HS_F_METHOD = 0, HS_F_URI = 1, HS_F_BODY = 2, HS_F_CACHE_KEY = 3 };
+/* HS_F_CACHE_KEY: the secondary part of the cache key a handler set with
+ * txn:set_cache_key (any bytes, at most HS_CACHE_KEY_MAX; empty: none set). */
+enum { HS_CACHE_KEY_MAX = 65536 };
 hs_txn *hs_txn_new(void);
 void hs_txn_free(hs_txn *t);
 /* Empty every field, keeping the memory: one transaction per connection, reused. */

@@ -493,10 +493,34 @@ static int txn_respond(lua_State *L) {
     return 0;
 }
 
-/* txn.ctx on first access in a fire: the C transaction's ctx, decoded. */
+/* txn:set_cache_key(s): the secondary part of the response cache key (the analogue
+ * of Traffic Server's cache generation); the host reads it after the fire. */
+static int txn_set_cache_key(lua_State *L) {
+    hs_state *S = STATE(L);
+    hs_txn *t = active_txn(L, S);
+    check_phase(L, S, "txn:set_cache_key", HS_HOOK_OBSERVE_ONLY);
+    size_t n;
+    const char *k = luaL_checklstring(L, 2, &n);
+    if (n > HS_CACHE_KEY_MAX)
+        return luaL_error(L, "txn:set_cache_key: the key is %d bytes, more than %d", (int)n,
+                          HS_CACHE_KEY_MAX);
+    txn_room(L, S, t, n);
+    if (hs_buf_set(&t->cache_key, k, n)) return luaL_error(L, "not enough memory");
+    t->changed |= HS_CH_CACHE_KEY;
+    return 0;
+}
+
+/* txn.ctx on first access in a fire: the C transaction's ctx, decoded; txn.cache_key
+ * on every access (nil when none was set). */
 static int txn_fields_index(lua_State *L) {
     hs_state *S = STATE(L);
     const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "cache_key")) {
+        hs_txn *t = active_txn(L, S);
+        if (!t->cache_key.len) return 0;
+        lua_pushlstring(L, t->cache_key.p, t->cache_key.len);
+        return 1;
+    }
     if (!k || strcmp(k, "ctx")) return 0;
     hs_txn *t = active_txn(L, S);
     int rc = hs_ctx_decode(L, t->ctx.p, t->ctx.len);
@@ -539,6 +563,9 @@ static void new_txn(lua_State *L, hs_state *S) {
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, txn_respond, 1);
     lua_setfield(L, -2, "respond");
+    lua_pushlightuserdata(L, S);
+    lua_pushcclosure(L, txn_set_cache_key, 1);
+    lua_setfield(L, -2, "set_cache_key");
     lua_newtable(L); /* fields' metatable: ctx is made on demand */
     lua_pushlightuserdata(L, S);
     lua_pushcclosure(L, txn_fields_index, 1);

@@ -223,6 +223,7 @@ void hs_txn_free(hs_txn *t) {
     hs_buf_free(&t->uri);
     hs_buf_free(&t->body);
     hs_buf_free(&t->ctx);
+    hs_buf_free(&t->cache_key);
     hs_buf_free(&t->pack);
     hs_hdrs_free(&t->hdr[0]);
     hs_hdrs_free(&t->hdr[1]);
@@ -230,7 +231,7 @@ void hs_txn_free(hs_txn *t) {
 }
 
 void hs_txn_reset(hs_txn *t) {
-    t->method.len = t->uri.len = t->body.len = t->ctx.len = 0;
+    t->method.len = t->uri.len = t->body.len = t->ctx.len = t->cache_key.len = 0;
     t->status = 0;
     hs_hdrs_clear(&t->hdr[0]);
     hs_hdrs_clear(&t->hdr[1]);
@@ -241,13 +242,15 @@ static hs_buf *field(hs_txn *t, int f) {
     case HS_F_METHOD: return &t->method;
     case HS_F_URI: return &t->uri;
     case HS_F_BODY: return &t->body;
+    case HS_F_CACHE_KEY: return &t->cache_key;
     default: return NULL;
     }
 }
 
 int hs_txn_set(hs_txn *t, int f, const char *v, size_t len) {
     hs_buf *b = field(t, f);
-    if (!b || (f == HS_F_METHOD && !hs_valid_token(v, len)) || (f == HS_F_URI && !hs_valid_uri(v, len)))
+    if (!b || (f == HS_F_METHOD && !hs_valid_token(v, len)) || (f == HS_F_URI && !hs_valid_uri(v, len)) ||
+        (f == HS_F_CACHE_KEY && len > HS_CACHE_KEY_MAX))
         return -1;
     return hs_buf_set(b, v, len);
 }

@@ -33,6 +33,7 @@ typedef struct hs_hdrs {
 
 struct hs_txn {
     hs_buf method, uri, body, ctx; /* ctx: txn.ctx serialized (ctx.c) */
+    hs_buf cache_key;              /* txn:set_cache_key; empty: none */
     int status;                    /* 0: not set */
     hs_hdrs hdr[2];                /* HS_REQ, HS_RESP */
     hs_buf pack;                   /* scratch for hs_txn_headers */
@@ -68,7 +69,7 @@ static inline const char *hs_hdr_value(const hs_hdrs *hs, size_t i) { return hs-
 
 /* Bytes the transaction holds (what a memory limit counts it as). */
 static inline size_t hs_txn_size(const hs_txn *t) {
-    return t->method.len + t->uri.len + t->body.len + t->ctx.len + t->hdr[0].arena.len +
+    return t->method.len + t->uri.len + t->body.len + t->ctx.len + t->cache_key.len + t->hdr[0].arena.len +
            t->hdr[1].arena.len + (t->hdr[0].n + t->hdr[1].n) * sizeof(hs_hdr);
 }
 
