@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 from . import _bridge, _engine
 from .errors import ArgumentTypeError, ClosedError, HandlerError, ScriptError, UsageError
@@ -149,6 +149,7 @@ class Host(_bridge.HostCore):
         self._paths: Dict[str, Optional[str]] = {}
         self._tls = threading.local()
         self._counter = 0
+        self._handled: Dict[int, FrozenSet[str]] = {}
 
     # ---- scripts ----
 
@@ -201,6 +202,18 @@ class Host(_bridge.HostCore):
             need = min(need, lib.hs_scripts(h, buf, need))
             data = ffi.buffer(buf, need)[:]
         return [n.decode() for n in data.split(b"\0")[:-1]]
+
+    @property
+    def handled_hooks(self) -> FrozenSet[str]:
+        """The declared hooks some loaded script handles (``on_<hook>``): a server
+        fires only these; firing another does nothing."""
+        with self._lock:  # close() may not free the host meanwhile
+            mask = self._lib.hs_hooks_handled(self._live())
+        got = self._handled.get(mask)
+        if got is None:
+            got = frozenset(name for i, name in enumerate(self.hooks) if (mask >> i) & 1)
+            self._handled[mask] = got
+        return got
 
     def _load(self, source: Union[str, bytes], name: str, path: Optional[str]) -> Script:
         ffi, lib = self._ffi, self._lib

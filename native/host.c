@@ -317,6 +317,14 @@ size_t hs_scripts(hs_host *h, char *buf, size_t cap) {
     return need;
 }
 
+uint64_t hs_hooks_handled(hs_host *h) {
+    hs_prog *p = hs_prog_acquire(h);
+    uint64_t mask = 0;
+    for (int i = 0; i < p->nscripts; i++) mask |= p->scripts[i]->hookmask;
+    hs_prog_release(p);
+    return mask;
+}
+
 const char *hs_load_logs(hs_host *h, size_t *len) {
     *len = h->load_logs.len;
     return h->load_logs.p;

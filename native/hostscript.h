@@ -103,6 +103,9 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
 int hs_unload(hs_host *h, const char *name);
 /* Script names in load order, NUL-separated, into buf; returns the bytes needed. */
 size_t hs_scripts(hs_host *h, char *buf, size_t cap);
+/* The hooks some script of the published program handles: bit i for hook index i.
+ * A host skips firing the others (a fire of an unhandled hook does nothing). */
+uint64_t hs_hooks_handled(hs_host *h);
 /* Log records written while the last hs_load ran the chunk (same packing as hs_logs). */
 const char *hs_load_logs(hs_host *h, size_t *len);
 

@@ -53,3 +53,4 @@ def test_set_cache_key_refused_in_log_and_oversize(host):
         txn.cache_key = b"k" * 65537
     with pytest.raises(hostscript.ArgumentTypeError):
         txn.cache_key = 5
+

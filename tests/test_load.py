@@ -633,3 +633,19 @@ def test_fire_accepts_keywords_and_refuses_what_is_not_a_transaction(make_host):
         host.fire("read_request", {"method": "GET"})
     with pytest.raises(ValueError, match="undeclared hook"):
         host.fire("nope", txn)
+
+
+def test_handled_hooks_follow_the_program(host):
+    assert host.handled_hooks == frozenset()
+    host.load("return {on_read_request = function() end, on_log = function() end}", name="a")
+    assert host.handled_hooks == {"read_request", "log"}
+    host.load("return {on_send_response = function() end}", name="b")
+    assert host.handled_hooks == {"read_request", "log", "send_response"}
+    host.unload("a")
+    assert host.handled_hooks == {"send_response"}
+    with pytest.raises(hostscript.ScriptError):
+        host.load("return {on_log = 5}", name="b")  # a failed load changes nothing
+    assert host.handled_hooks == {"send_response"}
+    host.close()
+    with pytest.raises(hostscript.ClosedError):
+        host.handled_hooks
