@@ -5,21 +5,23 @@
 --   key.parse("Bar;div=5, Cookie;param=\"ID\"")
 --     --> {{field = "Bar", params = {{"div", "5"}}}, {field = "Cookie", params = {{"param", "ID"}}}}
 --   local parts, err = key.secondary_key(txn.resp.headers:get_all("Key"), txn.req.headers)
---     --> {"2", "abc"}   or   nil, "item 1 (Bar): div: ..."
+--     --> {"2", "abc"}   or   nil, 'item 1 ("Bar"): div: field value "x" is not 1*DIGIT'
 --   key.join(parts)  --> "2\0abc\0"
 --
 -- A nil result from secondary_key is the draft's "fail parameter processing" (§2.2.2): the
 -- cache must then act as if there were no Key (use Vary), or require the Key's request fields
 -- to match as Vary would. An absent Key header is also nil, err: the draft says to use Vary.
+-- The first failure ends the computation; no partial key is returned.
 --
--- Readings of the draft, beyond the restatement the tests were written from:
+-- Readings where the draft is unclear or silent:
 --   * parse accepts a bare field name (the §2 grammar allows it; its params are {}), and
 --     secondary_key fails it (§2.2 step 5.2). An empty list element is a parse error.
 --   * Unquoting (§2.2 step 5.7.6) replaces "\x" pairs only inside a value that was quoted.
 --   * div: a divisor that is zero ("0", "00", ...) fails. The quotient is written in decimal
---     without leading zeros. Long division on digit strings, so any size is exact; with a
---     divisor over 14 digits the field's number may have at most 1000 digits (MAX_DIGITS),
---     and a longer one fails instead of taking quadratic time.
+--     without leading zeros. Long division on digit strings, so any size is exact. A
+--     divisor of up to 14 digits takes one step per digit of the field's number; a longer
+--     one of d digits takes about (n - d + 10) * d for an n-digit number, and beyond
+--     MAX_DIVISION_STEPS (half a million: 1000 digits by 500 is within) div fails instead.
 --   * partition: boundaries are compared as exact decimals; the count stops at the first
 --     boundary above the value. A value with an empty boundary ("20::40") fails, unless
 --     the field is absent (that gives "none" first).
@@ -34,8 +36,8 @@ local byte, char, concat, find, floor, format, gsub, sub, tonumber =
 
 local key = {}
 
-local QUOTE, BACKSLASH = 34, 92
-local MAX_DIGITS = 1000
+local QUOTE = 34
+local MAX_DIVISION_STEPS = 500000 -- digit steps of one long division (see divide)
 
 -- ===================================================================================
 -- Strings
@@ -117,7 +119,8 @@ end
 local function contains(text, word)
   local m = #word
   if m <= 64 then return find(text, word, 1, true) ~= nil end
-  local w, fall = { byte(word, 1, m) }, { [1] = 0 }
+  local w, fall = {}, { [1] = 0 }
+  for i = 1, m do w[i] = byte(word, i) end
   local k = 0 -- length of the longest proper prefix of w that ends here
   for i = 2, m do
     while k > 0 and w[k + 1] ~= w[i] do k = fall[k] end
@@ -228,9 +231,9 @@ local function divide(a, d)
     return significant(concat(q))
   end
   if #a < #d then return "0" end
-  if #a > MAX_DIGITS then
-    return nil, format("a number of %d digits divided by one of %d digits is beyond the %d-digit bound",
-                       #a, #d, MAX_DIGITS)
+  if (#a - #d + 10) * #d > MAX_DIVISION_STEPS then -- 9 multiples, then a subtraction a digit
+    return nil, format("dividing a %d-digit number by a %d-digit one is beyond the bound of %d steps",
+                       #a, #d, MAX_DIVISION_STEPS)
   end
   -- Schoolbook long division: each quotient digit is the largest k with d * k <= r.
   local multiples = {}
@@ -254,7 +257,7 @@ local function decimal(s)
   local int, frac = s, ""
   if dot then int, frac = sub(s, 1, dot - 1), sub(s, dot + 1) end
   local last = find(frac, "[1-9]0*$") -- the last nonzero fraction digit
-  return { int == "" and "0" or significant(int), last and sub(frac, 1, last) or "" }
+  return { significant(int), last and sub(frac, 1, last) or "" }
 end
 
 --- a < b, for results of decimal().
@@ -427,20 +430,20 @@ function key.secondary_key(value, headers)
   if not items then return nil, err end
   local parts, n = {}, 0
   for i, item in ipairs(items) do
-    local where = format("item %d (%s): ", i, show(item.field))
+    local function fail(why) return nil, format("item %d (%s): %s", i, show(item.field), why) end
     if #item.params == 0 then
-      return nil, where .. "a field name without parameters fails (treat it as Vary does)"
+      return fail("a field name without parameters fails (treat it as Vary does)")
     end
     local field_value = read(item.field)
     for _, p in ipairs(item.params) do
       local name, v = p[1], p[2]
       local def = PARAMETERS[name]
-      if not def then return nil, where .. "unknown parameter " .. show(name) end
+      if not def then return fail("unknown parameter " .. show(name)) end
       if not def.syntax(v) then
-        return nil, where .. name .. " value " .. show(v) .. " is not " .. def.syntax_name
+        return fail(name .. " value " .. show(v) .. " is not " .. def.syntax_name)
       end
       local result, why = def.run(field_value, v)
-      if not result then return nil, where .. name .. ": " .. why end
+      if not result then return fail(name .. ": " .. why) end
       n = n + 1
       parts[n] = result
     end
