@@ -34,11 +34,13 @@ run: install
 # The comparison against peers (benchmarks/, run by `hostscript bench`): prints the
 # table and its Markdown, writes build/bench.json and build/bench.png.
 # `make test` runs only its --quick smoke (tests/test_bench_smoke.py).
+# wrk (the load generator of the proxy rows) comes from tools/install-deps.sh bench.
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@
 
 bench: $(VENV)/.bench
+	sh tools/install-deps.sh bench
 	$(PY) -m hostscript bench --markdown --json build/bench.json --plot build/bench.png
 
 # The C thread and limit tests under ASan+UBSan and TSan (tests/test_sanitizers.py, and

@@ -2,8 +2,16 @@
 # Install what building hostscript needs on Debian/Ubuntu, when it is missing:
 # the Lua dev packages pkg-config finds, a compiler, and deb-src entries so that
 # tools/build-lua.sh can fetch the matching Lua sources. Runs apt only as root.
+#   sh tools/install-deps.sh          the build's packages
+#   sh tools/install-deps.sh bench    those and wrk, the HTTP load generator of the
+#                                     proxy rows of `hostscript bench` (`make bench`)
 set -eu
 pkgs="liblua5.4-dev libluajit2-5.1-dev pkg-config dpkg-dev gcc make patch python3-venv"
+case "${1:-}" in
+    "") ;;
+    bench) pkgs="$pkgs wrk" ;;
+    *) echo "usage: sh tools/install-deps.sh [bench]" >&2; exit 2 ;;
+esac
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -20,7 +28,11 @@ fi
 [ -z "$missing" ] && [ "$need_src" = 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "hostscript: missing system packages: ${missing:-none}; deb-src entries: $([ $need_src = 1 ] && echo missing || echo ok)" >&2
-    echo "hostscript: run 'sudo make deps' (or install them yourself) and retry" >&2
+    if [ -n "${1:-}" ]; then
+        echo "hostscript: run 'sudo sh tools/install-deps.sh $1' (or install them yourself) and retry" >&2
+    else
+        echo "hostscript: run 'sudo make deps' (or install them yourself) and retry" >&2
+    fi
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
