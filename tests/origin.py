@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the head and the body are two writes
     server: "_Server"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -113,8 +114,8 @@ class Origin:
     """The origin, started on a free loopback port: ``url``, ``requests`` (what it
     received, in order), ``count(path)``."""
 
-    def __init__(self) -> None:
-        self.server = _Server(("127.0.0.1", 0), _Handler)
+    def __init__(self, port: int = 0) -> None:
+        self.server = _Server(("127.0.0.1", port), _Handler)
         self.server.lock = threading.Lock()
         self.server.requests = []
         self.server.counts = {}

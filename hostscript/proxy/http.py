@@ -188,9 +188,12 @@ class RequestReader:
                 self.fail(HttpError(431, "request header block too large"))
 
     def fail(self, err: HttpError) -> None:
+        """Refuse the request being read (or the next one) with *err*; stop parsing."""
         self.dead = True
         cur = self._cur
         if cur is not None and not cur.complete:
+            if not cur.target and self._url and self._url_len <= self.limits.max_request_line:
+                cur.target = _decode(b"".join(self._url))  # for the log
             cur.error = err
         else:
             msg = RequestMessage()
@@ -214,6 +217,8 @@ class RequestReader:
         self._hdr_bytes = 0
 
     def on_url(self, part: bytes) -> None:
+        if not self._url and self._cur is not None:
+            self._cur.method = _decode(self._parser.get_method())  # parsed before the target
         self._url_len += len(part)
         if self._url_len > self.limits.max_request_line:
             raise HttpError(414, f"request target longer than {self.limits.max_request_line} bytes")
