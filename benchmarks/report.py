@@ -46,6 +46,7 @@ class Row:
     checks: List[Check] = field(default_factory=list)
     note: str = ""
     rounds: Dict[str, List[float]] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)  # e.g. the proxy rows' latencies
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -143,7 +144,21 @@ def markdown(report: Mapping[str, Any]) -> str:
         for n, (engine, r) in enumerate(rows.items()):
             out.append(f"| {r['title'] if n == 0 else ''} | {engine} | "
                        f"{format_value(r['value'], r['unit'])} | {baselines_text(r)} |")
+    out += latency_markdown(report)
     return "\n".join(out)
+
+
+def latency_markdown(report: Mapping[str, Any]) -> List[str]:
+    """The rows that measured contestants under load (extra["contestants"]: the
+    proxy rows): requests per second, p50 and p99 of each, per engine."""
+    lines: List[str] = []
+    for r in report["rows"]:
+        for name, c in r.get("extra", {}).get("contestants", {}).items():
+            lines.append(f"| {r['title']} | {r['engine']} | {name} | {c['rps']:,.0f} | "
+                         f"{c['p50_ms']:.2f} ms | {c['p99_ms']:.2f} ms |")
+    if not lines:
+        return []
+    return ["", "| row | engine | contestant | req/s | p50 | p99 |", "|---|---|---|---|---|---|"] + lines
 
 
 def _md_cell(c: Mapping[str, Any]) -> str:

@@ -3,7 +3,8 @@ them interleaved (timing.py), turn the medians into a Row with its targets.
 
 R1 request flow, R1b the request object alone, R2 a no-op fire on a reused request,
 R3 a ThreadingHTTPServer, R4 the first fire on a new thread; C: hs_fire against a
-bare lua_pcall; T1/T2 thread scaling; M1/M2 memory.
+bare lua_pcall; T1/T2 thread scaling; M1/M2 memory; P1-P3 ``hostscript serve``
+under wrk (proxy_wrk.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 from . import contestants as cs
-from . import http_server, native, new_threads, scaling
+from . import http_server, native, new_threads, proxy_wrk, scaling
 from .report import Check, Row, ratio
 from .timing import Call, Samples, interleave, interleaved_calls, per_call_ns
 from .workloads import EMPTY, FLOW, METHOD, REQUEST_HEADERS, URI, big_workload, cpu_workload
@@ -38,18 +39,21 @@ class Counts:
     first_fire_rounds: int
     churn_threads: int
     churn_warmup: int
+    proxy: proxy_wrk.Plan    # P1-P3: wrk runs
 
     @classmethod
     def full(cls) -> "Counts":
         return cls(round_ns=100e6, rounds=7, http_connections=2000, http_rounds=5,
                    c_iterations=1_000_000, c_rounds=7, phase_ns=150e6, scaling_rounds=5,
-                   first_fire_rounds=21, churn_threads=10_000, churn_warmup=300)
+                   first_fire_rounds=21, churn_threads=10_000, churn_warmup=300,
+                   proxy=proxy_wrk.Plan(seconds=5, rounds=3, warmup=1, concurrent=False))
 
     @classmethod
     def quick(cls) -> "Counts":
         return cls(round_ns=2e6, rounds=2, http_connections=40, http_rounds=1,
                    c_iterations=20_000, c_rounds=2, phase_ns=10e6, scaling_rounds=1,
-                   first_fire_rounds=3, churn_threads=200, churn_warmup=20)
+                   first_fire_rounds=3, churn_threads=200, churn_warmup=20,
+                   proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True))
 
 
 def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
@@ -315,7 +319,78 @@ def rss_row(engine: str, counts: Counts) -> Row:
                notes(f"flat means growth <= {RSS_FLAT_KIB} KiB", lupa_note(engine)))
 
 
+# ---------------------------------------------------------------- P1, P2, P3
+
+PROXY_TARGET = 0.9  # scripts / no scripts, requests per second
+
+
+def _proxy_measurement(engine: str, counts: Counts) -> "proxy_wrk.Measurement | str":
+    """The engine's wrk measurement (one for the three rows), or why there is none."""
+    try:
+        return proxy_wrk.measured(engine, counts.proxy)
+    except proxy_wrk.Unavailable as exc:
+        return str(exc)
+
+
+def _latency_note(m: "proxy_wrk.Measurement", names: List[str]) -> str:
+    return "p50/p99: " + ", ".join(f"{n} {m.p50(n):.2f}/{m.p99(n):.2f} ms" for n in names)
+
+
+def _proxy_row(engine: str, counts: Counts, key: str, title: str, kind: str,
+               baselines: List[str]) -> Row:
+    """P1 (misses) or P2 (hits): the proxy with the example scripts against the same
+    proxy without scripts (and BASELINES, contestants of proxy_wrk), requests per
+    second under wrk."""
+    m = _proxy_measurement(engine, counts)
+    label = "scripts / no scripts (req/s)"
+    if isinstance(m, str):
+        return Row(engine, key, title, "rps", None, {name: None for name in baselines},
+                   [Check(label, None, ">=", PROXY_TARGET, na=m)], f"n/a: {m}")
+    names = [f"{name}, {kind}" for name in ["scripts"] + baselines]  # contestants of proxy_wrk
+    rps = {name.rpartition(",")[0]: m.rps(name) for name in names}
+    checks = [Check(label, ratio(rps["scripts"], rps["no scripts"]), ">=", PROXY_TARGET)]
+    if "origin alone" in rps:
+        checks.append(Check("origin alone / no scripts (req/s)",
+                            ratio(rps["origin alone"], rps["no scripts"])))
+    return Row(engine, key, title, "rps", rps.pop("scripts"), rps, checks,
+               notes(_latency_note(m, names), m.setup()),
+               {n: m.rps_rounds(n) for n in names},
+               {"contestants": m.summary(names), "setup": m.setup()})
+
+
+def proxy_miss_row(engine: str, counts: Counts) -> Row:
+    """P1: cache misses (the origin answers no-store): every request goes upstream."""
+    return _proxy_row(engine, counts, "proxy-miss", "P1 hostscript serve under wrk: cache misses",
+                      "miss", ["no scripts", "origin alone"])
+
+
+def proxy_hit_row(engine: str, counts: Counts) -> Row:
+    """P2: cache hits (max-age and Key): every request is answered from the cache."""
+    return _proxy_row(engine, counts, "proxy-hit", "P2 hostscript serve under wrk: cache hits",
+                      "hit", ["no scripts"])
+
+
+def proxy_hit_miss_row(engine: str, counts: Counts) -> Row:
+    """P3: what the cache buys — hits / misses in requests per second, per proxy."""
+    m = _proxy_measurement(engine, counts)
+    title, label = "P3 hostscript serve: cache hits / misses", "hits / misses, scripts (req/s)"
+    if isinstance(m, str):
+        return Row(engine, "proxy-hit-miss", title, "x", None, {"no scripts": None},
+                   [Check(label, None, ">=", 1.0, na=m)], f"n/a: {m}")
+
+    def per_round(proxy: str) -> List[float]:
+        return [h / s for h, s in zip(m.rps_rounds(f"{proxy}, hit"), m.rps_rounds(f"{proxy}, miss"))]
+
+    scripts = ratio(m.rps("scripts, hit"), m.rps("scripts, miss"))
+    plain = ratio(m.rps("no scripts, hit"), m.rps("no scripts, miss"))
+    return Row(engine, "proxy-hit-miss", title, "x", scripts, {"no scripts": plain},
+               [Check(label, scripts, ">=", 1.0), Check("hits / misses, no scripts (req/s)", plain)],
+               "ratios of the medians of P1 and P2; a hit must at least not cost more than a miss",
+               {"scripts": per_round("scripts"), "no scripts": per_round("no scripts")})
+
+
 # In the order they run and are reported.
 ROWS: List[Callable[[str, Counts], Row]] = [
     request_flow_row, build_request_row, noop_fire_row, http_server_row, first_fire_row, c_row,
-    scaling_short_row, scaling_cpu_row, heap_row, rss_row]
+    scaling_short_row, scaling_cpu_row, heap_row, rss_row, proxy_miss_row, proxy_hit_row,
+    proxy_hit_miss_row]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -16,8 +17,11 @@ import hostscript
 from hostscript import cli
 
 EXPECTED_ROWS = {"request-flow", "build-request", "noop-fire", "http-server", "first-fire", "c-fire",
-                 "scaling-short", "scaling-cpu", "heap-per-state", "rss-churn"}
+                 "scaling-short", "scaling-cpu", "heap-per-state", "rss-churn",
+                 "proxy-miss", "proxy-hit", "proxy-hit-miss"}
 MAY_BE_NA = {("first-fire", "with state pool")}  # (row, baseline) a build without a pool lacks
+PROXY_ROWS = {"proxy-miss", "proxy-hit", "proxy-hit-miss"}  # n/a, and saying so, without wrk
+HAVE_WRK = shutil.which("wrk") is not None
 
 
 def _is_number(v: object) -> bool:
@@ -36,6 +40,10 @@ def test_bench_quick_gives_every_row_a_number_on_every_engine(tmp_path):
     for row in report["rows"]:
         where = f"{row['key']}[{row['engine']}]"
         seen[row["key"]].add(row["engine"])
+        if row["key"] in PROXY_ROWS and not HAVE_WRK:
+            assert row["value"] is None and "wrk is not installed" in row["note"], where
+            assert all("wrk" in c["na"] for c in row["checks"]), where
+            continue
         assert _is_number(row["value"]), f"{where}: no value ({row['note']})"
         assert row["baselines"], f"{where}: no baseline"
         na = [c["na"] for c in row["checks"] if c["na"]]
@@ -57,6 +65,12 @@ def test_bench_quick_gives_every_row_a_number_on_every_engine(tmp_path):
     for row in report["rows"]:  # the text table and the Markdown name every row
         assert row["title"] in proc.stdout.split("| row |")[0]
         assert f"| {row['title']} |" in proc.stdout
+    if HAVE_WRK:  # the proxy rows' latencies: a Markdown line per contestant and engine
+        for row in report["rows"]:
+            for name, c in row["extra"].get("contestants", {}).items():
+                assert all(_is_number(c[k]) for k in ("rps", "p50_ms", "p99_ms")), (row["key"], name)
+                assert f"| {row['title']} | {row['engine']} | {name} |" in proc.stdout
+        assert any(row["extra"].get("contestants") for row in report["rows"])
 
 
 def test_bench_outside_a_source_tree_says_so(tmp_path, monkeypatch, capsys):
@@ -66,3 +80,18 @@ def test_bench_outside_a_source_tree_says_so(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "--quick"]) != 0
     err = capsys.readouterr().err
     assert "benchmarks/" in err and "source checkout" in err
+
+
+def test_proxy_rows_without_wrk_say_so(monkeypatch):
+    """No wrk on the machine: the proxy rows are n/a and say how to get it, quickly."""
+    assert cli._load_benchmarks(cli.SOURCE_ROOT) is not None
+    from benchmarks import proxy_wrk, rows
+
+    monkeypatch.setattr(proxy_wrk, "wrk_path", lambda: None)
+    monkeypatch.setattr(proxy_wrk, "_measured", {})
+    for make in (rows.proxy_miss_row, rows.proxy_hit_row, rows.proxy_hit_miss_row):
+        row = make(hostscript.engines()[0], rows.Counts.quick())
+        assert row.value is None and "wrk is not installed" in row.note
+        assert "install-deps.sh bench" in row.note
+        assert all(c.measured is None and c.met is None and "wrk" in c.na for c in row.checks)
+        assert all(v is None for v in row.baselines.values()) and row.baselines
