@@ -21,7 +21,8 @@ from typing import Deque, Iterable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .config import Limits
-from .http import IDEMPOTENT, LAST_CHUNK, Header, HttpError, ResponseReader, chunk, serialize_head
+from .http import (IDEMPOTENT, LAST_CHUNK, BadUpstreamResponse, Header, ResponseReader, chunk,
+                   serialize_head)
 
 log = logging.getLogger("hostscript.proxy")
 
@@ -122,7 +123,7 @@ class UpstreamResponse:
                 continue
             try:
                 r.feed(data)
-            except HttpError as exc:
+            except BadUpstreamResponse as exc:
                 self.abort()
                 raise UpstreamError(502, str(exc)) from None
         return r.chunks.popleft()
@@ -267,13 +268,13 @@ class UpstreamPool:
                     got = True
                     reader.feed(data)
                 if not reader.head_done:
-                    raise HttpError(502, "the upstream response ended before its head")
+                    raise BadUpstreamResponse("the upstream response ended before its head")
                 return UpstreamResponse(self, conn, reader, head_request)
             except socket.timeout:
                 conn.close()
                 raise UpstreamError(504, f"the upstream {self.origin.netloc} did not answer within "
                                          f"{self.limits.upstream_timeout:g} s") from None
-            except HttpError as exc:
+            except BadUpstreamResponse as exc:
                 conn.close()
                 raise UpstreamError(502, str(exc)) from None
             except OSError as exc:
