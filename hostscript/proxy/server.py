@@ -135,7 +135,10 @@ class Proxy:
         (up to *timeout*, by default ``limits.drain_timeout``), stop the threads.
         True when every request in flight finished."""
         if self._closed or not self._started:
-            self._closed = True
+            if not self._closed:
+                self._closed = True
+                self._wake_r.close()
+                self._wake_w.close()
             return True
         self._closed = True
         timeout = self.limits.drain_timeout if timeout is None else timeout
@@ -326,8 +329,8 @@ class Proxy:
         self._jobs.put(c)
 
     def _close(self, c: ClientConnection) -> None:
-        c.close()
-        self.counters.connection(-1)
+        if c.close():
+            self.counters.connection(-1)
 
     # ---- workers ----
 
