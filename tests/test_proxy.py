@@ -511,3 +511,24 @@ def test_proxy_used_from_python_without_a_with_block(make_host, origin):
         assert p.shutdown() is True
     with pytest.raises(OSError):
         socket.create_connection(p.address, timeout=1)
+
+
+def test_the_examples_through_the_proxy(start_proxy, origin, caplog):
+    import logging
+    import pathlib
+
+    caplog.set_level(logging.INFO, logger="hostscript")
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    scripts = [(root / n).read_text() for n in ("normalize.lua", "stamp.lua", "headers.lua",
+                                                "access_log.lua")]
+    p = start_proxy(*scripts)
+    r = request(p, "GET", "/Shop/Item?utm_source=mail&utm_campaign=autumn&color=red",
+                {"X-Internal-User": "spoofed"})
+    got = r.json()
+    assert got["path"] == "/shop/item?color=red"                 # normalize.lua
+    assert header(got, "x-internal-user") == []                  # headers.lua
+    assert header(got, "x-forwarded-proto") == ["http"] and header(got, "x-request-id")
+    assert r.get("x-elapsed-ms") is not None                     # stamp.lua
+    assert r.get("x-content-type-options") == "nosniff" and r.get("server") is None
+    assert request(p, "GET", "/", {"X-Deny": "1"}).status == 403
+    assert wait_for(lambda: sum("campaign=autumn" in m.getMessage() for m in caplog.records) == 1, 5)
