@@ -15,8 +15,7 @@ import pytest
 from hostscript.proxy.cache import ResponseCache
 from helpers import wait_for
 from origin import header
-from proxy_helpers import (FAST, LOG_SCRIPT, Raw, hook_fires, log_lines, origin,  # noqa: F401
-                           request, start_proxy)
+from proxy_helpers import FAST, LOG_SCRIPT, Raw, hook_fires, request
 
 # ---- hooks ----
 

@@ -17,7 +17,6 @@ import pytest
 
 import hostscript
 from helpers import ROOT, wait_for
-from origin import Origin
 
 VERSION = """
 local C = {{}}
@@ -77,13 +76,6 @@ class Serve:
             if self.proc.poll() is None:
                 self.proc.kill()
             self._t.join(5)
-
-
-@pytest.fixture
-def origin():
-    o = Origin()
-    yield o
-    o.close()
 
 
 def test_sighup_reloads_and_a_broken_script_keeps_the_old_program(engine, origin, tmp_path):

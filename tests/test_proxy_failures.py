@@ -12,7 +12,7 @@ import pytest
 
 from helpers import wait_for
 from origin import Origin, free_port
-from proxy_helpers import FAST, LOG_SCRIPT, Raw, log_lines, origin, request, start_proxy  # noqa: F401
+from proxy_helpers import FAST, LOG_SCRIPT, Raw, request
 
 
 def _logged(log_lines, line: str, n: int = 1) -> bool:

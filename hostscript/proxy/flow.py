@@ -131,7 +131,7 @@ class Exchange:
     # ---- cache and upstream ----
 
     def _forward(self) -> None:
-        txn, msg, px = self.txn, self.msg, self.px
+        txn, px = self.txn, self.px
         assert txn is not None
         method = txn.request.method
         req_headers = txn.request.headers.items()
