@@ -531,3 +531,42 @@ def test_the_examples_through_the_proxy(start_proxy, origin, caplog):
     assert r.get("x-content-type-options") == "nosniff" and r.get("server") is None
     assert request(p, "GET", "/", {"X-Deny": "1"}).status == 403
     assert wait_for(lambda: sum("campaign=autumn" in m.getMessage() for m in caplog.records) == 1, 5)
+
+
+def test_absolute_form_target_and_http10_via(start_proxy, origin):
+    p = start_proxy()
+    raw = Raw(p)
+    raw.send(b"GET http://example.com/abs?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    got = raw.read().json()
+    assert got["path"] == "/abs?q=1" and header(got, "host") == [f"127.0.0.1:{origin.port}"]
+    raw.send(b"GET ftp-ish HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.read().status == 400
+    raw.close()
+    raw = Raw(p)
+    raw.send(b"GET /ten HTTP/1.0\r\n\r\n")
+    assert header(raw.read().json(), "via") == ["1.0 hostscript"]
+    raw.close()
+
+
+def test_an_answer_before_the_body_reaches_the_client(start_proxy):
+    # answered without reading the body: the proxy must not reset the connection
+    # (unread bytes at close) before its whole answer is through
+    p = start_proxy("""
+        local C = {}
+        function C:on_read_request(txn) return txn:respond(413, string.rep("y", 3000000)) end
+        return C""")
+    s = socket.create_connection(p.address, timeout=5)
+    s.sendall(b"POST /big-answer HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n" + b"a" * 200000)
+    time.sleep(0.2)
+    data = b""
+    try:
+        while True:
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
+    except OSError:
+        pass
+    s.close()
+    assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert data.endswith(b"y" * 1000) and len(data.split(b"\r\n\r\n", 1)[1]) == 3000000

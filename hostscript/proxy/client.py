@@ -49,6 +49,26 @@ class ClientConnection:
             pass
         return True
 
+    def linger(self, timeout: float = 0.5, limit: int = 1 << 20) -> None:
+        """Before closing with request bytes unread: stop sending and discard what
+        still comes (up to *limit* bytes, *timeout* seconds), so the kernel does not
+        answer those bytes with a reset that can destroy the response in flight."""
+        end = time.monotonic() + timeout
+        n = 0
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while n < limit:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(left)
+                data = self.sock.recv(RECV)
+                if not data:
+                    break
+                n += len(data)
+        except OSError:
+            pass
+
     # ---- worker-side blocking I/O ----
 
     def send(self, data: bytes) -> None:

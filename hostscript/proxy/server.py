@@ -358,6 +358,8 @@ class Proxy:
             c.requests += 1
             keep = Exchange(self, c, msg).run()
             if not keep or self.draining or self._stopping:
+                if msg.head_done and not msg.complete and not c.closed:
+                    c.linger()  # so the client reads the answer, not a reset
                 self._close(c)
                 return
             if c.next_ready() is None:
