@@ -269,3 +269,22 @@ def test_proxy_keeps_serving_after_each_failure(start_proxy, origin):
         assert request(p, "GET", "/ok").status == 200
     st = p.stats()
     assert st["responses"]["2xx"] == 3 and st["responses"]["5xx"] == 6 and st["responses"]["4xx"] == 3
+
+
+def test_accepting_pauses_at_max_connections(start_proxy):
+    limits = FAST.__class__(**{**FAST.__dict__, "max_connections": 2})
+    p = start_proxy(limits=limits)
+    a, b = Raw(p), Raw(p)
+    a.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert a.read().status == 200
+    wait_for(lambda: p.stats()["connections"] == 2, 2)
+    c = Raw(p, timeout=0.4)  # the kernel completes the handshake; the proxy does not accept
+    c.send(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(socket.timeout):
+        c.sock.recv(1, socket.MSG_PEEK)
+    b.close()  # room again: c is accepted and served
+    c.sock.settimeout(5)
+    assert c.read().status == 200
+    assert p.stats()["connections_total"] == 3
+    a.close()
+    c.close()

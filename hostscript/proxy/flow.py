@@ -262,11 +262,12 @@ class Exchange:
         """Answer *status* instead of whatever was under way."""
         self._drop_stream()
         self.body = f"{status} {reason(status)}\n".encode()
+        if self.txn is None:  # failed before the request made a transaction
+            self.txn = Transaction(self.msg.method or "-", "-", ())
         txn = self.txn
-        if txn is not None:
-            txn.response.status = status
-            txn.response.headers = [("Content-Type", "text/plain; charset=utf-8")]
-            txn.response.body = self.body
+        txn.response.status = status
+        txn.response.headers = [("Content-Type", "text/plain; charset=utf-8")]
+        txn.response.body = self.body
         if status in (400, 408, 413, 414, 431, 501):
             self.client_error = True
             self.keep_alive = False
