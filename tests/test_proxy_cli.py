@@ -185,3 +185,26 @@ def test_shared_option(engine, origin, tmp_path):
         assert s.get("/s").status == 200
     finally:
         assert s.stop() == 0
+
+
+def test_limit_options_reach_the_proxy(engine, origin, tmp_path):
+    script = tmp_path / "v.lua"
+    script.write_text(VERSION.format(v=1))
+    s = Serve("--listen", "127.0.0.1:0", "--upstream", origin.url, "--script", str(script),
+              "--engine", engine, "--max-request-line", "100", "--max-headers", "5",
+              "--max-body", "10")
+    try:
+        s.started()
+        assert s.get("/" + "a" * 99).status == 200
+        assert s.get("/" + "a" * 150).status == 414
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        c.request("GET", "/h", headers={f"X-{i}": "v" for i in range(8)})
+        assert c.getresponse().status == 431
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        c.request("POST", "/b", body=b"x" * 11)
+        assert c.getresponse().status == 413
+    finally:
+        assert s.stop() == 0
+    p = subprocess.run([sys.executable, "-m", "hostscript", "serve", "--upstream", "ftp://x",
+                        "--script", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "only http:// upstreams" in p.stderr
