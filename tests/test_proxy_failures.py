@@ -98,6 +98,24 @@ def test_chunked_body_over_the_limit_is_413(start_proxy, log_lines, origin):
     assert request(p, "GET", "/next").status == 200
 
 
+def test_413_reaches_a_client_that_sends_its_body_anyway(start_proxy):
+    limits = FAST.__class__(**{**FAST.__dict__, "max_body": 1000})
+    p = start_proxy(limits=limits)
+    s = socket.create_connection(p.address, timeout=5)
+    s.sendall(b"POST /too-big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n" + b"a" * 300000)
+    data = b""
+    try:
+        while True:
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
+    except OSError:
+        pass
+    s.close()
+    assert data.startswith(b"HTTP/1.1 413 ") and data.endswith(b"413 Request Entity Too Large\n")
+
+
 def test_request_body_too_slow_is_408(start_proxy, log_lines):
     p = start_proxy(LOG_SCRIPT)  # body_timeout 1 s
     raw = Raw(p)

@@ -260,9 +260,9 @@ class RequestReader:
                 msg.chunked = True  # llhttp refuses a request whose last coding is not chunked
             elif low == "expect" and value.strip().lower() == "100-continue":
                 msg.expect_continue = True
+        msg.head_done = True
         if msg.content_length is not None and msg.content_length > self.limits.max_body:
             raise HttpError(413, f"request body larger than {self.limits.max_body} bytes")
-        msg.head_done = True
 
     def on_body(self, data: bytes) -> None:
         msg = self._cur
