@@ -306,3 +306,23 @@ def test_accepting_pauses_at_max_connections(start_proxy):
     assert p.stats()["connections_total"] == 3
     a.close()
     c.close()
+
+
+def test_endless_upstream_head_is_502(start_proxy):
+    def handler(c: socket.socket, _: int) -> None:
+        _read_head(c)
+        try:
+            c.sendall(b"HTTP/1.1 200 OK\r\n")
+            for i in range(100000):
+                c.sendall(b"X-Filler-%d: %s\r\n" % (i, b"v" * 100))
+        except OSError:
+            pass
+        c.close()
+
+    url, stop, ls, _ = _raw_upstream(handler)
+    try:
+        p = start_proxy(upstream=url)
+        assert request(p, "GET", "/endless").status == 502
+    finally:
+        stop.set()
+        ls.close()

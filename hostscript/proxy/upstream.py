@@ -27,6 +27,7 @@ from .http import (IDEMPOTENT, LAST_CHUNK, BadUpstreamResponse, Header, Response
 log = logging.getLogger("hostscript.proxy")
 
 RECV = 65536
+HEAD_MAX = 256 << 10  # an upstream response head larger than this is refused (502)
 Body = Union[None, bytes, Iterator[bytes]]
 
 
@@ -258,7 +259,10 @@ class UpstreamPool:
             try:
                 self._send(conn, head, body, chunked)
                 reader = ResponseReader(head_request)
+                received = 0
                 while not reader.head_done and not reader.complete:
+                    if received > HEAD_MAX:
+                        raise BadUpstreamResponse(f"the upstream response head passed {HEAD_MAX} bytes")
                     data = conn.sock.recv(RECV)
                     if not data:
                         if reader.feed_eof():
@@ -266,6 +270,7 @@ class UpstreamPool:
                         raise ConnectionResetError("the upstream closed the connection"
                                                    + (" mid-head" if got else ""))
                     got = True
+                    received += len(data)
                     reader.feed(data)
                 if not reader.head_done:
                     raise BadUpstreamResponse("the upstream response ended before its head")
