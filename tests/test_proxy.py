@@ -570,3 +570,17 @@ def test_an_answer_before_the_body_reaches_the_client(start_proxy):
     s.close()
     assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
     assert data.endswith(b"y" * 1000) and len(data.split(b"\r\n\r\n", 1)[1]) == 3000000
+
+
+def test_upgrade_request_is_served_as_plain_http(start_proxy, origin):
+    p = start_proxy()
+    raw = Raw(p)
+    raw.send(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+             b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nGET /after-upgrade HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = raw.read()
+    assert r.status == 200 and r.get("upgrade") is None
+    got = r.json()
+    assert got["path"] == "/h2c"
+    assert header(got, "upgrade") == [] and header(got, "http2-settings") == []
+    assert raw.read().json()["path"] == "/after-upgrade"  # the pipelined request behind it
+    raw.close()
