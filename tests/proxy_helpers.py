@@ -148,7 +148,9 @@ class Raw:
         self.sock.settimeout(timeout)
         try:
             return self.f.read(1) == b""
-        except (socket.timeout, ConnectionError):
+        except ConnectionResetError:  # closed with our bytes unread: the kernel resets
+            return True
+        except (socket.timeout, OSError):
             return False
 
     def close(self) -> None:

@@ -15,8 +15,7 @@ import pytest
 from hostscript.proxy.cache import ResponseCache
 from helpers import wait_for
 from origin import header
-from proxy_helpers import (FAST, LOG_SCRIPT, Raw, hook_fires, log_lines, origin,  # noqa: F401
-                           request, start_proxy)
+from proxy_helpers import FAST, LOG_SCRIPT, Raw, hook_fires, request
 
 # ---- hooks ----
 
@@ -511,3 +510,77 @@ def test_proxy_used_from_python_without_a_with_block(make_host, origin):
         assert p.shutdown() is True
     with pytest.raises(OSError):
         socket.create_connection(p.address, timeout=1)
+
+
+def test_the_examples_through_the_proxy(start_proxy, origin, caplog):
+    import logging
+    import pathlib
+
+    caplog.set_level(logging.INFO, logger="hostscript")
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    scripts = [(root / n).read_text() for n in ("normalize.lua", "stamp.lua", "headers.lua",
+                                                "access_log.lua")]
+    p = start_proxy(*scripts)
+    r = request(p, "GET", "/Shop/Item?utm_source=mail&utm_campaign=autumn&color=red",
+                {"X-Internal-User": "spoofed"})
+    got = r.json()
+    assert got["path"] == "/shop/item?color=red"                 # normalize.lua
+    assert header(got, "x-internal-user") == []                  # headers.lua
+    assert header(got, "x-forwarded-proto") == ["http"] and header(got, "x-request-id")
+    assert r.get("x-elapsed-ms") is not None                     # stamp.lua
+    assert r.get("x-content-type-options") == "nosniff" and r.get("server") is None
+    assert request(p, "GET", "/", {"X-Deny": "1"}).status == 403
+    assert wait_for(lambda: sum("campaign=autumn" in m.getMessage() for m in caplog.records) == 1, 5)
+
+
+def test_absolute_form_target_and_http10_via(start_proxy, origin):
+    p = start_proxy()
+    raw = Raw(p)
+    raw.send(b"GET http://example.com/abs?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    got = raw.read().json()
+    assert got["path"] == "/abs?q=1" and header(got, "host") == [f"127.0.0.1:{origin.port}"]
+    raw.send(b"GET ftp-ish HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.read().status == 400
+    raw.close()
+    raw = Raw(p)
+    raw.send(b"GET /ten HTTP/1.0\r\n\r\n")
+    assert header(raw.read().json(), "via") == ["1.0 hostscript"]
+    raw.close()
+
+
+def test_an_answer_before_the_body_reaches_the_client(start_proxy):
+    # answered without reading the body: the proxy must not reset the connection
+    # (unread bytes at close) before its whole answer is through
+    p = start_proxy("""
+        local C = {}
+        function C:on_read_request(txn) return txn:respond(413, string.rep("y", 3000000)) end
+        return C""")
+    s = socket.create_connection(p.address, timeout=5)
+    s.sendall(b"POST /big-answer HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n" + b"a" * 200000)
+    time.sleep(0.2)
+    data = b""
+    try:
+        while True:
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
+    except OSError:
+        pass
+    s.close()
+    assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert data.endswith(b"y" * 1000) and len(data.split(b"\r\n\r\n", 1)[1]) == 3000000
+
+
+def test_upgrade_request_is_served_as_plain_http(start_proxy, origin):
+    p = start_proxy()
+    raw = Raw(p)
+    raw.send(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+             b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nGET /after-upgrade HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = raw.read()
+    assert r.status == 200 and r.get("upgrade") is None
+    got = r.json()
+    assert got["path"] == "/h2c"
+    assert header(got, "upgrade") == [] and header(got, "http2-settings") == []
+    assert raw.read().json()["path"] == "/after-upgrade"  # the pipelined request behind it
+    raw.close()

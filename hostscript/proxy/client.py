@@ -21,7 +21,7 @@ class ClientConnection:
     """A client's socket and parser. Owned by the selector thread while it waits for
     a request head, by one worker while that serves it."""
 
-    __slots__ = ("sock", "peer", "reader", "deadline", "opened", "requests", "fd")
+    __slots__ = ("sock", "peer", "reader", "deadline", "opened", "requests", "fd", "closed")
 
     def __init__(self, sock: socket.socket, peer: str, limits: Limits) -> None:
         self.sock = sock
@@ -31,15 +31,41 @@ class ClientConnection:
         self.opened = time.monotonic()
         self.deadline = self.opened + limits.idle_timeout
         self.requests = 0
+        self.closed = False
 
     def next_ready(self) -> Optional[RequestMessage]:
         """The next request if its head is complete (or it failed), else None."""
         msgs = self.reader.messages
         return msgs[0] if msgs and msgs[0].ready else None
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Close the socket; False when it already was."""
+        if self.closed:
+            return False
+        self.closed = True
         try:
             self.sock.close()
+        except OSError:
+            pass
+        return True
+
+    def linger(self, timeout: float = 0.5, limit: int = 1 << 20) -> None:
+        """Before closing with request bytes unread: stop sending and discard what
+        still comes (up to *limit* bytes, *timeout* seconds), so the kernel does not
+        answer those bytes with a reset that can destroy the response in flight."""
+        end = time.monotonic() + timeout
+        n = 0
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while n < limit:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(left)
+                data = self.sock.recv(RECV)
+                if not data:
+                    break
+                n += len(data)
         except OSError:
             pass
 

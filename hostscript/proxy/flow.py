@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, FrozenSet, List, Optional, Tuple
 
 from .. import Status, Transaction, UsageError
@@ -32,10 +33,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hostscript.proxy")
 
-VIA = "1.1 hostscript"
+VIA = "1.1 hostscript"  # responses (the upstream is spoken to in HTTP/1.1)
 NO_BODY_STATUS = frozenset({204, 304})
 UPSTREAM_SET = frozenset({"host", "expect", "x-forwarded-for"})  # set by the proxy upstream
 CLIENT_GONE = 499  # the status logged when the client left before its response
+
+
+def origin_form(target: str) -> Optional[str]:
+    """The request target as the upstream gets it: origin-form (``/path?query``) or
+    ``*``; an absolute-form target (``http://host/path``) is reduced to its path and
+    query. None for anything else."""
+    if target.startswith("/") or target == "*":
+        return target
+    if "://" in target:
+        parts = urlsplit(target)
+        if parts.scheme.lower() in ("http", "https") and parts.netloc:
+            return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return None
 
 
 class Exchange:
@@ -92,8 +106,12 @@ class Exchange:
         if msg.error is not None:  # refused before its head was complete: log, no other hook
             self._refuse(msg.error)
             return
+        target = origin_form(msg.target)
+        if target is None:
+            self._refuse(HttpError(400, f"invalid request target {msg.target[:100]!r}"))
+            return
         try:
-            self.txn = Transaction(msg.method, msg.target, msg.headers)
+            self.txn = Transaction(msg.method, target, msg.headers)
         except UsageError as exc:
             self._refuse(HttpError(400, f"invalid request: {exc}"))
             return
@@ -131,7 +149,7 @@ class Exchange:
     # ---- cache and upstream ----
 
     def _forward(self) -> None:
-        txn, msg, px = self.txn, self.msg, self.px
+        txn, px = self.txn, self.px
         assert txn is not None
         method = txn.request.method
         req_headers = txn.request.headers.items()
@@ -154,7 +172,8 @@ class Exchange:
         xff = [v.strip() for n, v in req_headers if n.lower() == "x-forwarded-for" and v.strip()]
         txn.request.headers = ([("Host", px.origin.netloc)]
                                + end_to_end(req_headers, drop=UPSTREAM_SET)
-                               + [("Via", VIA), ("X-Forwarded-For", ", ".join(xff + [self.conn.peer]))])
+                               + [("Via", f"{self.msg.version} hostscript"),
+                                  ("X-Forwarded-For", ", ".join(xff + [self.conn.peer]))])
         if not self._fire("send_request") or self._answered():
             return
 
@@ -243,11 +262,12 @@ class Exchange:
         """Answer *status* instead of whatever was under way."""
         self._drop_stream()
         self.body = f"{status} {reason(status)}\n".encode()
+        if self.txn is None:  # failed before the request made a transaction
+            self.txn = Transaction(self.msg.method or "-", "-", ())
         txn = self.txn
-        if txn is not None:
-            txn.response.status = status
-            txn.response.headers = [("Content-Type", "text/plain; charset=utf-8")]
-            txn.response.body = self.body
+        txn.response.status = status
+        txn.response.headers = [("Content-Type", "text/plain; charset=utf-8")]
+        txn.response.body = self.body
         if status in (400, 408, 413, 414, 431, 501):
             self.client_error = True
             self.keep_alive = False

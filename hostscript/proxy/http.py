@@ -31,10 +31,16 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 class HttpError(Exception):
     """A request the proxy refuses or cannot serve: answered with *status*."""
 
-    def __init__(self, status: int, message: str = "", close: bool = True) -> None:
+    def __init__(self, status: int, message: str = "") -> None:
         super().__init__(message or reason(status))
         self.status = status
-        self.close = close
+
+
+class BadUpstreamResponse(HttpError):
+    """The upstream's response is malformed (502)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
 
 
 def reason(status: int) -> str:
@@ -162,11 +168,14 @@ class RequestReader:
                 # upgrade (Upgrade is hop-by-hop): serve it as a plain request and go
                 # on parsing what follows, unless the request has a body llhttp skipped.
                 msg = self.messages[-1] if self.messages else None
-                if msg is None or msg.method == "CONNECT":
-                    self.fail(HttpError(501, "CONNECT is not supported"))
+                if msg is None:
+                    self.fail(HttpError(400, "malformed request"))
                     return
-                if msg.has_body:
-                    self.fail(HttpError(501, "an Upgrade request with a body is not supported"))
+                if msg.method == "CONNECT" or msg.has_body:
+                    msg.error = HttpError(501, "CONNECT is not supported" if msg.method == "CONNECT"
+                                          else "an Upgrade request with a body is not supported")
+                    self.dead = True
+                    self._cur = None
                     return
                 msg.upgrade = False
                 data = data[up.args[0]:] if up.args else b""
@@ -251,9 +260,9 @@ class RequestReader:
                 msg.chunked = True  # llhttp refuses a request whose last coding is not chunked
             elif low == "expect" and value.strip().lower() == "100-continue":
                 msg.expect_continue = True
+        msg.head_done = True
         if msg.content_length is not None and msg.content_length > self.limits.max_body:
             raise HttpError(413, f"request body larger than {self.limits.max_body} bytes")
-        msg.head_done = True
 
     def on_body(self, data: bytes) -> None:
         msg = self._cur
@@ -294,18 +303,18 @@ class ResponseReader:
         self._messages = 0
 
     def feed(self, data: bytes) -> None:
-        """Parse *data*; raises HttpError(502) for a malformed response."""
+        """Parse *data*; raises BadUpstreamResponse for a malformed response."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, ResponseReader._HeadOnly):
                 self.complete = True
                 return
-            raise HttpError(502, f"malformed upstream response: {exc}") from None
+            raise BadUpstreamResponse(f"malformed upstream response: {exc}") from None
         except httptools.HttpParserUpgrade:
-            raise HttpError(502, "the upstream switched protocols") from None
+            raise BadUpstreamResponse("the upstream switched protocols") from None
         except httptools.HttpParserError as exc:
-            raise HttpError(502, f"malformed upstream response: {exc}") from None
+            raise BadUpstreamResponse(f"malformed upstream response: {exc}") from None
 
     def feed_eof(self) -> bool:
         """The upstream closed: True when that ends the message (a body without

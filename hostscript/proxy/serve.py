@@ -73,7 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest wait for an upstream byte (504 before the head)")
     t.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="on SIGTERM, how long requests in flight may take to finish")
-    t.add_argument("--max-connections", type=int, default=d.max_connections)
+    t.add_argument("--max-request-line", type=size, default=d.max_request_line, metavar="BYTES",
+                   help="longest request target (414; default 8k)")
+    t.add_argument("--max-header-bytes", type=size, default=d.max_header_bytes, metavar="BYTES",
+                   help="largest request header block (431; default 64k)")
+    t.add_argument("--max-headers", type=int, default=d.max_headers,
+                   help="most request header fields (431)")
+    t.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="client connections open at once (accepting pauses beyond)")
     t.add_argument("--pool-size", type=int, default=d.pool_size,
                    help="idle upstream connections kept")
 
@@ -115,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
                         idle_timeout=args.idle_timeout, body_timeout=args.body_timeout,
                         send_timeout=args.send_timeout, connect_timeout=args.connect_timeout,
                         upstream_timeout=args.upstream_timeout, drain_timeout=args.drain_timeout,
-                        max_connections=args.max_connections, pool_size=args.pool_size)
+                        max_connections=args.max_connections, pool_size=args.pool_size,
+                        max_request_line=args.max_request_line,
+                        max_header_bytes=args.max_header_bytes, max_headers=args.max_headers)
         host = make_host(args)
     except (ValueError, UsageError) as exc:
         print(f"hostscript serve: {exc}", file=sys.stderr)

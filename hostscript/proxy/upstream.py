@@ -21,11 +21,13 @@ from typing import Deque, Iterable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from .config import Limits
-from .http import IDEMPOTENT, LAST_CHUNK, Header, HttpError, ResponseReader, chunk, serialize_head
+from .http import (IDEMPOTENT, LAST_CHUNK, BadUpstreamResponse, Header, ResponseReader, chunk,
+                   serialize_head)
 
 log = logging.getLogger("hostscript.proxy")
 
 RECV = 65536
+HEAD_MAX = 256 << 10  # an upstream response head larger than this is refused (502)
 Body = Union[None, bytes, Iterator[bytes]]
 
 
@@ -122,7 +124,7 @@ class UpstreamResponse:
                 continue
             try:
                 r.feed(data)
-            except HttpError as exc:
+            except BadUpstreamResponse as exc:
                 self.abort()
                 raise UpstreamError(502, str(exc)) from None
         return r.chunks.popleft()
@@ -257,7 +259,10 @@ class UpstreamPool:
             try:
                 self._send(conn, head, body, chunked)
                 reader = ResponseReader(head_request)
+                received = 0
                 while not reader.head_done and not reader.complete:
+                    if received > HEAD_MAX:
+                        raise BadUpstreamResponse(f"the upstream response head passed {HEAD_MAX} bytes")
                     data = conn.sock.recv(RECV)
                     if not data:
                         if reader.feed_eof():
@@ -265,15 +270,16 @@ class UpstreamPool:
                         raise ConnectionResetError("the upstream closed the connection"
                                                    + (" mid-head" if got else ""))
                     got = True
+                    received += len(data)
                     reader.feed(data)
                 if not reader.head_done:
-                    raise HttpError(502, "the upstream response ended before its head")
+                    raise BadUpstreamResponse("the upstream response ended before its head")
                 return UpstreamResponse(self, conn, reader, head_request)
             except socket.timeout:
                 conn.close()
                 raise UpstreamError(504, f"the upstream {self.origin.netloc} did not answer within "
                                          f"{self.limits.upstream_timeout:g} s") from None
-            except HttpError as exc:
+            except BadUpstreamResponse as exc:
                 conn.close()
                 raise UpstreamError(502, str(exc)) from None
             except OSError as exc:
