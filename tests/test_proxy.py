@@ -484,10 +484,10 @@ def test_admin_stats_json(start_proxy):
 def test_access_log_lines(start_proxy):
     out = io.StringIO()
     p = start_proxy(RESPOND, access_log=out)
-    request(p, "GET", "/al?cc=max-age=60")
-    request(p, "GET", "/al?cc=max-age=60")
-    request(p, "GET", "/deny")
-    wait_for(lambda: out.getvalue().count("\n") == 3)
+    for i, path in enumerate(("/al?cc=max-age=60", "/al?cc=max-age=60", "/deny")):
+        request(p, "GET", path)
+        # the line is written after the response went out: wait, to know the order
+        assert wait_for(lambda: out.getvalue().count("\n") == i + 1, 5)
     lines = out.getvalue().splitlines()
     pat = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
                      r'"(GET [^ ]+ HTTP/1\.1)" (\d{3}) (\d+|-) (HIT|MISS|-) (\d+\.\d{3})$')
