@@ -1,4 +1,5 @@
-"""Command line: ``hostscript demo`` (what ``make run`` shows), ``hostscript check`` and
+"""Command line: ``hostscript demo`` (what ``make run`` shows), ``hostscript check``,
+``hostscript serve`` (the reference caching reverse proxy, docs/serve.md) and
 ``hostscript bench`` (the comparison against peers, ``make bench``)."""
 from __future__ import annotations
 
@@ -129,6 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--hooks", default=",".join(HOOKS))
     c.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     c.set_defaults(func=check)
+    s = sub.add_parser("serve", help="run the caching HTTP/1.1 reverse proxy that fires the scripts' hooks")
+    from .proxy import serve as _serve  # httptools is needed only here
+
+    _serve.add_arguments(s)
+    s.set_defaults(func=_serve.run)
     b = sub.add_parser("bench", help="benchmark against pure Python, lupa and bare C; print the table")
     b.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not figures")
     b.add_argument("--json", metavar="PATH", help="write the report (machine info and rows) as JSON")

@@ -33,3 +33,7 @@ def make_host(engine):
 @pytest.fixture
 def host(make_host):
     return make_host()
+
+
+# the proxy tests' fixtures: origin, start_proxy, log_lines
+from proxy_helpers import log_lines, origin, start_proxy  # noqa: E402,F401
