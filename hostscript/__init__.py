@@ -9,13 +9,15 @@ their bytecode shared through an immutable, versioned program.
 """
 from ._engine import available as engines
 from .errors import (ArgumentTypeError, BusyError, ClosedError, Error, HandlerError, ScriptError,
-                     UsageError)
+                     SharedDictError, SharedDictFullError, SharedDictKeyError, UsageError)
 from .host import DEFAULT_HOOKS, Host, Outcome, Script, Status
+from .shared import SharedDict
 from .transaction import Headers, Request, Response, Transaction
 
 __all__ = [
     "ArgumentTypeError", "BusyError", "ClosedError", "DEFAULT_HOOKS", "Error", "HandlerError",
-    "Headers", "Host", "Outcome", "Request", "Response", "Script", "ScriptError", "Status",
-    "Transaction", "UsageError", "engines",
+    "Headers", "Host", "Outcome", "Request", "Response", "Script", "ScriptError", "SharedDict",
+    "SharedDictError", "SharedDictFullError", "SharedDictKeyError", "Status", "Transaction",
+    "UsageError", "engines",
 ]
 __version__ = "0.2.0"

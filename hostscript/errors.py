@@ -70,3 +70,26 @@ class HandlerError(Error):
     def __repr__(self) -> str:
         return (f"HandlerError(script={self.script!r}, hook={self.hook!r}, "
                 f"kind={self.kind!r}, message={self.message!r})")
+
+
+class SharedDictError(Error):
+    """A shared dictionary refused an operation: ``incr`` on a value that is not a
+    number, or past the 64-bit integer range."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"shared dictionary {name!r}: {message}")
+        self.dict_name = name
+        self.message = message
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SharedDictFullError(SharedDictError):
+    """"no memory": the entry does not fit — a ``safe_*`` call would have had to
+    evict live entries, or the entry is larger than the dictionary's capacity."""
+
+
+class SharedDictKeyError(SharedDictError, KeyError):
+    """"not found": the key is absent or expired (``d[key]``, ``del d[key]``,
+    ``incr`` without ``init``)."""

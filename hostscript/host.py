@@ -10,10 +10,12 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+import types
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Union
 
 from . import _bridge, _engine
 from .errors import ArgumentTypeError, ClosedError, HandlerError, ScriptError, UsageError
+from .shared import SharedDict
 from .transaction import Transaction
 
 log = logging.getLogger("hostscript")
@@ -86,12 +88,19 @@ class Host(_bridge.HostCore):
     When a thread that fired ends, its state waits in a pool of up to *state_pool*
     idle states (0: closed at once) for the next new thread, which takes it over,
     module-level locals included, instead of paying to create one.
+
+    *shared* declares shared dictionaries, ``{name: capacity in bytes}``: Lua sees
+    them as ``hs.shared.NAME`` on every thread, Python as ``host.shared[name]``
+    (hostscript.shared.SharedDict). A capacity may also be given as
+    ``{"capacity": bytes, "url": ...}``; only in-process dictionaries (no url) exist
+    so far.
     """
 
     def __init__(self, hooks: Sequence[str] = DEFAULT_HOOKS, *, engine: Optional[str] = None,
                  time_limit: Optional[float] = None, memory_limit: Optional[int] = None,
                  sandbox: bool = True, lua_path: Iterable[Union[str, os.PathLike]] = (),
-                 on_error: str = "return", state_pool: int = 16) -> None:
+                 on_error: str = "return", state_pool: int = 16,
+                 shared: Optional[Mapping[str, Any]] = None) -> None:
         if isinstance(hooks, str):
             raise ArgumentTypeError("hooks must be a sequence of hook names, not a string")
         if on_error not in ("return", "raise"):
@@ -129,6 +138,17 @@ class Host(_bridge.HostCore):
         cfg.sandbox = int(self.sandbox)
         cfg.lua_path, cfg.nlua_path = path_arr, len(paths)
         cfg.state_pool = state_pool
+        specs = _shared_specs(shared)
+        spec_keep = []
+        if specs:
+            arr = ffi.new("hs_shared_spec[]", len(specs))
+            for i, (name, capacity, url) in enumerate(specs):
+                spec_keep.append(ffi.new("char[]", _encode(name, "a shared dictionary name")))
+                arr[i].name, arr[i].capacity = spec_keep[-1], capacity
+                if url is not None:
+                    spec_keep.append(ffi.new("char[]", _encode(url, "a shared dictionary url")))
+                    arr[i].url = spec_keep[-1]
+            cfg.shared, cfg.nshared = arr, len(specs)
         err = ffi.new("hs_error *")
         h = lib.hs_host_new(cfg, err)
         if h == ffi.NULL:
@@ -150,6 +170,9 @@ class Host(_bridge.HostCore):
         self._tls = threading.local()
         self._counter = 0
         self._handled: Dict[int, FrozenSet[str]] = {}
+        self.shared: Mapping[str, SharedDict] = types.MappingProxyType({
+            name: SharedDict(self, lib.hs_host_shared(h, _encode(name, "a name")), name)
+            for name, _, _ in specs})
 
     # ---- scripts ----
 
@@ -290,17 +313,27 @@ class Host(_bridge.HostCore):
         rehydrations, releases (fires that ran long and let go of the GIL),
         compilations, states (live, pooled ones included), heap_bytes, heap_max,
         generation, pooled (idle states in the pool now), pool_hits (new threads that
-        took a pooled state), and ``hooks``: {name: {fires, errors, total_ns}}."""
+        took a pooled state), ``hooks``: {name: {fires, errors, total_ns}}, and
+        ``shared``: {name: {capacity, free_space, keys, evictions}} per shared
+        dictionary (keys counts expired entries not yet reclaimed; evictions, the live
+        entries evicted to make room)."""
         ffi, lib = self._ffi, self._lib
         st = ffi.new("hs_stats *")
         hk = ffi.new("hs_hook_stats[]", len(self.hooks))
+        info = ffi.new("hs_shared_info *")
+        shared: Dict[str, Dict[str, int]] = {}
         with self._lock:  # close() may not free the host meanwhile
             lib.hs_host_stats(self._live(), st, hk)
+            for name, d in self.shared.items():
+                lib.hs_shared_stats(d._d, info)
+                shared[name] = {"capacity": int(info.capacity), "free_space": int(info.free_space),
+                                "keys": int(info.keys), "evictions": int(info.evictions)}
         out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}
         out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
                                "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}
+        out["shared"] = shared
         return out
 
     def close(self, timeout: Optional[float] = None) -> None:
@@ -357,6 +390,37 @@ def _encode(text: Any, what: str, encoding: str = "utf-8") -> bytes:
         return text.encode(encoding)
     except UnicodeEncodeError as exc:
         raise UsageError(f"{what} cannot be encoded as {encoding}: {exc.reason}") from None
+
+
+def _shared_specs(shared: Optional[Mapping[str, Any]]) -> List[Any]:
+    """Host(shared=...) as (name, capacity, url) triples; the core checks the rest."""
+    if shared is None:
+        return []
+    if not isinstance(shared, Mapping):
+        raise ArgumentTypeError(f"shared must be a mapping of name to capacity in bytes, "
+                                f"not {type(shared).__name__}")
+    out = []
+    for name, spec in shared.items():
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"shared dictionary names must be str, not {type(name).__name__}")
+        url = None
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"capacity", "url"}
+            if unknown:
+                raise UsageError(f"shared dictionary {name!r}: unknown option(s) {sorted(unknown)}; "
+                                 f"use capacity and url")
+            url = spec.get("url")
+            if url is not None and not isinstance(url, str):
+                raise ArgumentTypeError(f"shared dictionary {name!r}: url must be str, "
+                                        f"not {type(url).__name__}")
+            spec = spec.get("capacity")
+        if isinstance(spec, bool) or not isinstance(spec, int):
+            raise ArgumentTypeError(f"shared dictionary {name!r}: the capacity must be an int "
+                                    f"(bytes), not {type(spec).__name__}")
+        if not 0 <= spec < 1 << 63:
+            raise UsageError(f"shared dictionary {name!r}: capacity {spec} is out of range")
+        out.append((name, spec, url))
+    return out
 
 
 def _optional_number(what: str, value: Any, kind: type) -> Any:

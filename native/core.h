@@ -17,6 +17,8 @@
  *             takes it over; otherwise whoever ends first — the thread or the host
  *             — closes its Lua state (claimed flag), and the last listing frees it.
  *   hs_thread one per thread that fired (thread.c): its list of states.
+ *   hs_shared a shared dictionary (shared.c): owned by its host, created with it
+ *             and freed when the host is destroyed, after every state.
  */
 #ifndef HS_CORE_H
 #define HS_CORE_H
@@ -199,6 +201,9 @@ int hs_sandbox_open(hs_state *S); /* builds what script environments share (env_
 void hs_sandbox_push_env(hs_state *S, lua_State *L);
 extern const char hs_readonly_key; /* in a metatable: rawset refuses the table (sandbox.c) */
 
+/* ---- Lua API: hs.shared (lapi_shared.c) ---- */
+void hs_lapi_shared_open(hs_state *S); /* sets hs.shared in the hs table on top */
+
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
 int hs_lapi_errh(lua_State *L);
@@ -248,6 +253,8 @@ struct hs_host {
     int wrap_tried; /* that first state tried (written before the host is shared) */
     hs_buf load_logs;
     hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
+    hs_shared **shared; /* the shared dictionaries (shared.c), freed with the host */
+    int nshared;
 };
 
 void hs_host_unref(hs_host *h);

@@ -1,6 +1,7 @@
 /*
  * host.c — the host: its configuration, its list of live states (those serving a
- * thread and those idle in its pool), and the statistics summed over them.
+ * thread and those idle in its pool), the statistics summed over them, and its
+ * shared dictionaries (created and freed here; shared.c is what they are).
  *
  * A host is shared by every thread that fires. The only mutable thing the hot path
  * reads from it is the atomic program generation (see dispatch.c); everything here
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #include "core.h"
+#include "shared.h"
 
 static _Atomic uint64_t next_host_id;
 
@@ -59,6 +61,11 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
                 return NULL;
             }
     }
+    char msg[sizeof err->message];
+    if (hs_shared_check_specs(cfg->shared, cfg->nshared, msg, sizeof msg)) {
+        hs_error_set(err, HS_ERR_USAGE, "", "", "%s", msg);
+        return NULL;
+    }
     hs_clock_init();
     hs_host *h = calloc(1, sizeof *h);
     if (!h) goto nomem;
@@ -82,6 +89,16 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
         for (int i = 0; i < cfg->nlua_path; i++)
             if (!(h->lua_path[i] = dupstr(cfg->lua_path[i]))) goto nomem;
     }
+    if (cfg->nshared > 0) {
+        h->shared = calloc(cfg->nshared, sizeof *h->shared);
+        if (!h->shared) goto nomem;
+        h->nshared = cfg->nshared;
+        for (int i = 0; i < cfg->nshared; i++)
+            if (!(h->shared[i] = hs_shared_open(&cfg->shared[i], msg, sizeof msg))) {
+                hs_error_set(err, HS_ERR_MEMORY, "", "", "%s", msg);
+                goto fail;
+            }
+    }
     h->prog = calloc(1, sizeof *h->prog);
     if (!h->prog) goto nomem;
     atomic_init(&h->prog->refs, 1);
@@ -101,6 +118,7 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
     return h;
 nomem:
     hs_error_set(err, HS_ERR_MEMORY, "", "", "out of memory creating the host");
+fail:
     if (h) {
         /* partially built: free what exists without touching the mutexes */
         if (h->hooks)
@@ -110,6 +128,8 @@ nomem:
         if (h->lua_path)
             for (int i = 0; i < h->nlua_path; i++) free(h->lua_path[i]);
         free(h->lua_path);
+        for (int i = 0; i < h->nshared; i++) hs_shared_close(h->shared[i]);
+        free(h->shared);
         free(h->prog);
         free(h);
     }
@@ -132,6 +152,8 @@ static void host_destroy(hs_host *h) {
         free(mods[i]);
     }
     hs_buf_free(&h->modules);
+    for (int i = 0; i < h->nshared; i++) hs_shared_close(h->shared[i]);
+    free(h->shared);
     pthread_mutex_destroy(&h->mu);
     pthread_mutex_destroy(&h->load_mu);
     free(h);
@@ -246,6 +268,12 @@ int hs_hook_index(const hs_host *h, const char *name) {
     for (int i = 0; i < h->nhooks; i++)
         if (!strcmp(h->hooks[i], name)) return i;
     return -1;
+}
+
+hs_shared *hs_host_shared(hs_host *h, const char *name) {
+    for (int i = 0; i < h->nshared; i++)
+        if (!strcmp(hs_shared_name(h->shared[i]), name)) return h->shared[i];
+    return NULL;
 }
 
 const char *hs_engine(void) { return HS_ENGINE_NAME; }

@@ -59,6 +59,13 @@ typedef struct hs_error {
     char traceback[4096]; /* Lua traceback, "" when none */
 } hs_error;
 
+/* A shared dictionary of the host (see "Shared dictionaries" below for the rest). */
+typedef struct hs_shared_spec {
+    const char *name;   /* 1..64 bytes (HS_SHARED_NAME_MAX), unique in the host */
+    size_t capacity;    /* bytes, >= 8192 (HS_SHARED_MIN_CAPACITY) */
+    const char *url;    /* NULL: in this process (the only backend so far) */
+} hs_shared_spec;
+
 typedef struct hs_config {
     const char *const *hooks;   /* hook names a script may handle (on_<name>) */
     int nhooks;                 /* 1..64 */
@@ -68,6 +75,8 @@ typedef struct hs_config {
     const char *const *lua_path; /* directories searched by require for NAME.lua */
     int nlua_path;
     int state_pool;             /* idle states kept for new threads when theirs end; 0: none */
+    const hs_shared_spec *shared; /* shared dictionaries (hs.shared.NAME) */
+    int nshared;
 } hs_config;
 
 typedef struct hs_hook_stats {
@@ -164,6 +173,110 @@ const char *hs_txn_header(const hs_txn *t, int which, const char *name, size_t *
 const char *hs_txn_ctx(const hs_txn *t, size_t *len);
 /* Replace txn.ctx with data previously read by hs_txn_ctx (same engine or not). */
 int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len);
+
+/* ---- Shared dictionaries: hs.shared.NAME in Lua, Host.shared[NAME] in Python ----
+ *
+ * Key-value stores every thread (every state) of a host sees, with the semantics
+ * of OpenResty's ngx.shared.DICT: typed values, user flags, TTLs, LRU eviction
+ * when full. Declared in hs_config.shared, created by hs_host_new, freed with the
+ * host. Every call is atomic and may come from any thread; each dictionary has a
+ * lock of its own, held for the call only.
+ *
+ * Capacity counts, per entry, the key, the string value and HS_SHARED_ENTRY_OVERHEAD.
+ * When a set/add/incr needs room, expired entries go first, then the least
+ * recently used ones (*forcible is set); the "safe" modes never evict a live entry
+ * and fail with HS_SHARED_NO_MEMORY instead. An entry larger than the capacity
+ * always fails with HS_SHARED_NO_MEMORY. Expired entries are invisible to reads
+ * but for hs_shared_get with STALE, until reclaimed (by room-making and
+ * hs_shared_flush_expired). TTLs run on CLOCK_MONOTONIC; a ttl of 0 never expires. */
+enum {
+    HS_SHARED_NAME_MAX = 64,        /* bytes of a dictionary name */
+    HS_SHARED_KEY_MAX = 65535,      /* bytes of a key */
+    HS_SHARED_MIN_CAPACITY = 8192,  /* bytes */
+    HS_SHARED_ENTRY_OVERHEAD = 96   /* bytes counted per entry besides key and value */
+};
+
+typedef struct hs_shared hs_shared;
+
+/* Value types; HS_VAL_NIL in a store deletes the key. */
+enum { HS_VAL_NIL = 0, HS_VAL_BOOLEAN, HS_VAL_INTEGER, HS_VAL_NUMBER, HS_VAL_STRING };
+
+typedef struct hs_value {
+    int type;           /* HS_VAL_* */
+    uint32_t flags;     /* user flags, stored with the value */
+    int64_t i;          /* HS_VAL_INTEGER; HS_VAL_BOOLEAN: 0 or 1 */
+    double n;           /* HS_VAL_NUMBER */
+    const char *s;      /* HS_VAL_STRING: LEN bytes, binary-safe */
+    size_t len;
+} hs_value;
+
+/* Results of the hs_shared_* calls; hs_shared_strerror gives the message. */
+enum {
+    HS_SHARED_OK = 0,
+    HS_SHARED_NOT_FOUND,    /* "not found": absent or expired */
+    HS_SHARED_EXISTS,       /* "exists": add on a live key */
+    HS_SHARED_NO_MEMORY,    /* "no memory": no room without evicting (safe modes), or too big */
+    HS_SHARED_NOT_NUMBER,   /* "not a number": incr on a value that is not one */
+    HS_SHARED_OVERFLOW,     /* "integer overflow": incr past the int64 range */
+    HS_SHARED_EMPTY_KEY,    /* "empty key" */
+    HS_SHARED_KEY_TOO_LONG, /* "key too long": over HS_SHARED_KEY_MAX bytes */
+    HS_SHARED_BAD_VALUE,    /* "bad value type" */
+    HS_SHARED_BAD_TTL,      /* "bad ttl": negative or not finite */
+    HS_SHARED_BUFFER        /* the caller's buffer is too small: retry with the size given */
+};
+
+/* Modes of hs_shared_store. */
+enum { HS_STORE_SET = 0, HS_STORE_SAFE_SET, HS_STORE_ADD, HS_STORE_SAFE_ADD, HS_STORE_REPLACE };
+
+typedef struct hs_shared_info {
+    size_t capacity;     /* bytes */
+    size_t free_space;   /* capacity minus what the entries count */
+    uint64_t keys;       /* entries held, expired ones not yet reclaimed included */
+    uint64_t evictions;  /* live entries evicted to make room, since creation */
+} hs_shared_info;
+
+/* The dictionary NAME of host H; NULL when H declares none of that name. Valid
+ * until hs_host_free. */
+hs_shared *hs_host_shared(hs_host *h, const char *name);
+const char *hs_shared_name(const hs_shared *d);
+const char *hs_shared_strerror(int code);
+
+/* Read KEY into OUT (type, flags, value). A string is copied into BUF (CAP bytes)
+ * and out->s points at it; when it is longer than CAP, nothing is copied, out->len
+ * says how long it is and the result is HS_SHARED_BUFFER: call again with a larger
+ * buffer. With STALE NULL an expired entry is HS_SHARED_NOT_FOUND; otherwise it is
+ * returned (until reclaimed) and *stale says whether it expired. */
+int hs_shared_get(hs_shared *d, const char *key, size_t klen, hs_value *out, char *buf, size_t cap,
+                  int *stale);
+/* Store V (its flags too) under KEY for TTL seconds (0: no expiry) as MODE says:
+ * SET always, ADD only when absent or expired (else HS_SHARED_EXISTS), REPLACE only
+ * when present (else HS_SHARED_NOT_FOUND), the SAFE_ ones without evicting live
+ * entries. *forcible (may be NULL) is set to 1 when live entries were evicted. */
+int hs_shared_store(hs_shared *d, int mode, const char *key, size_t klen, const hs_value *v,
+                    double ttl, int *forcible);
+/* Remove KEY: HS_SHARED_OK, or HS_SHARED_NOT_FOUND when it was absent (or expired). */
+int hs_shared_delete(hs_shared *d, const char *key, size_t klen);
+/* Add DELTA (HS_VAL_INTEGER or HS_VAL_NUMBER) to the number under KEY: an integer
+ * sum when both are integers, else a double. When KEY is absent or expired and
+ * INIT is not NULL, store INIT + DELTA with INIT_TTL and no flags (this may evict:
+ * *forcible); with INIT NULL that is HS_SHARED_NOT_FOUND. The TTL and flags of an
+ * existing entry are kept. The new value is written to OUT. */
+int hs_shared_incr(hs_shared *d, const char *key, size_t klen, const hs_value *delta,
+                   const hs_value *init, double init_ttl, hs_value *out, int *forcible);
+/* Seconds KEY has left (0: no expiry); HS_SHARED_NOT_FOUND when absent or expired. */
+int hs_shared_ttl(hs_shared *d, const char *key, size_t klen, double *ttl);
+/* Give a live KEY a new TTL (0: none). */
+int hs_shared_expire(hs_shared *d, const char *key, size_t klen, double ttl);
+/* Live keys, most recently used first, at most MAX (<= 0: all), packed into BUF as
+ * a uint32_t length (native byte order) then the key's bytes, each. Returns the
+ * bytes the whole list needs: when that is over CAP, BUF holds only the keys that
+ * fit — call again with a larger buffer. *count gets the number of keys listed. */
+size_t hs_shared_keys(hs_shared *d, int max, char *buf, size_t cap, int *count);
+/* Mark every entry expired (hs_shared_get with STALE still sees them until reclaimed). */
+void hs_shared_flush_all(hs_shared *d);
+/* Reclaim expired entries, at most MAX (<= 0: all); returns how many. */
+int hs_shared_flush_expired(hs_shared *d, int max);
+void hs_shared_stats(hs_shared *d, hs_shared_info *out);
 
 #ifdef __cplusplus
 }

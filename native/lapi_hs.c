@@ -604,5 +604,6 @@ int hs_lapi_open(hs_state *S) {
         lua_setfield(L, -2, levels[i].name);
     }
     lua_setfield(L, -2, "log");
+    hs_lapi_shared_open(S); /* hs.shared (lapi_shared.c) */
     return 0;
 }

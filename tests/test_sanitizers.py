@@ -5,7 +5,8 @@ hosts while the threads that fired on them are ending; pool_churn.c hands states
 from ending threads to new ones through the host's pool, and frees hosts while
 pooling threads end; txn_checks.c "busy" refuses a second fire on a transaction in
 use; limits_stress.c hits the time and memory limits, errors and deep recursion from
-4 threads. `make test-sanitize` runs this file; `make test` skips it in CI."""
+4 threads; shared_stress.c hammers shared dictionaries from 8 threads, Lua and C.
+`make test-sanitize` runs this file; `make test` skips it in CI."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ PROGRAMS = {
     "pool_churn": ("40", "ok"),
     "txn_checks": ("busy", "ok"),
     "limits_stress": ("2", "ok fires="),
+    "shared_stress": ("5000", "ok hits="),
 }
 
 MATRIX = [(p, v) for p in PROGRAMS for v in VARIANTS]
