@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from . import Host, engines
 from .proxy import Proxy

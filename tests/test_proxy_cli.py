@@ -3,7 +3,6 @@ script keeps the running program), SIGTERM drains requests in flight and exits 0
 from __future__ import annotations
 
 import http.client
-import inspect
 import json
 import re
 import signal
@@ -15,7 +14,6 @@ from typing import List, Optional
 
 import pytest
 
-import hostscript
 from helpers import ROOT, wait_for
 
 VERSION = """
