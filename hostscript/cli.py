@@ -4,70 +4,27 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
-import logging
 import os
 import sys
-import threading
 import types
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from . import Host, ScriptError, Transaction, engines
+from . import Host, ScriptError, engines
 
 HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def _request(i: int) -> Transaction:
-    uri = f"/Shop/Item/{i}?utm_campaign=autumn&utm_source=mail&color=red" if i % 3 == 0 else f"/item/{i}"
-    headers = [("Host", "demo.local"), ("Accept", "*/*")]
-    if i % 7 == 0:
-        headers.append(("X-Deny", "1"))
-    return Transaction("GET", uri, headers)
-
-
 def demo(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="  %(threadName)-12s %(levelname)-5s %(message)s")
-    scripts = sorted(glob.glob(os.path.join(args.examples, "*.lua")))
-    for engine in args.engine or engines():
-        print(f"== engine {engine}: {len(scripts)} scripts, {args.threads} worker threads, "
-              f"{args.requests} requests")
-        with Host(HOOKS, engine=engine, time_limit=0.05, memory_limit=16 << 20) as host:
-            for path in scripts:
-                host.load_file(os.path.relpath(path))
-            print(f"  loaded: {', '.join(host.scripts)}")
-            results: List[str] = []
-            lock = threading.Lock()
+    from . import demo as _demo
 
-            def serve(i: int) -> None:
-                txn = _request(i)
-                out = host.fire("read_request", txn)
-                if out.status is out.CONTINUE:
-                    txn.response.status = 200
-                    txn.response.body = b"ok\n"
-                    host.fire("send_response", txn)
-                host.fire("log", txn)
-                line = (f"#{i:<3} {txn.request.uri:<22} -> {txn.response.status} "
-                        f"{dict(txn.response.headers.items())} ({out.status.name})")
-                with lock:
-                    results.append(line)
-
-            with ThreadPoolExecutor(args.threads, thread_name_prefix="worker") as pool:
-                list(pool.map(serve, range(args.requests)))
-            print("  what the handlers did (first 6):")
-            for line in results[:6]:
-                print("   ", line)
-            st = host.stats()
-            hooks = ", ".join(f"{k}={v['fires']}" for k, v in st.pop("hooks").items())
-            print(f"  stats: {st}")
-            print(f"  fires per hook: {hooks}")
-    return 0
+    return _demo.run(args.engine, examples=args.examples)
 
 
 def check(args: argparse.Namespace) -> int:
-    host = Host(args.hooks.split(","), engine=args.engine[0] if args.engine else None)
+    host = Host(args.hooks.split(","), engine=args.engine[0] if args.engine else None,
+                shared=dict(args.shared))
     status = 0
     for path in args.files:
         try:
@@ -117,21 +74,22 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .proxy import serve as _serve
+
     ap = argparse.ArgumentParser(prog="hostscript", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="fire the example handlers from a pool of threads")
+    d = sub.add_parser("demo", help="the reference proxy caching by the Key header (make run)")
     d.add_argument("--engine", action="append", choices=["luajit", "lua54"])
-    d.add_argument("--threads", type=int, default=4)
-    d.add_argument("--requests", type=int, default=40)
     d.add_argument("--examples", default=EXAMPLES)
     d.set_defaults(func=demo)
     c = sub.add_parser("check", help="load scripts and report errors")
     c.add_argument("files", nargs="+")
     c.add_argument("--hooks", default=",".join(HOOKS))
     c.add_argument("--engine", action="append", choices=["luajit", "lua54"])
+    c.add_argument("--shared", action="append", type=_serve.shared_spec, default=[],
+                   metavar="NAME=SIZE", help="a shared dictionary the scripts use (repeatable)")
     c.set_defaults(func=check)
     s = sub.add_parser("serve", help="run the caching HTTP/1.1 reverse proxy that fires the scripts' hooks")
-    from .proxy import serve as _serve  # httptools is needed only here
 
     _serve.add_arguments(s)
     s.set_defaults(func=_serve.run)

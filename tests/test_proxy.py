@@ -204,6 +204,24 @@ def test_set_cache_key_splits_the_cache(start_proxy, origin):
     assert p.stats()["cache"]["entries"] == 2
 
 
+def test_cache_key_set_in_read_response_keys_the_stored_response(start_proxy, origin):
+    # what examples/key_header.lua relies on: the key learnt from a response keys it
+    p = start_proxy("""
+        local C = {}
+        function C:on_read_request(txn)
+            local k = txn.req.headers["x-k"]
+            if k then txn:set_cache_key(k) end
+        end
+        function C:on_read_response(txn) txn:set_cache_key("learnt") end
+        return C""")
+    url = "/learn?cc=max-age=60"
+    first = request(p, "GET", url)
+    again = request(p, "GET", url, {"X-K": "learnt"})
+    other = request(p, "GET", url)  # no secondary key at the lookup: not the stored one
+    assert [r.get("x-cache") for r in (first, again, other)] == ["MISS", "HIT", "MISS"]
+    assert again.body == first.body and origin.count(url) == 2
+
+
 def test_cache_off(start_proxy, origin):
     p = start_proxy(cache_size=0)
     url = "/nocache?cc=max-age=60"
@@ -484,10 +502,10 @@ def test_admin_stats_json(start_proxy):
 def test_access_log_lines(start_proxy):
     out = io.StringIO()
     p = start_proxy(RESPOND, access_log=out)
-    request(p, "GET", "/al?cc=max-age=60")
-    request(p, "GET", "/al?cc=max-age=60")
-    request(p, "GET", "/deny")
-    wait_for(lambda: out.getvalue().count("\n") == 3)
+    for i, path in enumerate(("/al?cc=max-age=60", "/al?cc=max-age=60", "/deny")):
+        request(p, "GET", path)
+        # the line is written after the response went out: wait, to know the order
+        assert wait_for(lambda: out.getvalue().count("\n") == i + 1, 5)
     lines = out.getvalue().splitlines()
     pat = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
                      r'"(GET [^ ]+ HTTP/1\.1)" (\d{3}) (\d+|-) (HIT|MISS|-) (\d+\.\d{3})$')

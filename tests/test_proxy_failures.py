@@ -19,6 +19,12 @@ def _logged(log_lines, line: str, n: int = 1) -> bool:
     return wait_for(lambda: log_lines().count(line) >= n, 5)
 
 
+def _counted(p, key: str, n: int) -> bool:
+    """The proxy's counter *key* reached *n* (a request is counted after its log
+    hook, which runs after the client has its response)."""
+    return wait_for(lambda: p.stats()[key] >= n, 5) and p.stats()[key] == n
+
+
 def test_upstream_refused_is_502_then_served_once_it_is_up(start_proxy, log_lines):
     port = free_port()
     p = start_proxy(LOG_SCRIPT, upstream=f"http://127.0.0.1:{port}")
@@ -31,7 +37,7 @@ def test_upstream_refused_is_502_then_served_once_it_is_up(start_proxy, log_line
         assert r.status == 200 and r.json()["path"] == "/up"
     finally:
         up.close()
-    assert _logged(log_lines, "LOG 200 GET /up")
+    assert _logged(log_lines, "LOG 200 GET /up") and _counted(p, "requests", 2)
     st = p.stats()
     assert st["upstream_errors"] == 1 and st["responses"]["5xx"] == 1
 
@@ -43,7 +49,7 @@ def test_upstream_slower_than_the_timeout_is_504(start_proxy, log_lines):
     assert r.status == 504 and time.monotonic() - t0 < 1.8
     assert _logged(log_lines, "LOG 504 GET /slow?delay=2"), log_lines()
     assert request(p, "GET", "/quick").status == 200
-    assert p.stats()["upstream_errors"] == 1
+    assert _counted(p, "upstream_errors", 1)
 
 
 def test_upstream_stalling_mid_body_cuts_the_client_short(start_proxy, log_lines):
@@ -55,7 +61,7 @@ def test_upstream_stalling_mid_body_cuts_the_client_short(start_proxy, log_lines
     assert raw.closed()
     raw.close()
     assert _logged(log_lines, "LOG 200 GET /stall?size=5000&slowbody=2")
-    assert p.stats()["upstream_errors"] == 1
+    assert _counted(p, "upstream_errors", 1)
     assert request(p, "GET", "/next").status == 200
 
 
@@ -79,6 +85,7 @@ def test_bad_requests_are_refused_then_the_next_is_served(start_proxy, log_lines
     raw.close()
     assert wait_for(lambda: any(line.startswith(f"LOG {status} ") for line in log_lines()), 5), log_lines()
     assert request(p, "GET", "/next").status == 200
+    assert _counted(p, "requests", 2)
     st = p.stats()
     assert st["client_errors"] == 1 and st["responses"]["4xx" if status < 500 else "5xx"] == 1
 
@@ -157,7 +164,7 @@ def test_handler_error_is_500_and_the_next_request_is_served(start_proxy, log_li
     conn.close()
     assert _logged(log_lines, "LOG 500 GET /boom"), log_lines()
     assert _logged(log_lines, "LOG 200 GET /fine")
-    assert p.stats()["errors"] == 1
+    assert _counted(p, "requests", 2) and p.stats()["errors"] == 1
     assert p.host.stats()["hooks"][hook]["errors"] == 1
 
 
@@ -285,6 +292,7 @@ def test_proxy_keeps_serving_after_each_failure(start_proxy, origin):
         raw.close()
         assert request(p, "GET", "/slow?delay=1").status == 504
         assert request(p, "GET", "/ok").status == 200
+    assert _counted(p, "requests", 12)
     st = p.stats()
     assert st["responses"]["2xx"] == 3 and st["responses"]["5xx"] == 6 and st["responses"]["4xx"] == 3
 

@@ -208,7 +208,10 @@ class Exchange:
         elif (cache is not None and method == "GET" and resp.status not in NO_BODY_STATUS
               and (resp.content_length is None or resp.content_length <= cache.max_object)
               and cache.storable(method, req_headers, resp.status, txn.response.headers.items())):
-            self._buffer_and_store(url, secondary, req_headers)
+            # stored under the secondary key as read_response left it: a handler that
+            # learns how to key this resource from the response (the Key header) keys
+            # the response it learnt it from
+            self._buffer_and_store(url, txn.cache_key, req_headers)
         txn.response.headers["X-Cache"] = "MISS"
 
     def _request_body(self) -> Tuple[Body, Optional[int]]:

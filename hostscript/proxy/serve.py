@@ -90,13 +90,7 @@ def make_host(args: argparse.Namespace) -> Host:
                                  memory_limit=args.memory_limit)
     if args.shared:
         kw["shared"] = dict(args.shared)
-    try:
-        return Host(DEFAULT_HOOKS, **kw)  # type: ignore[arg-type]
-    except TypeError as exc:
-        if "shared" in str(exc):
-            raise UsageError("--shared needs shared dictionaries, which this hostscript build "
-                             "does not have yet (Host() takes no shared=)") from None
-        raise
+    return Host(DEFAULT_HOOKS, **kw)  # type: ignore[arg-type]
 
 
 def reload_scripts(host: Host, scripts: List[str]) -> bool:
