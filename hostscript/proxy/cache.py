@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 Pairs = List[Tuple[str, str]]
 
@@ -39,9 +39,9 @@ _NOT_STORED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
                          "proxy-authorization", "age", "x-cache"})
 
 
-@dataclass(frozen=True)
-class CachedResponse:
-    """A fresh stored response, as lookup() hands it out."""
+class CachedResponse(NamedTuple):
+    """A fresh stored response, as lookup() hands it out (a named tuple: made on
+    every hit, so it costs less than a frozen dataclass)."""
 
     status: int
     headers: Pairs
@@ -175,10 +175,20 @@ class ResponseCache:
         """A fresh stored response for this request, or None (a miss)."""
         if method not in ("GET", "HEAD") or self.max_bytes == 0:
             return None
-        req_cc = cache_control(_all(request_headers, "cache-control"))
-        bypass = "no-cache" in req_cc or _seconds(req_cc.get("max-age", "")) == 0 or (
-            "cache-control" not in {k.lower() for k, _ in request_headers}
-            and any("no-cache" in v.lower() for v in _all(request_headers, "pragma")))
+        cc_values: List[str] = []
+        pragma: List[str] = []
+        for k, v in request_headers:  # one pass: every request goes through here
+            low = k.lower()
+            if low == "cache-control":
+                cc_values.append(v)
+            elif low == "pragma":
+                pragma.append(v)
+        bypass = False
+        if cc_values:
+            req_cc = cache_control(cc_values)
+            bypass = "no-cache" in req_cc or _seconds(req_cc.get("max-age", "")) == 0
+        elif pragma:
+            bypass = any("no-cache" in v.lower() for v in pragma)
         key = ("GET", url, secondary)
         now = self._clock()
         with self._lock:

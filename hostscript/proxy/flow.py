@@ -37,6 +37,7 @@ VIA = "1.1 hostscript"  # responses (the upstream is spoken to in HTTP/1.1)
 NO_BODY_STATUS = frozenset({204, 304})
 UPSTREAM_SET = frozenset({"host", "expect", "x-forwarded-for"})  # set by the proxy upstream
 CLIENT_GONE = 499  # the status logged when the client left before its response
+COALESCE = 64 << 10  # at most this many body bytes already read go out with the head
 
 
 def origin_form(target: str) -> Optional[str]:
@@ -348,8 +349,12 @@ class Exchange:
                 stream.finish()
                 self.stream = None
             return
-        conn.send(head)
+        # the body bytes already read go out with the head: one write, and one
+        # segment, for a small response (never a wait on the upstream before the head)
+        first = b"" if self.prefix else stream.buffered(COALESCE)
+        conn.send(head + (chunk(first) if chunked and first else first))
         self.head_sent = True
+        self.sent += len(first)
         try:
             for piece in self.prefix:
                 conn.send(chunk(piece) if chunked else piece)

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Deque, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import httptools
 
@@ -43,33 +43,43 @@ class BadUpstreamResponse(HttpError):
         super().__init__(502, message)
 
 
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
 def reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
 
 
 def http_date() -> str:
     return formatdate(time.time(), usegmt=True)
 
 
-def connection_tokens(headers: Iterable[Header]) -> Set[str]:
-    """The lower-cased options of every Connection header."""
-    out: Set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            out.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return out
+_SKIP: Dict[frozenset, frozenset] = {}  # drop -> HOP_BY_HOP | drop (callers pass a few constants)
 
 
 def end_to_end(headers: Iterable[Header], drop: frozenset = frozenset()) -> List[Header]:
     """*headers* without the hop-by-hop ones (and those the Connection header names),
-    nor any in *drop* (lower-case names)."""
-    headers = list(headers)
-    named = connection_tokens(headers)
-    return [(n, v) for n, v in headers
-            if (low := n.lower()) not in HOP_BY_HOP and low not in named and low not in drop]
+    nor any in *drop* (lower-case names). One pass (each name lowered once): a
+    response goes through this on every request."""
+    skip = _SKIP.get(drop)
+    if skip is None:
+        skip = HOP_BY_HOP | drop
+        if len(_SKIP) < 32:
+            _SKIP[drop] = skip
+    out: List[Header] = []
+    named: Optional[Set[str]] = None
+    for n, v in headers:
+        low = n.lower()
+        if low in skip:
+            if low == "connection":
+                if named is None:
+                    named = set()
+                named.update(t.strip().lower() for t in v.split(",") if t.strip())
+            continue
+        out.append((n, v))
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    return out
 
 
 def header_value(headers: Sequence[Header], name: str) -> Optional[str]:

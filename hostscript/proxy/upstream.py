@@ -129,6 +129,18 @@ class UpstreamResponse:
                 raise UpstreamError(502, str(exc)) from None
         return r.chunks.popleft()
 
+    def buffered(self, limit: int) -> bytes:
+        """Body bytes already read and parsed, up to about *limit*: no I/O, never
+        raises. What can go out with the response head in one write."""
+        chunks = self._reader.chunks
+        parts: List[bytes] = []
+        size = 0
+        while chunks and size < limit:
+            piece = chunks.popleft()
+            parts.append(piece)
+            size += len(piece)
+        return b"".join(parts)
+
     def finish(self) -> None:
         """Done with it: a fully read response's connection goes back to the pool."""
         conn, self._conn = self._conn, None
