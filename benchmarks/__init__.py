@@ -11,6 +11,7 @@ pytest-benchmark. One concern per module:
 - new_threads.py R4 first fire on a new thread, heap per state, RSS over thread churn
 - scaling.py     2 threads against 1
 - native.py      the C benchmark (c/fire_bench.c): build and run
+- proxy_wrk.py   P1-P3: hostscript serve as a process under wrk, in front of origin.py
 - rows.py        every row: measure, compare, check against its target
 - report.py      the report model; text, Markdown, JSON and plot
 - runner.py      run everything and print it (what `hostscript bench` calls)

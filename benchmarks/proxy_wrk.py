@@ -25,8 +25,8 @@ the scripts' headers present or absent) and every wrk run must end without a soc
 error or a non-2xx answer, else the row fails. wrk's own Lua ``done`` hook reports
 the requests, the duration and the latency percentiles (microseconds) as JSON.
 
-In quick mode (the smoke test) each contestant gets a single 1 s run, all five at
-once: it proves the plumbing works, its figures mean nothing.
+In quick mode (the smoke test) each contestant gets a single 1 s run with 4
+connections, all five at once: it proves the plumbing works, its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -241,6 +241,7 @@ class Plan:
     rounds: int
     warmup: int       # seconds of wrk per contestant before the rounds (0: none)
     concurrent: bool  # quick: a round's runs all at once (a smoke test, not figures)
+    connections: int = WRK_CONNECTIONS  # per wrk run
 
     def describe(self) -> str:
         if self.concurrent:
@@ -272,7 +273,7 @@ class Measurement:
         return {n: {"rps": self.rps(n), "p50_ms": self.p50(n), "p99_ms": self.p99(n)} for n in names}
 
     def setup(self) -> str:
-        return (f"wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections, keep-alive; "
+        return (f"wrk {WRK_THREADS} threads, {self.plan.connections} connections, keep-alive; "
                 f"{self.plan.describe()}; proxy --threads {self.threads}; "
                 f"{os.cpu_count()} cores shared by wrk, the proxy and the origin")
 
@@ -302,17 +303,17 @@ def measure(engine: str, plan: Plan) -> Measurement:
             runs = {name: (str(done), targets[t], path) for name, (t, path) in CONTESTANTS.items()}
             if plan.warmup:
                 for name, args in runs.items():
-                    WrkRun(*args, plan.warmup).result()
+                    WrkRun(*args, plan.warmup, plan.connections).result()
             m.rounds = {name: [] for name in runs}
             for _ in range(plan.rounds):
                 if plan.concurrent:
-                    started = {name: WrkRun(*args, plan.seconds, connections=4)
+                    started = {name: WrkRun(*args, plan.seconds, plan.connections)
                                for name, args in runs.items()}
                     for name, run in started.items():
                         m.rounds[name].append(run.result())
                 else:
                     for name, args in runs.items():
-                        m.rounds[name].append(WrkRun(*args, plan.seconds).result())
+                        m.rounds[name].append(WrkRun(*args, plan.seconds, plan.connections).result())
             for p in (plain, scripted):  # a proxy that died mid-run is a failed row
                 if p.proc.poll() is not None:
                     raise RuntimeError(f"{p.name} exited: {p.output()[-2000:]}")

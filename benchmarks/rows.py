@@ -53,7 +53,8 @@ class Counts:
         return cls(round_ns=2e6, rounds=2, http_connections=40, http_rounds=1,
                    c_iterations=20_000, c_rounds=2, phase_ns=10e6, scaling_rounds=1,
                    first_fire_rounds=3, churn_threads=200, churn_warmup=20,
-                   proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True))
+                   proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True,
+                                        connections=4))
 
 
 def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
