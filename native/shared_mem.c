@@ -305,7 +305,8 @@ static int mem_store(void *b, int mode, const char *key, size_t klen, const hs_v
     size_t vlen = v->type == HS_VAL_STRING ? v->len : 0;
     entry *n = NULL, *garbage = NULL;
     if (v->type != HS_VAL_NIL) {
-        if (cost_of(klen, vlen) > d->capacity) return HS_SHARED_NO_MEMORY;
+        /* vlen first: a length near SIZE_MAX would wrap the cost (and the malloc) */
+        if (vlen > d->capacity || cost_of(klen, vlen) > d->capacity) return HS_SHARED_NO_MEMORY;
         if (!(n = new_entry(d, key, klen, vlen))) return HS_SHARED_NO_MEMORY;
         n->type = v->type;
         n->flags = v->flags;
