@@ -29,7 +29,8 @@
 
 #include "shared.h"
 
-#define ROOM_SCAN 1024   /* entries looked at for expired ones before evicting live ones */
+#define ROOM_SCAN 16     /* entries looked at for expired ones before evicting live ones: a
+                            * full dictionary of live entries pays this on every write */
 #define MIN_BUCKETS 16
 
 typedef struct entry entry;
