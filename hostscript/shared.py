@@ -331,9 +331,13 @@ def _number(lib: Any, what: str, n: Any, v: Any) -> None:
 def _seconds(what: str, ttl: Any) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise ArgumentTypeError(f"{what} must be a number of seconds, not {type(ttl).__name__}")
-    if not ttl >= 0 or not math.isfinite(ttl):
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an int past a float's range
+        seconds = math.inf
+    if not 0 <= seconds < math.inf:
         raise UsageError(f"{what} must be a number of seconds >= 0 (0: no expiry), not {ttl!r}")
-    return float(ttl)
+    return seconds
 
 
 def _flags(flags: Any) -> int:

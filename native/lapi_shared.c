@@ -44,14 +44,16 @@ typedef struct dict_ud {
     hs_shared *d;
 } dict_ud;
 
-/* Upvalue 1 of every method is the dictionaries' metatable: self must carry it. */
+/* Upvalue 1 of every method is the set of this state's dictionary objects: self
+ * must be one of them. Checking the metatable is not enough: without the sandbox,
+ * debug.setmetatable puts it on any userdata (hs.DONE, io.stdout...), whose
+ * memory would then be read as a dictionary. */
 static hs_shared *check_dict(lua_State *L) {
-    dict_ud *u = lua_touserdata(L, 1);
-    if (u && lua_getmetatable(L, 1)) {
-        int ok = lua_rawequal(L, -1, lua_upvalueindex(1));
-        lua_pop(L, 1);
-        if (ok) return u->d;
-    }
+    lua_pushvalue(L, 1);
+    lua_rawget(L, lua_upvalueindex(1));
+    int ok = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (ok) return ((dict_ud *)lua_touserdata(L, 1))->d;
     luaL_error(L, "a shared dictionary's methods are called with ':' (hs.shared.NAME:get(key))");
     return NULL;
 }
@@ -354,11 +356,13 @@ static const struct {
 void hs_lapi_shared_open(hs_state *S) {
     lua_State *L = S->L;
     int hs = lua_gettop(L);
+    lua_newtable(L); /* the set of dictionary objects: the methods' upvalue 1 */
+    int genuine = lua_gettop(L);
     lua_newtable(L); /* the dictionaries' metatable */
     int mt = lua_gettop(L);
     lua_createtable(L, 0, (int)(sizeof methods / sizeof *methods));
     for (size_t i = 0; i < sizeof methods / sizeof *methods; i++) {
-        lua_pushvalue(L, mt);
+        lua_pushvalue(L, genuine);
         lua_pushinteger(L, methods[i].arg);
         lua_pushcclosure(L, methods[i].fn, 2);
         lua_setfield(L, -2, methods[i].name);
@@ -366,7 +370,7 @@ void hs_lapi_shared_open(hs_state *S) {
     lua_setfield(L, mt, "__index");
     lua_pushcfunction(L, readonly_newindex);
     lua_setfield(L, mt, "__newindex");
-    lua_pushvalue(L, mt);
+    lua_pushvalue(L, genuine);
     lua_pushcclosure(L, l_tostring, 1);
     lua_setfield(L, mt, "__tostring");
     lua_pushliteral(L, "shared dictionary");
@@ -378,6 +382,9 @@ void hs_lapi_shared_open(hs_state *S) {
         u->d = S->host->shared[i];
         lua_pushvalue(L, mt);
         lua_setmetatable(L, -2);
+        lua_pushvalue(L, -1);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, genuine);
         lua_setfield(L, -2, hs_shared_name(u->d));
     }
     lua_newuserdata(L, 1); /* hs.shared */

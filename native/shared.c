@@ -132,6 +132,7 @@ int hs_shared_get(hs_shared *d, const char *key, size_t klen, hs_value *out, cha
                   int *stale) {
     memset(out, 0, sizeof *out);
     if (stale) *stale = 0;
+    if (!buf) cap = 0; /* a NULL buffer only asks for the length, as hs_shared_keys */
     CHECK(check_key(key, klen));
     return d->ops->get(d->b, key, klen, out, buf, cap, stale);
 }

@@ -29,7 +29,8 @@
 
 #include "shared.h"
 
-#define ROOM_SCAN 1024   /* entries looked at for expired ones before evicting live ones */
+#define ROOM_SCAN 16     /* entries looked at for expired ones before evicting live ones: a
+                            * full dictionary of live entries pays this on every write */
 #define MIN_BUCKETS 16
 
 typedef struct entry entry;
@@ -305,7 +306,8 @@ static int mem_store(void *b, int mode, const char *key, size_t klen, const hs_v
     size_t vlen = v->type == HS_VAL_STRING ? v->len : 0;
     entry *n = NULL, *garbage = NULL;
     if (v->type != HS_VAL_NIL) {
-        if (cost_of(klen, vlen) > d->capacity) return HS_SHARED_NO_MEMORY;
+        /* vlen first: a length near SIZE_MAX would wrap the cost (and the malloc) */
+        if (vlen > d->capacity || cost_of(klen, vlen) > d->capacity) return HS_SHARED_NO_MEMORY;
         if (!(n = new_entry(d, key, klen, vlen))) return HS_SHARED_NO_MEMORY;
         n->type = v->type;
         n->flags = v->flags;

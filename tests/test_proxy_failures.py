@@ -74,8 +74,18 @@ def test_upstream_stalling_mid_body_cuts_the_client_short(start_proxy, log_lines
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"POST /up HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", 413),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
+    # the ways to make a proxy and its origin disagree on where a request ends
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),            # space before the colon
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),  # obsolete line folding
+    (b"GET / HTTP/1.1\nHost: a\n\n", 400),                       # bare LF line ends
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),    # NUL in a value
 ])
-def test_bad_requests_are_refused_then_the_next_is_served(start_proxy, log_lines, data, status):
+def test_bad_requests_are_refused_then_the_next_is_served(start_proxy, log_lines, origin, data, status):
     p = start_proxy(LOG_SCRIPT)
     raw = Raw(p)
     raw.send(data)
@@ -86,6 +96,7 @@ def test_bad_requests_are_refused_then_the_next_is_served(start_proxy, log_lines
     assert wait_for(lambda: any(line.startswith(f"LOG {status} ") for line in log_lines()), 5), log_lines()
     assert request(p, "GET", "/next").status == 200
     assert _counted(p, "requests", 2)
+    assert origin.count("/smuggled") == 0 and origin.count("/") == 0
     st = p.stats()
     assert st["client_errors"] == 1 and st["responses"]["4xx" if status < 500 else "5xx"] == 1
 
