@@ -169,7 +169,7 @@ class Host(_bridge.HostCore):
         self._paths: Dict[str, Optional[str]] = {}
         self._tls = threading.local()
         self._counter = 0
-        self._handled: Dict[int, FrozenSet[str]] = {}
+        self._handled_now: Optional[FrozenSet[str]] = None  # handled_hooks, until a load
         self.shared: Mapping[str, SharedDict] = types.MappingProxyType({
             name: SharedDict(self, lib.hs_host_shared(h, _encode(name, "a name")), name)
             for name, _, _ in specs})
@@ -212,6 +212,7 @@ class Host(_bridge.HostCore):
             h = self._live()
             if self._lib.hs_unload(h, _encode(name, "a script name")) != 0:
                 raise UsageError(f"no script named {name!r} is loaded")
+            self._handled_now = None
             self._paths.pop(name, None)
 
     @property
@@ -229,13 +230,14 @@ class Host(_bridge.HostCore):
     @property
     def handled_hooks(self) -> FrozenSet[str]:
         """The declared hooks some loaded script handles (``on_<hook>``): a server
-        fires only these; firing another does nothing."""
+        fires only these; firing another does nothing. Cheap: a server asks per request."""
+        got = self._handled_now  # only this host's load/unload change the program
+        if got is not None and self._h is not None:
+            return got
         with self._lock:  # close() may not free the host meanwhile
             mask = self._lib.hs_hooks_handled(self._live())
-        got = self._handled.get(mask)
-        if got is None:
             got = frozenset(name for i, name in enumerate(self.hooks) if (mask >> i) & 1)
-            self._handled[mask] = got
+            self._handled_now = got
         return got
 
     def _load(self, source: Union[str, bytes], name: str, path: Optional[str]) -> Script:
@@ -256,6 +258,7 @@ class Host(_bridge.HostCore):
             logs = ffi.buffer(p, n[0])[:] if n[0] else b""
             if rc == 0:
                 self._paths[name] = path
+                self._handled_now = None
         if logs:
             self._emit_logs(logs, "load")
         if rc != 0:

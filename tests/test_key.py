@@ -501,3 +501,18 @@ def test_hostile_whitespace_runs(key_host):
     assert err is False and parts == ["2"]
     parts, err = hostile(key_host, "Bar;match=x", [("Bar", ws + "y" + ws + "," + ws + "x" + ws)])
     assert err is False and parts == ["1"]
+
+
+def test_remembered_parses_stay_right_past_the_bound_and_after_errors(key_host):
+    # secondary_key keeps the parse of the Key values it saw (256 per state): results
+    # must not depend on what it remembers, nor on what a caller did to parse()'s items
+    hdrs = [("Abc", "bennet"), ("N", "35")]
+    assert secondary_key(key_host, "abc;match=bennet", hdrs) == (["1"], None)
+    out = call(key_host, op="parse", key="abc;match=bennet")
+    assert out["items"][0]["params"][0] == ["match", "bennet"]
+    for i in range(300):  # more distinct values than it keeps
+        assert secondary_key(key_host, f"n;partition={i}", hdrs) == (["1" if i <= 35 else "0"], None)
+    assert secondary_key(key_host, "abc;match=bennet", hdrs) == (["1"], None)
+    assert secondary_key(key_host, "abc;frob=1", hdrs)[1] is not None
+    assert secondary_key(key_host, "abc;frob=1", hdrs)[1] is not None  # a remembered error
+    assert secondary_key(key_host, "abc;match=bennet", [("Abc", "theodore")]) == (["0"], None)

@@ -424,9 +424,28 @@ end
 --- the request's header map (txn.req.headers, anything with get_all) or a list of
 --- {name, value} pairs. nil, err when parameter processing fails (§2.2.2); err names the
 --- failing item.
+local PARSED_MAX = 256 -- Key values whose parse secondary_key keeps (per Lua state)
+local parsed, nparsed = {}, 0 -- Key value -> items, or an error message
+
+-- key.parse(value) for secondary_key, remembered: a proxy sees the same few Key values
+-- on every request. The items are never handed out, so nobody can change them.
+local function parse_remembered(value)
+  value = key_value(value)
+  if value == nil then return nil, "no Key value" end
+  local got = parsed[value]
+  if got == nil then
+    local items, err = key.parse(value)
+    got = items or err
+    if nparsed >= PARSED_MAX then parsed, nparsed = {}, 0 end
+    parsed[value], nparsed = got, nparsed + 1
+  end
+  if type(got) == "string" then return nil, got end
+  return got
+end
+
 function key.secondary_key(value, headers)
   local read = field_reader(headers)
-  local items, err = key.parse(value)
+  local items, err = parse_remembered(value)
   if not items then return nil, err end
   local parts, n = {}, 0
   for i, item in ipairs(items) do
