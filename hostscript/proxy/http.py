@@ -241,6 +241,8 @@ class RequestReader:
             raise HttpError(431, f"more than {self.limits.max_headers} header fields")
         if self._hdr_bytes > self.limits.max_header_bytes:
             raise HttpError(431, f"header block larger than {self.limits.max_header_bytes} bytes")
+        if msg.head_done:  # a trailer field of a chunked body: dropped, never a header
+            return
         msg.headers.append((_decode(name), _decode(value)))
 
     def on_headers_complete(self) -> None:
