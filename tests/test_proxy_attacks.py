@@ -4,6 +4,7 @@ engines); it asserts what the client, the next client and the origin observe, an
 that the proxy goes on serving."""
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -116,12 +117,22 @@ def _not_smuggled(r) -> bool:
     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\n" + SMUGGLED,  # 304 "with a body"
     b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"first") + SMUGGLED,         # 1xx, then two finals
     [ok(b"first"), SMUGGLED],                                          # the extra one a bit later
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nfirst\r\n0\r\n\r\n" + SMUGGLED,                                  # CL and TE
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 13\r\n\r\nfirst" + SMUGGLED,
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nfirst\r\n0\r\n\r\n" + SMUGGLED,
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\nX-T: 1\r\n\r\n" + SMUGGLED,
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n" + SMUGGLED,
+    b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n" + SMUGGLED,
 ])
 def test_upstream_extra_bytes_never_reach_the_next_client(start_proxy, raw_origin, first):
     o = raw_origin(lambda path, n: first if path == "/first" else ok(b"second"))
     p = start_proxy(upstream=o.url, threads=1, cache_size=0)
-    r1 = request(p, "GET", "/first")
-    assert r1.status in (200, 204, 304, 502) and _not_smuggled(r1)
+    try:
+        r1 = request(p, "GET", "/first")
+        assert r1.status in (200, 204, 304, 502) and _not_smuggled(r1)
+    except http.client.IncompleteRead as exc:  # a close-delimited body the origin never closes
+        assert b"SMUGGLED" in exc.partial or exc.partial.startswith(b"5\r\nfirst")
     time.sleep(0.2)
     for _ in range(3):
         r2 = request(p, "GET", "/second")
@@ -280,6 +291,35 @@ def test_vary_on_x_forwarded_for_is_not_shared_across_clients(start_proxy, origi
     assert a.status == 200 and a.json()["varied"] == "127.0.0.1"
     b = request(p, "GET", "/xff?cc=max-age=60&vary=X-Forwarded-For", {"X-Forwarded-For": "10.9.9.9"})
     assert b.json()["varied"] == "10.9.9.9, 127.0.0.1"
+
+
+def test_vary_on_a_field_the_client_made_hop_by_hop_is_not_stored(start_proxy, origin):
+    # Connection: accept-language drops Accept-Language on the way up: the origin's
+    # default variant must not be stored as the "fr" one
+    p = start_proxy()
+    url = "/lang?cc=max-age=60&vary=Accept-Language"
+    a = request(p, "GET", url, {"Accept-Language": "fr", "Connection": "accept-language"})
+    assert a.json()["varied"] == ""
+    b = request(p, "GET", url, {"Accept-Language": "fr"})
+    assert b.get("x-cache") == "MISS" and b.json()["varied"] == "fr"
+    c = request(p, "GET", url, {"Accept-Language": "fr"})
+    assert c.get("x-cache") == "HIT" and c.json()["varied"] == "fr"
+
+
+def test_authorization_added_by_send_request_is_not_shared(start_proxy, origin):
+    script = """
+    local C = {}
+    function C:on_send_request(txn)
+      local u = txn.req.headers["x-user"]
+      if u then txn.req.headers["authorization"] = "Basic " .. u end
+    end
+    return C
+    """
+    p = start_proxy(script)
+    a = request(p, "GET", "/private?cc=max-age=60", {"X-User": "alice"})
+    assert header(a.json(), "authorization") == ["Basic alice"]
+    b = request(p, "GET", "/private?cc=max-age=60", {"X-User": "bob"})
+    assert b.get("x-cache") == "MISS" and header(b.json(), "authorization") == ["Basic bob"]
 
 
 def test_absolute_form_host_does_not_split_or_poison_the_cache(start_proxy, origin):
@@ -575,3 +615,22 @@ def test_access_log_lines_cannot_be_forged(start_proxy, origin, tmp_path):
     lines = path.read_text("latin-1").splitlines()
     assert not any("forged" in line for line in lines), lines
     assert all(line.startswith("127.0.0.1 - - [") for line in lines), lines
+
+
+def test_pipelined_upgrade_requests_are_plain_requests(start_proxy, origin):
+    p = start_proxy()
+    raw = Raw(p, timeout=5)
+    up = b"GET /u%d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    raw.send(up % 1 + up % 2 + up % 3 + b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n")
+    paths = [raw.read().json()["path"] for _ in range(4)]
+    assert paths == ["/u1", "/u2", "/u3", "/n"]
+    assert all(header(r, "upgrade") == [] for r in origin.requests)
+    raw.close()
+    raw = Raw(p, timeout=5)
+    raw.send(b"POST /ub HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Content-Length: %d\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n" % 36)
+    r = raw.read()
+    assert r.status == 501 and raw.closed()
+    raw.close()
+    time.sleep(0.1)
+    assert not any(r["path"] in ("/smuggled", "/ub") for r in origin.requests)

@@ -208,7 +208,10 @@ class Exchange:
             self._drop_stream()
         elif (cache is not None and method == "GET" and resp.status not in NO_BODY_STATUS
               and (resp.content_length is None or resp.content_length <= cache.max_object)
-              and cache.storable(method, req_headers, resp.status, txn.response.headers.items())
+              # judged on the request as looked up and as sent (a handler may have
+              # added Authorization or no-store on the way up)
+              and cache.storable(method, req_headers + headers, resp.status,
+                                 txn.response.headers.items())
               and vary_agrees(txn.response.headers.items(), req_headers, headers)):
             # stored under the secondary key as read_response left it: a handler that
             # learns how to key this resource from the response (the Key header) keys

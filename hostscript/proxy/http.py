@@ -353,8 +353,8 @@ class ResponseReader:
             low = name.lower()
             if low == "content-length":
                 self.content_length = int(value.strip())
-            elif low == "transfer-encoding":
-                self.chunked = "chunked" in value.lower()
+            elif low == "transfer-encoding":  # chunked only as the last coding (RFC 9112 6.3)
+                self.chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
         self.head_done = True
         if self.head_request:
             raise ResponseReader._HeadOnly()
