@@ -5,6 +5,7 @@ that the proxy goes on serving."""
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
 import time
@@ -611,8 +612,12 @@ def test_access_log_lines_cannot_be_forged(start_proxy, origin, tmp_path):
         pass
     raw.close()
     assert request(p, "GET", "/c").status == 200
+    assert request(p, "GET", '/q"x\\"').status == 200  # quotes llhttp lets through
     p.shutdown(timeout=2)
     lines = path.read_text("latin-1").splitlines()
+    assert any('"GET /q\\"x\\\\\\" HTTP/1.1" 200 ' in line for line in lines), lines
+    assert all(re.fullmatch(r'127\.0\.0\.1 - - \[[^]]+\] "(?:[^"\\]|\\.)*" \d{3} (?:\d+|-) \S+ [\d.]+',
+                            line) for line in lines), lines
     assert not any("forged" in line for line in lines), lines
     assert all(line.startswith("127.0.0.1 - - [") for line in lines), lines
 
