@@ -207,6 +207,7 @@ class Exchange:
             self.body = replaced
             self._drop_stream()
         elif (cache is not None and method == "GET" and resp.status not in NO_BODY_STATUS
+              and not self.msg.has_body  # the key has no body: a "fat GET" is not stored
               and (resp.content_length is None or resp.content_length <= cache.max_object)
               # judged on the request as looked up and as sent (a handler may have
               # added Authorization or no-store on the way up)
