@@ -650,3 +650,36 @@ def test_pipelined_upgrade_requests_are_plain_requests(start_proxy, origin):
     raw.close()
     time.sleep(0.1)
     assert not any(r["path"] in ("/smuggled", "/ub") for r in origin.requests)
+
+
+def test_resets_and_half_closes_do_not_leak_or_stop_the_selector(start_proxy, origin):
+    import struct
+    p = start_proxy()
+    for i in range(50):
+        s = socket.create_connection(p.address)
+        if i % 2:
+            s.sendall(b"GET /rst HTTP/1.1\r\nHost: x\r\n")  # half a head, then a reset
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    s = socket.create_connection(p.address)
+    s.sendall(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)  # the request is whole: it is still answered
+    s.settimeout(5)
+    data = b""
+    while True:
+        piece = s.recv(65536)
+        if not piece:
+            break
+        data += piece
+    s.close()
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert wait_for(lambda: p.stats()["connections"] == 0, 5), p.stats()
+    assert request(p, "GET", "/after").status == 200
+
+
+def test_an_endless_1xx_stream_from_the_upstream_is_bounded(start_proxy, raw_origin):
+    o = raw_origin(lambda path, n: b"HTTP/1.1 100 Continue\r\n\r\n" * 20000 if path == "/x"
+                   else ok(b"fine"))
+    p = start_proxy(upstream=o.url, cache_size=0)
+    assert request(p, "GET", "/x").status == 502
+    assert request(p, "GET", "/fine").body == b"fine"
