@@ -683,3 +683,21 @@ def test_an_endless_1xx_stream_from_the_upstream_is_bounded(start_proxy, raw_ori
     p = start_proxy(upstream=o.url, cache_size=0)
     assert request(p, "GET", "/x").status == 502
     assert request(p, "GET", "/fine").body == b"fine"
+
+
+def test_key_header_example_does_not_share_generations_across_hosts(start_proxy, origin):
+    # examples/key_header.lua numbers a URL's secondary keys per Host + path, but the
+    # proxy's cache keys on the upstream URL (no client Host): generation 1 of
+    # Host "evil" must not be generation 1 of Host "good"
+    from helpers import ROOT
+    src = (ROOT / "examples" / "key_header.lua").read_text()
+    p = start_proxy(src, host_kw={"shared": {"meta": 1 << 20}})
+    url = "/k?cc=max-age=60&hdr=Key:X-V;div=1"
+    a = request(p, "GET", url, {"Host": "good", "X-V": "1"})
+    assert header(a.json(), "x-v") == ["1"]
+    assert request(p, "GET", url, {"Host": "good", "X-V": "1"}).get("x-cache") == "HIT"
+    # the attacker learns its own generation 1, then refreshes the entry it maps to
+    request(p, "GET", url, {"Host": "evil", "X-V": "2"})
+    request(p, "GET", url, {"Host": "evil", "X-V": "2", "Cache-Control": "no-cache"})
+    r = request(p, "GET", url, {"Host": "good", "X-V": "1"})
+    assert header(r.json(), "x-v") == ["1"], "good's variant was replaced by evil's"
