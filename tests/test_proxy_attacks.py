@@ -701,3 +701,21 @@ def test_key_header_example_does_not_share_generations_across_hosts(start_proxy,
     request(p, "GET", url, {"Host": "evil", "X-V": "2", "Cache-Control": "no-cache"})
     r = request(p, "GET", url, {"Host": "good", "X-V": "1"})
     assert header(r.json(), "x-v") == ["1"], "good's variant was replaced by evil's"
+
+
+def test_a_huge_streamed_chunked_body_is_cut_at_max_body(start_proxy, origin):
+    p = start_proxy(limits=Limits(**{**FAST.__dict__, "max_body": 100_000}))
+    raw = Raw(p, timeout=10)
+    raw.send(b"POST /huge HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    time.sleep(0.1)  # the head goes to a worker alone: the body is streamed upstream
+    try:
+        for _ in range(50):
+            raw.send(b"1000\r\n" + b"z" * 0x1000 + b"\r\n")
+    except OSError:
+        pass
+    r = raw.read()
+    assert r.status == 413 and r.get("connection") == "close"
+    raw.close()
+    time.sleep(0.2)
+    assert not any(r["path"] == "/huge" for r in origin.requests)  # never a complete request
+    assert request(p, "GET", "/after").status == 200
