@@ -21,8 +21,12 @@ if not meta then
   error("key_header.lua needs a shared dictionary named 'meta' (Host(shared={'meta': ...}))")
 end
 
+-- The URL as the cache keys it: the path alone, never the client's Host (the proxy
+-- sends every request to one upstream, and its cache does not key on Host either: a
+-- Host-qualified URL would let Host "evil" take generation ids that mean other
+-- variants under Host "good", and replace their cached responses).
 local function resource(txn)
-  return (txn.req.headers.host or "") .. txn.req.uri
+  return txn.req.uri
 end
 
 -- The generation id of SECONDARY for URL: the first thread to see a new secondary

@@ -29,6 +29,8 @@ class AccessLog:
     def write(self, peer: str, request_line: str, status: int, size: int, cache: Optional[str],
               duration: float) -> None:
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        # a target may hold quotes: escaped as Apache does, so the line parses back
+        request_line = request_line.replace("\\", "\\\\").replace('"', '\\"')
         line = (f'{peer} - - [{stamp}] "{request_line}" {status} {size or "-"} '
                 f'{cache or "-"} {duration * 1e3:.3f}\n')
         with self._lock:

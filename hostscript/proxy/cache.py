@@ -32,6 +32,9 @@ Pairs = List[Tuple[str, str]]
 # RFC 9110 §15.1: statuses "heuristically cacheable" are the ones a cache may store
 # by default; this cache still requires explicit freshness for them.
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# Variants (Vary) kept per key, the oldest dropped first: Vary on a field the client
+# picks (User-Agent, say) must not grow one key's list, which lookups walk under the lock
+MAX_VARIANTS = 32
 ENTRY_OVERHEAD = 256  # bytes charged per entry beyond its headers and body
 # Headers the cache never replays: per-connection ones and those it computes itself.
 _NOT_STORED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -151,6 +154,16 @@ def _request_value(request_headers: Pairs, field: str) -> str:
     return ",".join(" ".join(v.split()) for v in _all(request_headers, field))
 
 
+def vary_agrees(response_headers: Pairs, lookup_headers: Pairs, sent_headers: Pairs) -> bool:
+    """Whether every field the response's Vary names has the same value in the request
+    as looked up and as sent upstream. The proxy (Host, X-Forwarded-For, Via) and
+    ``send_request`` handlers change the request in between; a variant keyed by a
+    value the origin never saw would be served to requests it does not fit."""
+    fields = _vary_fields(response_headers) or ()
+    return all(_request_value(lookup_headers, f) == _request_value(sent_headers, f)
+               for f in fields)
+
+
 class ResponseCache:
     """The proxy's response cache. See the module comment for what it stores."""
 
@@ -252,6 +265,9 @@ class ResponseCache:
         with self._lock:
             for old in [e for e in self._variants.get(key, ()) if e.vary == vary]:
                 self._drop(old)
+            while len(self._variants.get(key, ())) >= MAX_VARIANTS:
+                self._drop(self._variants[key][0])
+                self._counts["evictions"] += 1
             while self._bytes + size > self.max_bytes and self._lru:
                 self._drop(next(iter(self._lru.values())))
                 self._counts["evictions"] += 1

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, FrozenSet, List, Optional, Tuple
 
 from .. import Status, Transaction, UsageError
+from .cache import vary_agrees
 from .client import ClientConnection, ClientGone
 from .http import (FRAMING, LAST_CHUNK, Header, HttpError, RequestMessage, chunk, end_to_end,
                    http_date, reason, serialize_head)
@@ -207,8 +208,13 @@ class Exchange:
             self.body = replaced
             self._drop_stream()
         elif (cache is not None and method == "GET" and resp.status not in NO_BODY_STATUS
+              and not self.msg.has_body  # the key has no body: a "fat GET" is not stored
               and (resp.content_length is None or resp.content_length <= cache.max_object)
-              and cache.storable(method, req_headers, resp.status, txn.response.headers.items())):
+              # judged on the request as looked up and as sent (a handler may have
+              # added Authorization or no-store on the way up)
+              and cache.storable(method, req_headers + headers, resp.status,
+                                 txn.response.headers.items())
+              and vary_agrees(txn.response.headers.items(), req_headers, headers)):
             # stored under the secondary key as read_response left it: a handler that
             # learns how to key this resource from the response (the Key header) keys
             # the response it learnt it from
@@ -312,14 +318,23 @@ class Exchange:
         txn, msg = self.txn, self.msg
         assert txn is not None
         status = txn.response.status or 502
+        if status < 200:  # an interim status ends no exchange: only a handler sets one
+            log.warning("a handler answered %s %s with the interim status %d",
+                        msg.method, msg.target, status)
+            self.handler_errors += 1
+            self._fail(500, f"handler status {status}")
+            status = 500
         self.status = status
-        no_body = msg.method == "HEAD" or status in NO_BODY_STATUS or status < 200
+        no_body = msg.method == "HEAD" or status in NO_BODY_STATUS
         headers = end_to_end(txn.response.headers.items(), drop=FRAMING)
         stream = self.stream
         chunked = False
         if stream is not None:
-            if stream.content_length is not None and status != 204:
-                headers.append(("Content-Length", str(stream.content_length)))
+            length = stream.content_length
+            if not no_body and (stream.head_request or stream.status in NO_BODY_STATUS):
+                length = 0  # no body follows (send_request made it HEAD, a handler changed the status)
+            if length is not None and status != 204:
+                headers.append(("Content-Length", str(length)))
             elif not no_body:
                 if msg.version == "1.1":
                     chunked = True

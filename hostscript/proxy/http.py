@@ -251,6 +251,8 @@ class RequestReader:
             raise HttpError(431, f"more than {self.limits.max_headers} header fields")
         if self._hdr_bytes > self.limits.max_header_bytes:
             raise HttpError(431, f"header block larger than {self.limits.max_header_bytes} bytes")
+        if msg.head_done:  # a trailer field of a chunked body: dropped, never a header
+            return
         msg.headers.append((_decode(name), _decode(value)))
 
     def on_headers_complete(self) -> None:
@@ -361,8 +363,8 @@ class ResponseReader:
             low = name.lower()
             if low == "content-length":
                 self.content_length = int(value.strip())
-            elif low == "transfer-encoding":
-                self.chunked = "chunked" in value.lower()
+            elif low == "transfer-encoding":  # chunked only as the last coding (RFC 9112 6.3)
+                self.chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
         self.head_done = True
         if self.head_request:
             raise ResponseReader._HeadOnly()

@@ -101,6 +101,7 @@ class UpstreamResponse:
         self._conn: Optional[UpstreamConnection] = conn
         self._reader = reader
         self._head_request = head_request
+        self.head_request = head_request
         self.status = reader.status
         self.headers: List[Header] = reader.headers
         self.content_length = reader.content_length
