@@ -345,3 +345,45 @@ def test_endless_upstream_head_is_502(start_proxy):
     finally:
         stop.set()
         ls.close()
+
+
+def test_request_body_trickled_below_min_rate_is_408(start_proxy, log_lines):
+    # ten bytes every 0.2 s never let body_timeout (1 s) pass; min_rate still ends it
+    limits = FAST.__class__(**{**FAST.__dict__, "min_rate": 1000})
+    p = start_proxy(LOG_SCRIPT, limits=limits)
+    s = socket.create_connection(p.address, timeout=0.2)
+    s.sendall(b"POST /trickle HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    started, answer = time.monotonic(), b""
+    while time.monotonic() - started < 6 and b"\r\n" not in answer:
+        try:
+            s.sendall(b"0123456789")
+            answer += s.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 4, answer
+    assert _logged(log_lines, "LOG 408 POST /trickle")
+    assert request(p, "GET", "/next").status == 200
+
+
+def test_response_read_below_min_rate_frees_the_worker(start_proxy):
+    # each write finishes within send_timeout (2 s), but the whole response would take
+    # five minutes at this reader's ~100 KB/s: min_rate frees the one worker
+    limits = FAST.__class__(**{**FAST.__dict__, "send_timeout": 2.0, "min_rate": 10_000_000})
+    p = start_proxy(limits=limits, threads=1)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(p.address)
+    s.sendall(b"GET /big?size=30000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    started, got = time.monotonic(), 0
+    while time.monotonic() - started < 4:  # what the kernel buffered still arrives after
+        data = s.recv(2048)                # the proxy gave up: watch the worker instead
+        assert data
+        got += len(data)
+        time.sleep(0.02)
+    assert got < 1_000_000
+    r = request(p, "GET", "/next", timeout=3)
+    assert r.status == 200
+    s.close()

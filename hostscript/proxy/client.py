@@ -21,7 +21,8 @@ class ClientConnection:
     """A client's socket and parser. Owned by the selector thread while it waits for
     a request head, by one worker while that serves it."""
 
-    __slots__ = ("sock", "peer", "reader", "deadline", "opened", "requests", "fd", "closed")
+    __slots__ = ("sock", "peer", "reader", "deadline", "opened", "requests", "fd", "closed",
+                 "limits", "tx_start", "tx_bytes")
 
     def __init__(self, sock: socket.socket, peer: str, limits: Limits) -> None:
         self.sock = sock
@@ -32,6 +33,8 @@ class ClientConnection:
         self.deadline = self.opened + limits.idle_timeout
         self.requests = 0
         self.closed = False
+        self.limits = limits
+        self.begin_response()
 
     def next_ready(self) -> Optional[RequestMessage]:
         """The next request if its head is complete (or it failed), else None."""
@@ -71,17 +74,32 @@ class ClientConnection:
 
     # ---- worker-side blocking I/O ----
 
+    def begin_response(self) -> None:
+        """Start the clock of Limits.min_rate for the response about to be sent."""
+        self.tx_start = time.monotonic()
+        self.tx_bytes = 0
+
     def send(self, data: bytes) -> None:
+        """Send DATA within send_timeout, and keep the response's average rate at or
+        above min_rate (after a grace of send_timeout); else ClientGone."""
+        lim = self.limits
+        n = len(data)
+        behind = self.tx_start + lim.send_timeout + (self.tx_bytes + n) / lim.min_rate - time.monotonic()
+        if behind <= 0:
+            raise ClientGone(f"the client reads slower than {lim.min_rate} bytes/s")
+        self.sock.settimeout(min(behind, lim.send_timeout + n / lim.min_rate))
         try:
             self.sock.sendall(data)
         except (socket.timeout, OSError) as exc:
             raise ClientGone(str(exc)) from None
+        self.tx_bytes += n
 
     def body(self, msg: RequestMessage, limits: Limits) -> Iterator[bytes]:
         """The rest of *msg*'s body, piece by piece, reading the socket as needed.
         Raises HttpError (408: too slow; 413, 400: refused by the parser) or
         ClientGone."""
         sent_continue = False
+        started, got = time.monotonic(), 0
         while True:
             while msg.chunks:
                 yield msg.chunks.popleft()
@@ -90,17 +108,24 @@ class ClientConnection:
             if msg.complete:
                 return
             if msg.expect_continue and not sent_continue and msg.version == "1.1":
+                self.begin_response()
                 self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
                 sent_continue = True
-            self.sock.settimeout(limits.body_timeout)
+            # no byte for body_timeout, or on average slower than min_rate: 408
+            behind = started + limits.body_timeout + got / limits.min_rate - time.monotonic()
+            if behind <= 0:
+                raise HttpError(408, f"request body slower than {limits.min_rate} bytes/s")
+            self.sock.settimeout(min(behind, limits.body_timeout))
             try:
                 data = self.sock.recv(RECV)
             except socket.timeout:
-                raise HttpError(408, f"no request body byte for {limits.body_timeout:g} s") from None
+                raise HttpError(408, f"request body: no byte for {limits.body_timeout:g} s, or "
+                                     f"slower than {limits.min_rate} bytes/s") from None
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             finally:
                 self.sock.settimeout(limits.send_timeout)
             if not data:
                 raise ClientGone("the client closed the connection mid-body")
+            got += len(data)
             self.reader.feed(data)

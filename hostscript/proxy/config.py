@@ -18,6 +18,10 @@ class Limits:
     idle_timeout: float = 30.0           # a keep-alive connection idle this long -> closed
     body_timeout: float = 30.0           # no request body byte for this long -> 408 (or closed)
     send_timeout: float = 30.0           # the client accepts no byte for this long -> closed
+    min_rate: int = 1024                 # bytes/s a client must keep to, on average, sending a
+                                         # request body or reading a response, beyond a grace of
+                                         # body_timeout / send_timeout: a trickle that never lets
+                                         # a single timeout pass cannot hold a worker for hours
     connect_timeout: float = 5.0         # connecting to the upstream -> 504
     upstream_timeout: float = 30.0       # no byte from the upstream for this long -> 504 (or closed)
     pool_size: int = 32                  # idle upstream connections kept

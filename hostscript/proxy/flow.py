@@ -355,6 +355,7 @@ class Exchange:
             headers.append(("Date", http_date()))
         head = serialize_head(f"HTTP/1.1 {status} {reason(status)}", headers)
         conn = self.conn
+        conn.begin_response()
         if stream is None or no_body:
             data = b"" if no_body else self.body
             conn.send(head + data)

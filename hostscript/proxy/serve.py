@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest wait for a request body byte (408)")
     t.add_argument("--send-timeout", type=float, default=d.send_timeout,
                    help="longest wait for the client to accept response bytes")
+    t.add_argument("--min-rate", type=int, default=d.min_rate, metavar="BYTES_PER_S",
+                   help="slowest average rate a client may send a body or read a response at, "
+                        "after the body/send timeout's grace (default %(default)s)")
     t.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                    help="connecting to the upstream (504)")
     t.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout,
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         limits = Limits(max_body=args.max_body, head_timeout=args.head_timeout,
                         idle_timeout=args.idle_timeout, body_timeout=args.body_timeout,
-                        send_timeout=args.send_timeout, connect_timeout=args.connect_timeout,
+                        send_timeout=args.send_timeout, min_rate=args.min_rate,
+                        connect_timeout=args.connect_timeout,
                         upstream_timeout=args.upstream_timeout, drain_timeout=args.drain_timeout,
                         max_connections=args.max_connections, pool_size=args.pool_size,
                         max_request_line=args.max_request_line,
