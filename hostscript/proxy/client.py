@@ -87,7 +87,7 @@ class ClientConnection:
         behind = self.tx_start + lim.send_timeout + (self.tx_bytes + n) / lim.min_rate - time.monotonic()
         if behind <= 0:
             raise ClientGone(f"the client reads slower than {lim.min_rate} bytes/s")
-        self.sock.settimeout(min(behind, lim.send_timeout + n / lim.min_rate))
+        self.sock.settimeout(min(behind, lim.send_timeout))  # one write: send_timeout at most
         try:
             self.sock.sendall(data)
         except (socket.timeout, OSError) as exc:
