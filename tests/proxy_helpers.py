@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import dataclasses
 import socket
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -17,6 +18,25 @@ from origin import Origin
 # short timeouts: the failure tests wait for them
 FAST = Limits(head_timeout=1.0, idle_timeout=5.0, body_timeout=1.0, send_timeout=5.0,
               connect_timeout=1.0, upstream_timeout=0.6, drain_timeout=3.0)
+
+
+def fast(**changes: Any) -> Limits:
+    """FAST with CHANGES."""
+    return dataclasses.replace(FAST, **changes)
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything SOCK receives until the peer closes (or resets) it."""
+    data = b""
+    try:
+        while True:
+            got = sock.recv(65536)
+            if not got:
+                break
+            data += got
+    except OSError:
+        pass
+    return data
 
 LOG_SCRIPT = """
 local L = {}

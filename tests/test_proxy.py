@@ -15,7 +15,7 @@ import pytest
 from hostscript.proxy.cache import ResponseCache
 from helpers import wait_for
 from origin import header
-from proxy_helpers import FAST, LOG_SCRIPT, Raw, hook_fires, request
+from proxy_helpers import FAST, LOG_SCRIPT, Raw, fast, hook_fires, read_to_close, request
 
 # ---- hooks ----
 
@@ -439,7 +439,7 @@ def test_64_keep_alive_connections_on_4_workers(start_proxy):
 
 
 def test_slowloris_does_not_block_other_clients(start_proxy, log_lines):
-    limits = FAST.__class__(**{**FAST.__dict__, "head_timeout": 2.0})
+    limits = fast(head_timeout=2.0)
     p = start_proxy(LOG_SCRIPT, threads=2, limits=limits)
     slow = [Raw(p) for _ in range(6)]  # more slow clients than workers
     stop = threading.Event()
@@ -576,15 +576,7 @@ def test_an_answer_before_the_body_reaches_the_client(start_proxy):
     s = socket.create_connection(p.address, timeout=5)
     s.sendall(b"POST /big-answer HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n" + b"a" * 200000)
     time.sleep(0.2)
-    data = b""
-    try:
-        while True:
-            got = s.recv(65536)
-            if not got:
-                break
-            data += got
-    except OSError:
-        pass
+    data = read_to_close(s)
     s.close()
     assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
     assert data.endswith(b"y" * 1000) and len(data.split(b"\r\n\r\n", 1)[1]) == 3000000

@@ -9,14 +9,13 @@ import re
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List
 
 import pytest
 
 from helpers import wait_for
 from origin import header
-from proxy_helpers import FAST, Raw, request
-from hostscript.proxy import Limits
+from proxy_helpers import Raw, fast, read_to_close, request
 
 
 class RawOrigin:
@@ -162,24 +161,6 @@ end
 return C
 """
 
-
-def test_send_request_turning_get_into_head_keeps_the_framing(start_proxy, raw_origin):
-    # the upstream answers the HEAD with the GET's Content-Length and no body: the
-    # client (who sent GET) must not be promised 10 bytes that never come, or the
-    # next response on its connection becomes that body
-    o = raw_origin(lambda path, n: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
-                   if path == "/h" else ok(b"second"))
-    p = start_proxy(HEAD_UPSTREAM, upstream=o.url, cache_size=0)
-    raw = Raw(p, timeout=5)
-    raw.send(b"GET /h HTTP/1.1\r\nHost: x\r\nX-Head: 1\r\n\r\nGET /s HTTP/1.1\r\nHost: x\r\n\r\n")
-    r1 = raw.read()
-    assert r1.status == 200 and len(r1.body) == int(r1.get("content-length", "0") or 0)
-    if r1.get("connection") != "close":
-        r2 = raw.read()
-        assert r2.status == 200 and r2.body == b"second"
-    raw.close()
-
-
 TO_200 = """
 local C = {}
 function C:on_send_response(txn)
@@ -189,12 +170,23 @@ return C
 """
 
 
-def test_304_turned_into_200_by_a_handler_keeps_the_framing(start_proxy, raw_origin):
-    o = raw_origin(lambda path, n: b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
-                   if path == "/nm" else ok(b"second"))
-    p = start_proxy(TO_200, upstream=o.url, cache_size=0)
+@pytest.mark.parametrize("script, first_request, upstream_head", [
+    # send_request turns the GET into a HEAD: the upstream answers with the GET's
+    # Content-Length and no body
+    (HEAD_UPSTREAM, b"GET /first HTTP/1.1\r\nHost: x\r\nX-Head: 1\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+    # send_response turns a 304 (which has no body whatever its length says) into a 200
+    (TO_200, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n",
+     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+], ids=["get-made-head", "304-made-200"])
+def test_a_handler_changing_the_exchange_keeps_the_framing(start_proxy, raw_origin, script,
+                                                           first_request, upstream_head):
+    # the client must not be promised 10 bytes that never come, or the next response
+    # on its connection becomes that body
+    o = raw_origin(lambda path, n: upstream_head if path == "/first" else ok(b"second"))
+    p = start_proxy(script, upstream=o.url, cache_size=0)
     raw = Raw(p, timeout=5)
-    raw.send(b"GET /nm HTTP/1.1\r\nHost: x\r\n\r\nGET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw.send(first_request + b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
     r1 = raw.read()
     assert r1.status == 200 and len(r1.body) == int(r1.get("content-length", "0") or 0)
     if r1.get("connection") != "close":
@@ -483,7 +475,7 @@ def test_expect_100_continue_refused_by_a_handler_sends_no_100(start_proxy, orig
 
 
 def test_a_million_tiny_chunks_and_chunk_extensions_are_bounded(start_proxy, origin):
-    p = start_proxy(limits=Limits(**{**FAST.__dict__, "max_body": 1000}))
+    p = start_proxy(limits=fast(max_body=1000))
     raw = Raw(p, timeout=10)
     raw.send(b"POST /tiny HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     try:
@@ -523,7 +515,7 @@ def test_header_injection_through_the_upstream(start_proxy, raw_origin):
 # ---- resources and hangs ----
 
 def test_a_client_that_never_reads_frees_its_worker(start_proxy, origin):
-    lim = Limits(**{**FAST.__dict__, "send_timeout": 0.5})
+    lim = fast(send_timeout=0.5)
     p = start_proxy(limits=lim, threads=1)
     s = socket.create_connection(p.address)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -577,7 +569,7 @@ def test_a_handler_erroring_in_every_hook(start_proxy, origin):
 
 
 def test_shutdown_with_a_slow_client_is_bounded(start_proxy, origin):
-    lim = Limits(**{**FAST.__dict__, "send_timeout": 30.0})
+    lim = fast(send_timeout=30.0)
     p = start_proxy(limits=lim)
     s = socket.create_connection(p.address)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -594,7 +586,7 @@ def test_shutdown_with_a_slow_client_is_bounded(start_proxy, origin):
 
 
 def test_many_connections_past_the_limit_pause_then_resume(start_proxy, origin):
-    lim = Limits(**{**FAST.__dict__, "max_connections": 20, "idle_timeout": 0.5})
+    lim = fast(max_connections=20, idle_timeout=0.5)
     p = start_proxy(limits=lim)
     socks = [socket.create_connection(p.address) for _ in range(40)]
     time.sleep(0.2)
@@ -665,12 +657,7 @@ def test_resets_and_half_closes_do_not_leak_or_stop_the_selector(start_proxy, or
     s.sendall(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
     s.shutdown(socket.SHUT_WR)  # the request is whole: it is still answered
     s.settimeout(5)
-    data = b""
-    while True:
-        piece = s.recv(65536)
-        if not piece:
-            break
-        data += piece
+    data = read_to_close(s)
     s.close()
     assert data.startswith(b"HTTP/1.1 200 ")
     assert wait_for(lambda: p.stats()["connections"] == 0, 5), p.stats()
@@ -704,7 +691,7 @@ def test_key_header_example_does_not_share_generations_across_hosts(start_proxy,
 
 
 def test_a_huge_streamed_chunked_body_is_cut_at_max_body(start_proxy, origin):
-    p = start_proxy(limits=Limits(**{**FAST.__dict__, "max_body": 100_000}))
+    p = start_proxy(limits=fast(max_body=100_000))
     raw = Raw(p, timeout=10)
     raw.send(b"POST /huge HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     time.sleep(0.1)  # the head goes to a worker alone: the body is streamed upstream

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import wait_for
 from origin import Origin, free_port
-from proxy_helpers import FAST, LOG_SCRIPT, Raw, request
+from proxy_helpers import LOG_SCRIPT, Raw, fast, read_to_close, request
 
 
 def _logged(log_lines, line: str, n: int = 1) -> bool:
@@ -102,7 +102,7 @@ def test_bad_requests_are_refused_then_the_next_is_served(start_proxy, log_lines
 
 
 def test_chunked_body_over_the_limit_is_413(start_proxy, log_lines, origin):
-    limits = FAST.__class__(**{**FAST.__dict__, "max_body": 1000})
+    limits = fast(max_body=1000)
     p = start_proxy(LOG_SCRIPT, limits=limits)
     raw = Raw(p)
     raw.send(b"POST /big-chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -117,19 +117,11 @@ def test_chunked_body_over_the_limit_is_413(start_proxy, log_lines, origin):
 
 
 def test_413_reaches_a_client_that_sends_its_body_anyway(start_proxy):
-    limits = FAST.__class__(**{**FAST.__dict__, "max_body": 1000})
+    limits = fast(max_body=1000)
     p = start_proxy(limits=limits)
     s = socket.create_connection(p.address, timeout=5)
     s.sendall(b"POST /too-big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n" + b"a" * 300000)
-    data = b""
-    try:
-        while True:
-            got = s.recv(65536)
-            if not got:
-                break
-            data += got
-    except OSError:
-        pass
+    data = read_to_close(s)
     s.close()
     assert data.startswith(b"HTTP/1.1 413 ") and data.endswith(b"413 Request Entity Too Large\n")
 
@@ -145,7 +137,7 @@ def test_request_body_too_slow_is_408(start_proxy, log_lines):
 
 
 def test_idle_keep_alive_connection_is_closed(start_proxy):
-    limits = FAST.__class__(**{**FAST.__dict__, "idle_timeout": 0.4})
+    limits = fast(idle_timeout=0.4)
     p = start_proxy(limits=limits)
     raw = Raw(p)
     raw.send(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -309,7 +301,7 @@ def test_proxy_keeps_serving_after_each_failure(start_proxy, origin):
 
 
 def test_accepting_pauses_at_max_connections(start_proxy):
-    limits = FAST.__class__(**{**FAST.__dict__, "max_connections": 2})
+    limits = fast(max_connections=2)
     p = start_proxy(limits=limits)
     a, b = Raw(p), Raw(p)
     a.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -349,7 +341,7 @@ def test_endless_upstream_head_is_502(start_proxy):
 
 def test_request_body_trickled_below_min_rate_is_408(start_proxy, log_lines):
     # ten bytes every 0.2 s never let body_timeout (1 s) pass; min_rate still ends it
-    limits = FAST.__class__(**{**FAST.__dict__, "min_rate": 1000})
+    limits = fast(min_rate=1000)
     p = start_proxy(LOG_SCRIPT, limits=limits)
     s = socket.create_connection(p.address, timeout=0.2)
     s.sendall(b"POST /trickle HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
@@ -371,7 +363,7 @@ def test_request_body_trickled_below_min_rate_is_408(start_proxy, log_lines):
 def test_response_read_below_min_rate_frees_the_worker(start_proxy):
     # each write finishes within send_timeout (2 s), but the whole response would take
     # five minutes at this reader's ~100 KB/s: min_rate frees the one worker
-    limits = FAST.__class__(**{**FAST.__dict__, "send_timeout": 2.0, "min_rate": 10_000_000})
+    limits = fast(send_timeout=2.0, min_rate=10_000_000)
     p = start_proxy(limits=limits, threads=1)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
