@@ -156,10 +156,9 @@ class Exchange:
         method = txn.request.method
         req_headers = txn.request.headers.items()
         url = px.origin.base + txn.request.uri
-        secondary = txn.cache_key
         cache = px.cache
         if cache is not None and method in ("GET", "HEAD"):
-            hit = cache.lookup(method, url, secondary, req_headers)
+            hit = cache.lookup(method, url, txn.cache_key, req_headers)
             if hit is not None:
                 self.cache_status = "HIT"
                 txn.response.status = hit.status

@@ -239,11 +239,14 @@ class UpstreamPool:
             return conn.sock.recv(RECV)
         except socket.timeout:
             conn.close()
-            raise UpstreamError(504, f"the upstream {self.origin.netloc} did not answer within "
-                                     f"{self.limits.upstream_timeout:g} s") from None
+            raise self._timed_out() from None
         except OSError as exc:
             conn.close()
             raise UpstreamError(502, f"reading from the upstream failed: {exc.strerror or exc}") from None
+
+    def _timed_out(self) -> UpstreamError:
+        return UpstreamError(504, f"the upstream {self.origin.netloc} did not answer within "
+                                  f"{self.limits.upstream_timeout:g} s")
 
     # ---- one exchange ----
 
@@ -290,8 +293,7 @@ class UpstreamPool:
                 return UpstreamResponse(self, conn, reader, head_request)
             except socket.timeout:
                 conn.close()
-                raise UpstreamError(504, f"the upstream {self.origin.netloc} did not answer within "
-                                         f"{self.limits.upstream_timeout:g} s") from None
+                raise self._timed_out() from None
             except BadUpstreamResponse as exc:
                 conn.close()
                 raise UpstreamError(502, str(exc)) from None
