@@ -119,24 +119,24 @@ class SharedDict:
 
     def add(self, key: Key, value: ValueIn, ttl: float = 0, flags: int = 0) -> bool:
         """Store only when *key* is absent or expired: True stored, False it exists."""
-        rc, _ = self._store(self._lib.HS_STORE_ADD, key, value, ttl, flags)
-        if rc == self._lib.HS_SHARED_EXISTS:
-            return False
-        self._check(rc)
-        return True
+        return self._store_unless(self._lib.HS_STORE_ADD, self._lib.HS_SHARED_EXISTS,
+                                  key, value, ttl, flags)
 
     def safe_add(self, key: Key, value: ValueIn, ttl: float = 0, flags: int = 0) -> bool:
         """Like add, but never evicts a live entry: SharedDictFullError instead."""
-        rc, _ = self._store(self._lib.HS_STORE_SAFE_ADD, key, value, ttl, flags)
-        if rc == self._lib.HS_SHARED_EXISTS:
-            return False
-        self._check(rc)
-        return True
+        return self._store_unless(self._lib.HS_STORE_SAFE_ADD, self._lib.HS_SHARED_EXISTS,
+                                  key, value, ttl, flags)
 
     def replace(self, key: Key, value: ValueIn, ttl: float = 0, flags: int = 0) -> bool:
         """Store only when *key* is present: True stored, False it is absent or expired."""
-        rc, _ = self._store(self._lib.HS_STORE_REPLACE, key, value, ttl, flags)
-        if rc == self._lib.HS_SHARED_NOT_FOUND:
+        return self._store_unless(self._lib.HS_STORE_REPLACE, self._lib.HS_SHARED_NOT_FOUND,
+                                  key, value, ttl, flags)
+
+    def _store_unless(self, mode: int, refusal: int, key: Key, value: ValueIn, ttl: float,
+                      flags: int) -> bool:
+        """Store in MODE: False when the dictionary answers REFUSAL, True when stored."""
+        rc, _ = self._store(mode, key, value, ttl, flags)
+        if rc == refusal:
             return False
         self._check(rc)
         return True
