@@ -711,6 +711,24 @@ def test_every_state_sees_the_same_dictionary(shost):
 # ---- the Redis backend: configuration, what differs, what other clients see ----
 
 
+def fails_with_redis_error(fn):
+    """The message of the SharedDictError FN raised: a backend failure, "redis: ..."."""
+    with pytest.raises(hostscript.SharedDictError) as exc:
+        fn()
+    assert exc.type is hostscript.SharedDictError, exc.type  # neither Full nor KeyError
+    assert exc.value.message.startswith("redis: "), exc.value.message
+    return exc.value.message
+
+
+def succeeds(fn):
+    """Whether FN ran without a SharedDictError."""
+    try:
+        fn()
+        return True
+    except hostscript.SharedDictError:
+        return False
+
+
 def test_a_redis_url_makes_a_redis_dictionary(make_host, redis_server, redis_prefix):
     host = make_host(shared={
         "meta": redis_server.url(prefix=redis_prefix),
@@ -749,22 +767,11 @@ def test_a_host_is_made_while_redis_is_down_and_works_once_it_is_up(make_host, o
     own_redis.kill()
     host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=0.2, connect_timeout=0.2)})
     d = host.shared["meta"]
-    with pytest.raises(hostscript.SharedDictError) as exc:
-        d.get("k")
-    assert exc.value.message.startswith("redis: ") and "refused" in exc.value.message
-    assert type(exc.value) is hostscript.SharedDictError  # neither Full nor KeyError
+    assert "refused" in fails_with_redis_error(lambda: d.get("k"))
     assert lua(host, "return d:get('k')")[1].startswith(b"redis: ")
     own_redis.start()
-    assert wait_for(lambda: _succeeds(lambda: d.set("k", 1)), 3)
+    assert wait_for(lambda: succeeds(lambda: d.set("k", 1)), 3)
     assert d.get("k") == 1 and own_redis.cmd("GET", "t:k") == b"1"
-
-
-def _succeeds(fn):
-    try:
-        fn()
-        return True
-    except hostscript.SharedDictError:
-        return False
 
 
 def test_keys_in_redis_are_the_prefix_then_the_key(rhost, redis_server, redis_prefix):
