@@ -69,7 +69,7 @@ def own_redis():
 def redis_prefix(request) -> str:
     """A key prefix of this test alone (from its node id, so each parametrization
     has its own): "t:<12 hex digits>:"."""
-    return "t:%s:" % hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"t:{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]}:"
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, List, Optional, Union
+from typing import Any, Union
 from urllib.parse import quote
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-Reply = Union[None, int, bytes, List[Any], "RedisReplyError"]
+Reply = Union[None, int, bytes, list[Any], "RedisReplyError"]
 
 
 class RedisReplyError(Exception):
@@ -93,14 +93,14 @@ class RedisServer:
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="hs-redis-")
-        self.port: Optional[int] = None
-        self.proc: Optional[subprocess.Popen] = None
-        self.password: Optional[str] = None
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.password: str | None = None
         self._log = None
 
     # ---- lifetime ----
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server (again on the same port after kill/stop) and wait for PING."""
         assert self.proc is None, "already running"
         tries = 1 if self.port else 5  # a free port may be taken before we bind it
@@ -180,8 +180,8 @@ class RedisServer:
 
     # ---- addressing ----
 
-    def url(self, prefix: Optional[str] = None, db: int = 0, password: Optional[str] = None,
-            user: Optional[str] = None, **opts: Any) -> str:
+    def url(self, prefix: str | None = None, db: int = 0, password: str | None = None,
+            user: str | None = None, **opts: Any) -> str:
         """redis://[[user]:password@]127.0.0.1:PORT/DB[?prefix=P&OPT=V...]; options
         in the order given (timeout=0.2, connect_timeout=0.2, max_reply=...)."""
         auth = ""
@@ -203,7 +203,7 @@ class RedisServer:
             raise replies[0]
         return replies[0]
 
-    def pipeline(self, commands: List[Any], db: int = 0, timeout: float = 5.0) -> List[Reply]:
+    def pipeline(self, commands: list[Any], db: int = 0, timeout: float = 5.0) -> list[Reply]:
         """Send COMMANDS (each a tuple of arguments) at once on a new connection;
         their replies, error replies as RedisReplyError objects (not raised)."""
         pre = []
@@ -220,7 +220,7 @@ class RedisServer:
                     raise r
             return [reader.reply() for _ in commands]
 
-    def scan_keys(self, pattern: bytes = b"*", db: int = 0) -> List[bytes]:
+    def scan_keys(self, pattern: bytes = b"*", db: int = 0) -> list[bytes]:
         """Every key matching the glob PATTERN (SCAN), sorted."""
         out, cursor = [], b"0"
         while True:

@@ -14,7 +14,14 @@ import time
 import pytest
 from helpers import wait_for
 from redis_server import RedisReplyError
-from test_shared import RUNNER, fails_with_redis_error, lua, lua_error, lua_typed, succeeds
+from test_shared import (
+    RUNNER,
+    fails_with_redis_error,
+    lua,
+    lua_error,
+    lua_typed,
+    succeeds,
+)
 
 import hostscript
 from hostscript import Status, Transaction

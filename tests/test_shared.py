@@ -797,7 +797,7 @@ def test_the_default_prefix_is_hs_name(make_host, redis_server, redis_prefix):
     host = make_host(shared={name: redis_server.url()})
     host.shared[name].set("k", 7)
     assert redis_server.cmd("GET", f"hs:{name}:k") == b"7"
-    assert lua(host, "return hs.shared['%s']:get('k')" % name) == [7]
+    assert lua(host, f"return hs.shared['{name}']:get('k')") == [7]
 
 
 def test_the_url_selects_the_database(make_host, redis_server, redis_prefix):
