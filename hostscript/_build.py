@@ -2,8 +2,9 @@
 
 Produces ``hostscript._lua54`` and ``hostscript._luajit`` — the same sources built
 against Lua 5.4 and LuaJIT 2.1 — each linking a position-independent static Lua
-(built by tools/build-lua.sh from the Debian sources pkg-config points at) with
-``--exclude-libs=ALL``, so no ``lua_*`` symbol leaks out of either module.
+(built by tools/build-lua.sh from the Debian sources pkg-config points at) and
+hiredis's static library (libhiredis-dev) with ``--exclude-libs=ALL``, so no
+``lua_*`` or ``redis*`` symbol leaks out of either module.
 """
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ def _ensure_lua(engine: str) -> pathlib.Path:
     return archive
 
 
+def _hiredis() -> pathlib.Path:
+    """hiredis's static library (position-independent in Debian's libhiredis-dev),
+    where the compiler finds it (Debian's hiredis.pc names a libdir without it)."""
+    cc = os.environ.get("CC", "cc").split()[0]
+    try:
+        found = subprocess.run([cc, "-print-file-name=libhiredis.a"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        found = ""
+    archive = pathlib.Path(found)
+    if not archive.is_absolute() or not archive.exists():
+        sys.exit("hostscript: hiredis is missing (Debian: libhiredis-dev; `sudo make deps` installs it)")
+    return archive
+
+
 def _lualib_source() -> pathlib.Path:
     sys.path.insert(0, str(ROOT / "tools"))
     try:
@@ -71,7 +87,7 @@ def make_ffi(engine: str) -> FFI:
         include_dirs=[_rel(NATIVE), _rel(LUA_BUILD / engine / "include")],
         define_macros=MACROS[engine],
         extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall"],
-        extra_objects=[str(archive)],
+        extra_objects=[str(archive), str(_hiredis())],
         depends=[str(archive)] + [_rel(p) for p in NATIVE.glob("*.h")],  # relink when Lua is rebuilt
         extra_link_args=["-Wl,--exclude-libs,ALL"],
         libraries=["m", "dl", "pthread"],

@@ -87,7 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--hooks", default=",".join(HOOKS))
     c.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     c.add_argument("--shared", action="append", type=_serve.shared_spec, default=[],
-                   metavar="NAME=SIZE", help="a shared dictionary the scripts use (repeatable)")
+                   metavar="NAME=SIZE|NAME=URL",
+                   help="a shared dictionary the scripts use (NAME=16M, or NAME=redis://...; repeatable)")
     c.set_defaults(func=check)
     s = sub.add_parser("serve", help="run the caching HTTP/1.1 reverse proxy that fires the scripts' hooks")
 

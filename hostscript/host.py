@@ -91,9 +91,11 @@ class Host(_bridge.HostCore):
 
     *shared* declares shared dictionaries, ``{name: capacity in bytes}``: Lua sees
     them as ``hs.shared.NAME`` on every thread, Python as ``host.shared[name]``
-    (hostscript.shared.SharedDict). A capacity may also be given as
-    ``{"capacity": bytes, "url": ...}``; only in-process dictionaries (no url) exist
-    so far.
+    (hostscript.shared.SharedDict). A dictionary given by URL instead of a capacity,
+    ``{"keys": "redis://127.0.0.1:6379/0?prefix=hs:keys:"}``, lives in Redis and is
+    shared by every process naming the URL (docs/redis.md); ``hs.redis("keys")``
+    is then a Redis client on the same server. ``{"capacity": bytes}`` and
+    ``{"url": ...}`` are the long forms.
     """
 
     def __init__(self, hooks: Sequence[str] = DEFAULT_HOOKS, *, engine: Optional[str] = None,
@@ -166,6 +168,8 @@ class Host(_bridge.HostCore):
         self._bind(int(ffi.cast("uintptr_t", h)), self._eng.fire_address, self._index,
                    _OUT_CONTINUE, _OUT_DONE, self._finish)
         self._lock = threading.Lock()
+        self._waits = 0  # Redis round trips of SharedDict running now (close waits for them)
+        self._waits_lock = threading.Lock()
         self._paths: Dict[str, Optional[str]] = {}
         self._tls = threading.local()
         self._counter = 0
@@ -317,20 +321,26 @@ class Host(_bridge.HostCore):
         compilations, states (live, pooled ones included), heap_bytes, heap_max,
         generation, pooled (idle states in the pool now), pool_hits (new threads that
         took a pooled state), ``hooks``: {name: {fires, errors, total_ns}}, and
-        ``shared``: {name: {capacity, free_space, keys, evictions}} per shared
-        dictionary (keys counts expired entries not yet reclaimed; evictions, the live
-        entries evicted to make room)."""
+        ``shared``: {name: {backend, capacity, free_space, keys, evictions, calls,
+        errors, timeouts, reconnects, seconds}} per shared dictionary (keys counts
+        expired entries not yet reclaimed; evictions, the live entries evicted to make
+        room — None in Redis; calls, errors, timeouts, reconnects and seconds count
+        the round trips to Redis — 0 in memory)."""
         ffi, lib = self._ffi, self._lib
         st = ffi.new("hs_stats *")
         hk = ffi.new("hs_hook_stats[]", len(self.hooks))
         info = ffi.new("hs_shared_info *")
-        shared: Dict[str, Dict[str, int]] = {}
+        shared: Dict[str, Dict[str, Any]] = {}
         with self._lock:  # close() may not free the host meanwhile
             lib.hs_host_stats(self._live(), st, hk)
             for name, d in self.shared.items():
                 lib.hs_shared_stats(d._d, info)
-                shared[name] = {"capacity": int(info.capacity), "free_space": int(info.free_space),
-                                "keys": int(info.keys), "evictions": int(info.evictions)}
+                mem = info.backend == lib.HS_SHARED_MEMORY
+                shared[name] = {"backend": d.backend, **{
+                    k: int(getattr(info, k)) if mem else None
+                    for k in ("capacity", "free_space", "keys", "evictions")}, **{
+                    k: int(getattr(info, k)) for k in ("calls", "errors", "timeouts", "reconnects")},
+                    "seconds": info.wait_ns / 1e9}
         out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}
@@ -351,10 +361,11 @@ class Host(_bridge.HostCore):
                 return
             self._unbind()
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._inflight:
+            while self._inflight or self._waits:
                 if deadline is not None and time.monotonic() >= deadline:
-                    log.warning("closing %r: %d fire(s) still running after %.1f s; the host's "
-                                "memory is left to the process", self, self._inflight, timeout)
+                    log.warning("closing %r: %d fire(s) and %d Redis call(s) still running after "
+                                "%.1f s; the host's memory is left to the process", self,
+                                self._inflight, self._waits, timeout)
                     self._h = None
                     self._finalizer.detach()
                     return
@@ -416,7 +427,12 @@ def _shared_specs(shared: Optional[Mapping[str, Any]]) -> List[Any]:
             if url is not None and not isinstance(url, str):
                 raise ArgumentTypeError(f"shared dictionary {name!r}: url must be str, "
                                         f"not {type(url).__name__}")
-            spec = spec.get("capacity")
+            spec = spec.get("capacity", 0 if url is not None else None)
+        elif isinstance(spec, str):
+            if "://" not in spec:
+                raise ArgumentTypeError(f"shared dictionary {name!r}: {spec!r} is neither a capacity "
+                                        f"(an int, bytes) nor a URL (redis://host:port/db)")
+            url, spec = spec, 0
         if isinstance(spec, bool) or not isinstance(spec, int):
             raise ArgumentTypeError(f"shared dictionary {name!r}: the capacity must be an int "
                                     f"(bytes), not {type(spec).__name__}")

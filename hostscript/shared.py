@@ -6,6 +6,12 @@ are those of OpenResty's ``ngx.shared.DICT`` (see ``native/hostscript.h``): type
 values, user flags, TTLs, LRU eviction when full, and ``safe_*`` variants that
 never evict.
 
+A dictionary declared by URL (``shared={"keys": "redis://127.0.0.1:6379/0?prefix=hs:keys:"}``)
+lives in Redis: the same calls, shared by every process that names the URL. There
+``capacity()`` and ``free_space()`` are None, ``set`` never reports eviction, and
+``get_stale`` sees live entries only; a failed round trip (Redis down, a timeout)
+raises SharedDictError with a message beginning "redis: ". See docs/redis.md.
+
 Python's view of the types: keys are ``str`` (UTF-8; ``surrogateescape`` keeps
 undecodable bytes) or bytes, and ``keys()`` gives ``str``. Values are ``bytes``
 (a ``str`` is stored as UTF-8 and read back as ``bytes``, as Lua sees a string),
@@ -38,7 +44,7 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 class SharedDict:
     """One shared dictionary of a host. Get it from ``host.shared[name]``."""
 
-    __slots__ = ("name", "_host", "_d", "_ffi", "_lib")
+    __slots__ = ("name", "backend", "_host", "_d", "_ffi", "_lib")
 
     def __init__(self, host: "Host", handle: Any, name: str) -> None:
         self.name = name
@@ -46,6 +52,10 @@ class SharedDict:
         self._d = handle
         self._ffi = host._ffi
         self._lib = host._lib
+        info = self._ffi.new("hs_shared_info *")
+        self._lib.hs_shared_stats(handle, info)
+        #: "memory" (in this process) or "redis"
+        self.backend = "redis" if info.backend == self._lib.HS_SHARED_REDIS else "memory"
 
     # ---- reading ----
 
@@ -83,6 +93,8 @@ class SharedDict:
         while True:
             buf = ffi.new("char[]", cap)
             need = self._call(lib.hs_shared_keys, n, buf, cap, count)
+            if count[0] < 0:
+                self._check(lib.HS_SHARED_BACKEND)
             if need <= cap:
                 break
             cap = need + need // 8 + 64
@@ -94,13 +106,15 @@ class SharedDict:
             pos += 4 + klen
         return out
 
-    def capacity(self) -> int:
-        """Bytes the entries may take (key + string value + a fixed overhead each)."""
-        return int(self._info().capacity)
+    def capacity(self) -> Optional[int]:
+        """Bytes the entries may take (key + string value + a fixed overhead each);
+        None in Redis, which has no capacity of its own (its maxmemory rules)."""
+        return None if self.backend == "redis" else int(self._info().capacity)
 
-    def free_space(self) -> int:
-        """Bytes not taken by entries (expired ones not yet reclaimed count as taken)."""
-        return int(self._info().free_space)
+    def free_space(self) -> Optional[int]:
+        """Bytes not taken by entries (expired ones not yet reclaimed count as taken);
+        None in Redis."""
+        return None if self.backend == "redis" else int(self._info().free_space)
 
     # ---- writing ----
 
@@ -181,8 +195,9 @@ class SharedDict:
         return True
 
     def flush_all(self) -> None:
-        """Mark every entry expired (get_stale still sees them until reclaimed)."""
-        self._call(self._lib.hs_shared_flush_all)
+        """Mark every entry expired (get_stale still sees them until reclaimed); in
+        Redis, delete every key under the dictionary's prefix."""
+        self._check(self._call(self._lib.hs_shared_flush_all))
 
     def flush_expired(self, max: int = 0) -> int:
         """Reclaim expired entries, at most *max* (0: all); how many were."""
@@ -215,6 +230,17 @@ class SharedDict:
 
     def _call(self, fn: Any, *args: Any) -> Any:
         host = self._host
+        if self.backend == "redis":  # a round trip: counted, not under the host's lock
+            with host._lock:
+                if host._h is None:
+                    raise ClosedError(f"shared dictionary {self.name!r}: the host is closed")
+                with host._waits_lock:
+                    host._waits += 1  # close() waits for it
+            try:
+                return fn(self._d, *args)
+            finally:
+                with host._waits_lock:
+                    host._waits -= 1
         with host._lock:  # close() may not free the host meanwhile
             if host._h is None:
                 raise ClosedError(f"shared dictionary {self.name!r}: the host is closed")

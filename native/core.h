@@ -186,6 +186,9 @@ void hs_limits_install(hs_state *S); /* the count hook, when the host has a time
 int hs_limits_enter(hs_state *S, hs_error *err);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
 void hs_state_release_host(hs_state *S); /* call the host's release callback, once per fire */
+/* A C function of L is about to wait (on the network): release the host's lock if
+ * a fire holds it, and bound the wait by the fire's deadline (hs_wait_deadline_ns). */
+void hs_state_before_wait(lua_State *L);
 void hs_state_end_deadline(hs_state *S);
 /* Called by the patched engine libraries (tools/patches/). */
 void hs_engine_checkin(lua_State *L);
@@ -203,6 +206,9 @@ extern const char hs_readonly_key; /* in a metatable: rawset refuses the table (
 
 /* ---- Lua API: hs.shared (lapi_shared.c) ---- */
 void hs_lapi_shared_open(hs_state *S); /* sets hs.shared in the hs table on top */
+
+/* ---- Lua API: hs.redis (lapi_redis.c) ---- */
+void hs_lapi_redis_open(hs_state *S); /* sets hs.redis in the hs table on top */
 
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */

@@ -62,8 +62,8 @@ typedef struct hs_error {
 /* A shared dictionary of the host (see "Shared dictionaries" below for the rest). */
 typedef struct hs_shared_spec {
     const char *name;   /* 1..64 bytes (HS_SHARED_NAME_MAX), unique in the host */
-    size_t capacity;    /* bytes, >= 8192 (HS_SHARED_MIN_CAPACITY) */
-    const char *url;    /* NULL: in this process (the only backend so far) */
+    size_t capacity;    /* bytes, >= 8192 (HS_SHARED_MIN_CAPACITY); unused with a url */
+    const char *url;    /* NULL: in this process; "redis://...": in Redis (see below) */
 } hs_shared_spec;
 
 typedef struct hs_config {
@@ -188,7 +188,19 @@ int hs_txn_set_ctx(hs_txn *t, const char *data, size_t len);
  * and fail with HS_SHARED_NO_MEMORY instead. An entry larger than the capacity
  * always fails with HS_SHARED_NO_MEMORY. Expired entries are invisible to reads
  * but for hs_shared_get with STALE, until reclaimed (by room-making and
- * hs_shared_flush_expired). TTLs run on CLOCK_MONOTONIC; a ttl of 0 never expires. */
+ * hs_shared_flush_expired). TTLs run on CLOCK_MONOTONIC; a ttl of 0 never expires.
+ *
+ * A dictionary whose url is "redis://[[user]:password@]host[:port][/db][?prefix=P&
+ * timeout=S&connect_timeout=S&max_reply=BYTES]" lives in Redis instead, under the
+ * keys P..key (P defaults to "hs:NAME:"): every process and machine naming the
+ * same URL shares it. The same calls, one round trip each, atomic in Redis. Where
+ * Redis differs: no capacity (hs_shared_info says 0), never *forcible (Redis
+ * evicts by its own maxmemory policy; its OOM refusal is HS_SHARED_NO_MEMORY),
+ * no stale reads (Redis drops what expired), flush_all deletes the prefix's keys,
+ * flush_expired has nothing to do, keys come in no particular order. A failed
+ * round trip (Redis down, slower than the timeout, 1 s by default) is
+ * HS_SHARED_BACKEND. A call waits on the network: the host's lock is released
+ * first when a Lua handler makes it. */
 enum {
     HS_SHARED_NAME_MAX = 64,        /* bytes of a dictionary name */
     HS_SHARED_KEY_MAX = 65535,      /* bytes of a key */
@@ -222,17 +234,25 @@ enum {
     HS_SHARED_KEY_TOO_LONG, /* "key too long": over HS_SHARED_KEY_MAX bytes */
     HS_SHARED_BAD_VALUE,    /* "bad value type" */
     HS_SHARED_BAD_TTL,      /* "bad ttl": negative or not finite */
-    HS_SHARED_BUFFER        /* the caller's buffer is too small: retry with the size given */
+    HS_SHARED_BUFFER,       /* the caller's buffer is too small: retry with the size given */
+    HS_SHARED_BACKEND       /* the backend failed (Redis down, timeout...): hs_shared_strerror
+                               gives the calling thread's last such message, "redis: ..." */
 };
 
 /* Modes of hs_shared_store. */
 enum { HS_STORE_SET = 0, HS_STORE_SAFE_SET, HS_STORE_ADD, HS_STORE_SAFE_ADD, HS_STORE_REPLACE };
 
+enum { HS_SHARED_MEMORY = 0, HS_SHARED_REDIS = 1 }; /* backends */
+
 typedef struct hs_shared_info {
-    size_t capacity;     /* bytes */
-    size_t free_space;   /* capacity minus what the entries count */
-    uint64_t keys;       /* entries held, expired ones not yet reclaimed included */
-    uint64_t evictions;  /* live entries evicted to make room, since creation */
+    int backend;         /* HS_SHARED_MEMORY or HS_SHARED_REDIS */
+    size_t capacity;     /* bytes (0 in Redis: it has none of its own) */
+    size_t free_space;   /* capacity minus what the entries count (0 in Redis) */
+    uint64_t keys;       /* entries held, expired ones not yet reclaimed included (0 in Redis) */
+    uint64_t evictions;  /* live entries evicted to make room, since creation (0 in Redis) */
+    /* Redis only: round trips, failed ones, of which timeouts, connections opened
+     * after a failure, and the time spent in round trips */
+    uint64_t calls, errors, timeouts, reconnects, wait_ns;
 } hs_shared_info;
 
 /* The dictionary NAME of host H; NULL when H declares none of that name. Valid
@@ -272,8 +292,10 @@ int hs_shared_expire(hs_shared *d, const char *key, size_t klen, double ttl);
  * bytes the whole list needs: when that is over CAP, BUF holds only the keys that
  * fit — call again with a larger buffer. *count gets the number of keys listed. */
 size_t hs_shared_keys(hs_shared *d, int max, char *buf, size_t cap, int *count);
-/* Mark every entry expired (hs_shared_get with STALE still sees them until reclaimed). */
-void hs_shared_flush_all(hs_shared *d);
+/* (In Redis, a failure makes it return 0 with *count -1: HS_SHARED_BACKEND.) */
+/* Mark every entry expired (hs_shared_get with STALE still sees them until reclaimed);
+ * HS_SHARED_OK, or HS_SHARED_BACKEND. */
+int hs_shared_flush_all(hs_shared *d);
 /* Reclaim expired entries, at most MAX (<= 0: all); returns how many. */
 int hs_shared_flush_expired(hs_shared *d, int max);
 void hs_shared_stats(hs_shared *d, hs_shared_info *out);

@@ -605,5 +605,6 @@ int hs_lapi_open(hs_state *S) {
     }
     lua_setfield(L, -2, "log");
     hs_lapi_shared_open(S); /* hs.shared (lapi_shared.c) */
+    hs_lapi_redis_open(S);  /* hs.redis (lapi_redis.c) */
     return 0;
 }

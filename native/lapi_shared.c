@@ -14,6 +14,10 @@
  *   d:get_keys(max)     -> {keys} (max 1024 by default, 0: all)
  *   d:flush_all(), d:flush_expired(max) -> count, d:capacity(), d:free_space()
  *
+ * A Redis-backed dictionary (shared_redis.c) answers the same way; a failed round
+ * trip is nil (false for the stores), "redis: <reason>"; capacity and free_space
+ * are nil, "redis: no capacity". Before a call on it, the host's lock is released.
+ *
  * A bad key (not a string, empty, over 65535 bytes) or value (a table, a
  * function...) is answered with nil and a message, as ngx does; a bad number
  * argument (ttl, flags, max, incr's increment or init) raises an error, as ngx
@@ -35,6 +39,7 @@
 #include <string.h>
 
 #include "core.h"
+#include "shared.h"
 
 #define INLINE_VALUE 256 /* a value up to this size is read into a C stack buffer */
 #define INLINE_KEYS 1024
@@ -53,9 +58,11 @@ static hs_shared *check_dict(lua_State *L) {
     lua_rawget(L, lua_upvalueindex(1));
     int ok = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    if (ok) return ((dict_ud *)lua_touserdata(L, 1))->d;
-    luaL_error(L, "a shared dictionary's methods are called with ':' (hs.shared.NAME:get(key))");
-    return NULL;
+    if (!ok)
+        luaL_error(L, "a shared dictionary's methods are called with ':' (hs.shared.NAME:get(key))");
+    hs_shared *d = ((dict_ud *)lua_touserdata(L, 1))->d;
+    if (d->ops->blocking) hs_state_before_wait(L); /* Redis: the host's lock goes first */
+    return d;
 }
 
 /* nil, MSG */
@@ -203,7 +210,8 @@ static int l_get_keys(lua_State *L) {
     char stack[INLINE_KEYS], *buf = stack;
     size_t cap = sizeof stack, need;
     int count, top = lua_gettop(L);
-    while ((need = hs_shared_keys(d, max, buf, cap, &count)) > cap) {
+    while ((need = hs_shared_keys(d, max, buf, cap, &count)) > cap || count < 0) {
+        if (count < 0) return fail(L, hs_shared_strerror(HS_SHARED_BACKEND));
         lua_settop(L, top);
         cap = need + need / 8 + 64; /* room for a few keys more by the next try */
         buf = lua_newuserdata(L, cap); /* may raise (memory limit): no lock is held */
@@ -220,17 +228,14 @@ static int l_get_keys(lua_State *L) {
     return 1;
 }
 
+/* capacity and free_space: upvalue 2 is 1 for free_space. Redis has no capacity
+ * of its own: nil and a message say so. */
 static int l_capacity(lua_State *L) {
     hs_shared_info info;
     hs_shared_stats(check_dict(L), &info);
-    lua_pushinteger(L, (lua_Integer)info.capacity);
-    return 1;
-}
-
-static int l_free_space(lua_State *L) {
-    hs_shared_info info;
-    hs_shared_stats(check_dict(L), &info);
-    lua_pushinteger(L, (lua_Integer)info.free_space);
+    if (info.backend != HS_SHARED_MEMORY) return fail(L, "redis: no capacity (Redis's maxmemory rules)");
+    lua_pushinteger(L, (lua_Integer)(lua_tointeger(L, lua_upvalueindex(2)) ? info.free_space
+                                                                          : info.capacity));
     return 1;
 }
 
@@ -305,8 +310,8 @@ static int l_expire(lua_State *L) {
 }
 
 static int l_flush_all(lua_State *L) {
-    hs_shared_flush_all(check_dict(L));
-    return 0;
+    int rc = hs_shared_flush_all(check_dict(L));
+    return rc == HS_SHARED_OK ? 0 : fail(L, hs_shared_strerror(rc));
 }
 
 static int l_flush_expired(lua_State *L) {
@@ -350,7 +355,7 @@ static const struct {
     {"flush_all", l_flush_all, 0},
     {"flush_expired", l_flush_expired, 0},
     {"capacity", l_capacity, 0},
-    {"free_space", l_free_space, 0},
+    {"free_space", l_capacity, 1},
 };
 
 void hs_lapi_shared_open(hs_state *S) {

@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "core.h"
+#include "redis.h"
 
 /* ---- counting allocator ---- */
 
@@ -113,6 +114,13 @@ void hs_state_release_host(hs_state *S) {
                           memory_order_relaxed);
 }
 
+void hs_state_before_wait(lua_State *L) {
+    hs_state *S = state_of(L);
+    if (!S) return;
+    if (S->release_at_ns) hs_state_release_host(S);
+    hs_wait_deadline_ns = S->deadline_ns;
+}
+
 void hs_state_deadline(hs_state *S, uint64_t start_ns) {
     if (S->host->time_limit <= 0) return;
     S->deadline_ns = start_ns + (uint64_t)(S->host->time_limit * 1e9);
@@ -120,6 +128,7 @@ void hs_state_deadline(hs_state *S, uint64_t start_ns) {
 
 void hs_state_end_deadline(hs_state *S) {
     S->deadline_ns = 0;
+    hs_wait_deadline_ns = 0;
     S->mem_over = 0;
     if (S->abort) {
         S->abort = 0;

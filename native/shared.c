@@ -1,6 +1,6 @@
 /*
  * shared.c — the front of the shared dictionaries: checking hs_config.shared,
- * choosing a backend by URL, checking the arguments of every public hs_shared_*
+ * choosing a backend by URL (shared_mem.c, or shared_redis.c for redis://), checking the arguments of every public hs_shared_*
  * call before the backend sees them, and the error messages. No Lua, no lock: the
  * backend (shared_mem.c for url NULL) makes each operation atomic.
  */
@@ -14,6 +14,7 @@
 /* The backend for URL; NULL when there is none (yet) for it. */
 static const hs_shared_ops *backend_for(const char *url) {
     if (!url) return &hs_shared_mem_ops;
+    if (!strncmp(url, "redis://", 8)) return &hs_shared_redis_ops;
     return NULL;
 }
 
@@ -38,7 +39,7 @@ int hs_shared_check_specs(const hs_shared_spec *specs, int n, char *msg, size_t 
                 snprintf(msg, msglen, "shared dictionary '%s' declared twice", s->name);
                 return -1;
             }
-        if (s->capacity < HS_SHARED_MIN_CAPACITY) {
+        if (!s->url && s->capacity < HS_SHARED_MIN_CAPACITY) {
             snprintf(msg, msglen,
                      "shared dictionary '%s': capacity %zu bytes is below the minimum of %d",
                      s->name, s->capacity, HS_SHARED_MIN_CAPACITY);
@@ -46,8 +47,8 @@ int hs_shared_check_specs(const hs_shared_spec *specs, int n, char *msg, size_t 
         }
         if (!backend_for(s->url)) {
             snprintf(msg, msglen,
-                     "shared dictionary '%s': no backend for '%.200s' (only in-process "
-                     "dictionaries exist so far: leave url unset)",
+                     "shared dictionary '%s': no backend for '%.200s' (a redis:// URL, or "
+                     "no url for a dictionary in this process)",
                      s->name, s->url);
             return -1;
         }
@@ -92,6 +93,7 @@ const char *hs_shared_strerror(int code) {
     case HS_SHARED_BAD_VALUE: return "bad value type";
     case HS_SHARED_BAD_TTL: return "bad ttl";
     case HS_SHARED_BUFFER: return "buffer too small";
+    case HS_SHARED_BACKEND: return *hs_shared_backend_error() ? hs_shared_backend_error() : "backend error";
     default: return "unknown error";
     }
 }
@@ -186,7 +188,7 @@ size_t hs_shared_keys(hs_shared *d, int max, char *buf, size_t cap, int *count) 
     return d->ops->keys(d->b, max, buf, cap, count);
 }
 
-void hs_shared_flush_all(hs_shared *d) { d->ops->flush_all(d->b); }
+int hs_shared_flush_all(hs_shared *d) { return d->ops->flush_all(d->b); }
 
 int hs_shared_flush_expired(hs_shared *d, int max) { return d->ops->flush_expired(d->b, max); }
 

@@ -8,8 +8,11 @@
  * backend gets keys of 1..HS_SHARED_KEY_MAX bytes, valid value types and finite,
  * non-negative TTLs, and answers with HS_SHARED_* codes.
  *
- * Backends: shared_mem.c, the in-process dictionary (url NULL). Each backend makes
- * every operation atomic on its own; callers hold no lock around them.
+ * Backends: shared_mem.c, the in-process dictionary (url NULL), and
+ * shared_redis.c (url redis://..., on redis.c). Each backend makes every operation
+ * atomic on its own; callers hold no lock around them. A backend that fails for a
+ * reason of its own returns HS_SHARED_BACKEND with the calling thread's message
+ * set (hs_shared_backend_error).
  */
 #ifndef HS_SHARED_H
 #define HS_SHARED_H
@@ -20,7 +23,8 @@
 #include "hostscript.h"
 
 typedef struct hs_shared_ops {
-    const char *kind; /* "memory", ... */
+    const char *kind; /* "memory", "redis" */
+    int blocking;     /* calls wait on the network: a Lua caller releases the host's lock first */
     /* the backend's data for SPEC; NULL with MSG filled when it cannot be made */
     void *(*open)(const hs_shared_spec *spec, char *msg, size_t msglen);
     void (*close)(void *b);
@@ -34,7 +38,7 @@ typedef struct hs_shared_ops {
     int (*ttl)(void *b, const char *key, size_t klen, double *ttl);
     int (*expire)(void *b, const char *key, size_t klen, double ttl);
     size_t (*keys)(void *b, int max, char *buf, size_t cap, int *count);
-    void (*flush_all)(void *b);
+    int (*flush_all)(void *b);
     int (*flush_expired)(void *b, int max);
     void (*stats)(void *b, hs_shared_info *out);
 } hs_shared_ops;
@@ -53,5 +57,11 @@ void hs_shared_close(hs_shared *d); /* NULL is fine */
 
 /* The in-process backend (shared_mem.c). */
 extern const hs_shared_ops hs_shared_mem_ops;
+
+/* The Redis backend (shared_redis.c); the endpoint of a Redis dictionary, NULL
+ * for others; the message of the calling thread's last HS_SHARED_BACKEND. */
+extern const hs_shared_ops hs_shared_redis_ops;
+struct hs_redis *hs_shared_redis(hs_shared *d);
+const char *hs_shared_backend_error(void);
 
 #endif

@@ -479,13 +479,14 @@ static size_t mem_keys(void *b, int max, char *buf, size_t cap, int *count) {
     return need;
 }
 
-static void mem_flush_all(void *b) {
+static int mem_flush_all(void *b) {
     memdict *d = b;
     pthread_mutex_lock(&d->mu);
     uint64_t now = now_ns();
     for (entry *e = d->newest; e; e = e->older)
         if (!expired(e, now)) e->expires = now;
     pthread_mutex_unlock(&d->mu);
+    return HS_SHARED_OK;
 }
 
 static int mem_flush_expired(void *b, int max) {
@@ -509,6 +510,7 @@ static int mem_flush_expired(void *b, int max) {
 static void mem_stats(void *b, hs_shared_info *out) {
     memdict *d = b;
     pthread_mutex_lock(&d->mu);
+    out->backend = HS_SHARED_MEMORY;
     out->capacity = d->capacity;
     out->free_space = d->capacity - d->used;
     out->keys = d->count;

@@ -1,8 +1,8 @@
 """Compile a C program against the hostscript core, without Python.
 
 The program is linked with native/*.c, the embedded Lua library (generated next to
-the output by tools/embed_lua.py) and the position-independent static Lua of
-build/lua/<engine>/ (tools/build-lua.sh). Used by tests/test_c_embed.py,
+the output by tools/embed_lua.py), the position-independent static Lua of
+build/lua/<engine>/ (tools/build-lua.sh) and hiredis (-lhiredis). Used by tests/test_c_embed.py,
 tests/test_sanitizers.py, tests/test_txn_entry_points.py and benchmarks/native.py:
 
     python tools/build_c.py ENGINE OUTPUT SOURCE.c [CFLAG ...]
@@ -38,7 +38,7 @@ def build(engine: str, output: pathlib.Path, source: pathlib.Path, cflags: list)
     if engine == "luajit":
         cmd.append("-DHS_ENGINE_LUAJIT")
     cmd += sorted(str(p) for p in (ROOT / "native").glob("*.c"))
-    cmd += [str(lualib), str(source), str(archive), "-lm", "-ldl", "-pthread", "-o", str(output)]
+    cmd += [str(lualib), str(source), str(archive), "-lhiredis", "-lm", "-ldl", "-pthread", "-o", str(output)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}\n{proc.stderr}")

@@ -30,10 +30,13 @@ def size(text: str) -> int:
 
 
 def shared_spec(text: str) -> tuple:
-    name, eq, sz = text.partition("=")
+    """``NAME=SIZE`` (in this process) or ``NAME=redis://...`` (in Redis)."""
+    name, eq, spec = text.partition("=")
     if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, not {text!r}")
-    return name, size(sz)
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE or NAME=redis://..., not {text!r}")
+    if spec.startswith("redis://"):
+        return name, spec
+    return name, size(spec)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker threads (default: 2 x cores, at least 4: %(default)s)")
     p.add_argument("--time-limit", type=float, metavar="S", help="seconds of Lua per hook call")
     p.add_argument("--memory-limit", type=size, metavar="BYTES", help="Lua heap per worker state")
-    p.add_argument("--shared", action="append", type=shared_spec, default=[], metavar="NAME=SIZE",
-                   help="a shared dictionary for the scripts (repeatable)")
+    p.add_argument("--shared", action="append", type=shared_spec, default=[],
+                   metavar="NAME=SIZE|NAME=URL",
+                   help="a shared dictionary for the scripts: in this process (NAME=16M) or in "
+                        "Redis (NAME=redis://127.0.0.1:6379/0?prefix=hs:NAME:); repeatable")
     p.add_argument("--cache-size", type=size, default=64 << 20, metavar="BYTES",
                    help="response cache size (0: no cache; default 64M)")
     p.add_argument("--max-body", type=size, default=d.max_body, metavar="BYTES",
