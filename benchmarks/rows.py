@@ -4,7 +4,8 @@ them interleaved (timing.py), turn the medians into a Row with its targets.
 R1 request flow, R1b the request object alone, R2 a no-op fire on a reused request,
 R3 a ThreadingHTTPServer, R4 the first fire on a new thread; C: hs_fire against a
 bare lua_pcall; T1/T2 thread scaling; M1/M2 memory; P1-P3 ``hostscript serve``
-under wrk (proxy_wrk.py).
+under wrk (proxy_wrk.py); D1/D2 shared dictionaries in Redis against redis-benchmark
+(redis_ops.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 from . import contestants as cs
-from . import http_server, native, new_threads, proxy_wrk, scaling
+from . import http_server, native, new_threads, proxy_wrk, redis_ops, scaling
 from .report import Check, Row, ratio
 from .timing import Call, Samples, interleave, interleaved_calls, per_call_ns
 from .workloads import EMPTY, FLOW, METHOD, REQUEST_HEADERS, URI, big_workload, cpu_workload
@@ -40,13 +41,15 @@ class Counts:
     churn_threads: int
     churn_warmup: int
     proxy: proxy_wrk.Plan    # P1-P3: wrk runs
+    redis: redis_ops.Plan    # D1-D2: the Redis contestants
 
     @classmethod
     def full(cls) -> "Counts":
         return cls(round_ns=100e6, rounds=7, http_connections=2000, http_rounds=5,
                    c_iterations=1_000_000, c_rounds=7, phase_ns=150e6, scaling_rounds=5,
                    first_fire_rounds=21, churn_threads=10_000, churn_warmup=300,
-                   proxy=proxy_wrk.Plan(seconds=5, rounds=3, warmup=1, concurrent=False))
+                   proxy=proxy_wrk.Plan(seconds=5, rounds=3, warmup=1, concurrent=False),
+                   redis=redis_ops.Plan(rounds=5))
 
     @classmethod
     def quick(cls) -> "Counts":
@@ -54,7 +57,8 @@ class Counts:
                    c_iterations=20_000, c_rounds=2, phase_ns=10e6, scaling_rounds=1,
                    first_fire_rounds=3, churn_threads=200, churn_warmup=20,
                    proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True,
-                                        connections=4))
+                                        connections=4),
+                   redis=redis_ops.Plan.quick())
 
 
 def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
@@ -390,8 +394,68 @@ def proxy_hit_miss_row(engine: str, counts: Counts) -> Row:
                {"scripts": per_round("scripts"), "no scripts": per_round("no scripts")})
 
 
+# ---------------------------------------------------------------- D1, D2
+
+def _redis_measurement(engine: str, counts: Counts) -> "Dict | str":
+    """The engine's Redis measurement (one for both rows), or why there is none."""
+    try:
+        return redis_ops.measured(engine, counts.redis)
+    except redis_ops.Unavailable as exc:
+        return str(exc)
+
+
+def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, floor: str,
+               extra_floor: str = "") -> Row:
+    """D1/D2: per-request latency of a fire whose handler makes one call on a
+    Redis-backed dictionary, from C threads, against redis-benchmark's at the same
+    concurrency (-c N); the in-process dictionary and Python threads for scale."""
+    m = _redis_measurement(engine, counts)
+    threads = counts.redis.threads
+    label = "C redis / redis-benchmark {} ({} thr., latency)"
+    if isinstance(m, str):
+        return Row(engine, key, title, "ns", None, {floor: None},
+                   [Check(label.format(floor.split()[-1], n), None, "<=", redis_ops.TARGET, na=m)
+                    for n in threads], f"n/a: {m}")
+    lat = functools.partial(redis_ops.latency_ns, m)
+    n1 = threads[0]
+    baselines = {f"{name} ({n1} thr.)": lat(n1, group, name)
+                 for name in (floor, extra_floor, "C memory", "Python redis") if name}
+    checks = []
+    for n in threads:
+        checks.append(Check(label.format(floor.split()[-1], n), ratio(lat(n, group, "C redis"), lat(n, group, floor)),
+                            "<=", redis_ops.TARGET))
+        if extra_floor:
+            checks.append(Check(f"C redis / redis-benchmark {extra_floor.split()[-1]} ({n} thr.)",
+                                ratio(lat(n, group, "C redis"), lat(n, group, extra_floor))))
+        checks.append(Check(f"Python redis / {floor} ({n} thr.)",
+                            ratio(lat(n, group, "Python redis"), lat(n, group, floor))))
+    pipe = m["figures"].get(n1, {}).get("16 INCRs")
+    if group == "incr" and pipe:
+        checks.append(Check(f"16 r:call / r:pipeline of 16 INCRs (C, {n1} thr.)",
+                            ratio(lat(n1, "16 INCRs", "C 16 calls"), lat(n1, "16 INCRs", "C pipeline of 16"))))
+    return Row(engine, key, title, "ns", lat(n1, group, "C redis"), baselines, checks,
+               notes(f"value: C threads, {n1} thread(s); ratios of latencies at the same concurrency, "
+                     f"medians of {counts.redis.rounds} interleaved rounds",
+                     "python benchmarks/redis_ops.py for every contestant and the CPU per operation"),
+               {f"{name} ({n} thr.)": [r["rate"] for r in rounds] for n in threads
+                for name, rounds in m["figures"][n][group].items()})
+
+
+def redis_incr_row(engine: str, counts: Counts) -> Row:
+    """D1: hs.shared.red:incr (one EVALSHA of the backend's script) against
+    redis-benchmark's INCR, and its EVALSHA of the same script."""
+    return _redis_row(engine, counts, "redis-incr", "D1 shared incr in Redis (per request)", "incr",
+                      "redis-benchmark INCR", "redis-benchmark EVALSHA")
+
+
+def redis_get_row(engine: str, counts: Counts) -> Row:
+    """D2: hs.shared.red:get (one GET) against redis-benchmark's GET of the same key."""
+    return _redis_row(engine, counts, "redis-get", "D2 shared get in Redis (per request)", "get",
+                      "redis-benchmark GET")
+
+
 # In the order they run and are reported.
 ROWS: List[Callable[[str, Counts], Row]] = [
     request_flow_row, build_request_row, noop_fire_row, http_server_row, first_fire_row, c_row,
     scaling_short_row, scaling_cpu_row, heap_row, rss_row, proxy_miss_row, proxy_hit_row,
-    proxy_hit_miss_row]
+    proxy_hit_miss_row, redis_incr_row, redis_get_row]

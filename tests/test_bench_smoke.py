@@ -3,7 +3,8 @@ row produces a number for every engine, and so does every baseline of the row. T
 figures themselves are not checked here (machines are shared and noisy); `make bench`
 is where they are read. The only figure allowed to be missing is the one a build
 cannot measure — the pooled first fire when Host() has no state pool — and then the
-row must say why."""
+row must say why — and the rows whose tool is not installed (wrk for the proxy rows,
+redis-server and redis-benchmark for the Redis rows), which must say so."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,12 @@ from hostscript import cli
 
 EXPECTED_ROWS = {"request-flow", "build-request", "noop-fire", "http-server", "first-fire", "c-fire",
                  "scaling-short", "scaling-cpu", "heap-per-state", "rss-churn",
-                 "proxy-miss", "proxy-hit", "proxy-hit-miss"}
+                 "proxy-miss", "proxy-hit", "proxy-hit-miss", "redis-incr", "redis-get"}
 MAY_BE_NA = {("first-fire", "with state pool")}  # (row, baseline) a build without a pool lacks
 PROXY_ROWS = {"proxy-miss", "proxy-hit", "proxy-hit-miss"}  # n/a, and saying so, without wrk
 HAVE_WRK = shutil.which("wrk") is not None
+REDIS_ROWS = {"redis-incr", "redis-get"}  # n/a, and saying so, without redis-server
+HAVE_REDIS = all(shutil.which(t) for t in ("redis-server", "redis-benchmark", "redis-cli"))
 
 
 def _is_number(v: object) -> bool:
@@ -43,6 +46,10 @@ def test_bench_quick_gives_every_row_a_number_on_every_engine(tmp_path):
         if row["key"] in PROXY_ROWS and not HAVE_WRK:
             assert row["value"] is None and "wrk is not installed" in row["note"], where
             assert all("wrk" in c["na"] for c in row["checks"]), where
+            continue
+        if row["key"] in REDIS_ROWS and not HAVE_REDIS:
+            assert row["value"] is None and "redis-server" in row["note"], where
+            assert all("redis-server" in c["na"] for c in row["checks"]), where
             continue
         assert _is_number(row["value"]), f"{where}: no value ({row['note']})"
         assert row["baselines"], f"{where}: no baseline"
@@ -94,4 +101,19 @@ def test_proxy_rows_without_wrk_say_so(monkeypatch):
         assert row.value is None and "wrk is not installed" in row.note
         assert "install-deps.sh bench" in row.note
         assert all(c.measured is None and c.met is None and "wrk" in c.na for c in row.checks)
+        assert all(v is None for v in row.baselines.values()) and row.baselines
+
+
+def test_redis_rows_without_redis_say_so(monkeypatch):
+    """No redis-server (or redis-benchmark) on the machine: the Redis rows are n/a and
+    say what to install, quickly."""
+    assert cli._load_benchmarks(cli.SOURCE_ROOT) is not None
+    from benchmarks import redis_ops, rows
+
+    monkeypatch.setattr(redis_ops.shutil, "which", lambda name: None)
+    monkeypatch.setattr(redis_ops, "_measured", {})
+    for make in (rows.redis_incr_row, rows.redis_get_row):
+        row = make(hostscript.engines()[0], rows.Counts.quick())
+        assert row.value is None and "redis-server" in row.note and "install-deps.sh" in row.note
+        assert all(c.measured is None and c.met is None and "redis-server" in c.na for c in row.checks)
         assert all(v is None for v in row.baselines.values()) and row.baselines
