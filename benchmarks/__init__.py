@@ -10,8 +10,10 @@ pytest-benchmark. One concern per module:
 - http_server.py R3: ThreadingHTTPServer with and without hooks
 - new_threads.py R4 first fire on a new thread, heap per state, RSS over thread churn
 - scaling.py     2 threads against 1
-- native.py      the C benchmark (c/fire_bench.c): build and run
+- native.py      the C programs (c/fire_bench.c, c/redis_bench.c): build and run
 - proxy_wrk.py   P1-P3: hostscript serve as a process under wrk, in front of origin.py
+- redis_ops.py   D1/D2: shared dictionaries in Redis against redis-benchmark (also
+                 runnable on its own: python benchmarks/redis_ops.py)
 - rows.py        every row: measure, compare, check against its target
 - report.py      the report model; text, Markdown, JSON and plot
 - runner.py      run everything and print it (what `hostscript bench` calls)

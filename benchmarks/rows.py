@@ -399,7 +399,7 @@ def proxy_hit_miss_row(engine: str, counts: Counts) -> Row:
 def _redis_measurement(engine: str, counts: Counts) -> "Dict | str":
     """The engine's Redis measurement (one for both rows), or why there is none."""
     try:
-        return redis_ops.measured(engine, counts.redis)
+        return redis_ops.measured(engine, counts.redis.for_rows())
     except redis_ops.Unavailable as exc:
         return str(exc)
 
@@ -410,7 +410,8 @@ def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, fl
     Redis-backed dictionary, from C threads, against redis-benchmark's at the same
     concurrency (-c N); the in-process dictionary and Python threads for scale."""
     m = _redis_measurement(engine, counts)
-    threads = counts.redis.threads
+    plan = counts.redis.for_rows()
+    threads = plan.threads
     label = "C redis / redis-benchmark {} ({} thr., latency)"
     if isinstance(m, str):
         return Row(engine, key, title, "ns", None, {floor: None},
@@ -435,7 +436,7 @@ def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, fl
                             ratio(lat(n1, "16 INCRs", "C 16 calls"), lat(n1, "16 INCRs", "C pipeline of 16"))))
     return Row(engine, key, title, "ns", lat(n1, group, "C redis"), baselines, checks,
                notes(f"value: C threads, {n1} thread(s); ratios of latencies at the same concurrency, "
-                     f"medians of {counts.redis.rounds} interleaved rounds",
+                     f"medians of {plan.rounds} interleaved rounds",
                      "python benchmarks/redis_ops.py for every contestant and the CPU per operation"),
                {f"{name} ({n} thr.)": [r["rate"] for r in rounds] for n in threads
                 for name, rounds in m["figures"][n][group].items()})
