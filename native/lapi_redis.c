@@ -51,7 +51,7 @@ static const char *const refused[] = {
     "DEBUG",    "DISCARD",     "EXEC",         "FAILOVER",  "FLUSHALL", "FLUSHDB",    "HELLO",
     "MODULE",   "MONITOR",     "MULTI",        "PSUBSCRIBE", "PSYNC",   "PUNSUBSCRIBE", "QUIT",
     "REPLICAOF", "RESET",      "SAVE",         "SELECT",    "SHUTDOWN", "SLAVEOF",    "SSUBSCRIBE",
-    "SUBSCRIBE", "SUNSUBSCRIBE", "SYNC",       "UNSUBSCRIBE", "UNWATCH", "WATCH",
+    "SUBSCRIBE", "SUNSUBSCRIBE", "SWAPDB",     "SYNC",      "UNSUBSCRIBE", "UNWATCH", "WATCH",
 };
 
 static void check_command(lua_State *L, int idx) {
