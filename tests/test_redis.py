@@ -195,6 +195,18 @@ def test_an_empty_pipeline_is_an_empty_table(rhost):
         [b"table", None, 0, True, None, b"PONG"]
 
 
+def test_a_pipeline_sent_takes_no_more_commands(rhost):
+    assert "sent already" in lua_error(rhost, """
+        local r, kept = hs.redis("meta"), nil
+        r:pipeline(function(p) kept = p p:call("PING") end)
+        kept:call("PING")""")
+    # an error in the function sends nothing
+    assert "boom" in lua_error(rhost, """
+        local r = hs.redis("meta")
+        r:pipeline(function(p) p:call("SET", r.prefix .. "k", "v") error("boom") end)""")
+    assert lua(rhost, 'local r = hs.redis("meta") return r:call("EXISTS", r.prefix .. "k")') == [0]
+
+
 # ---- what hs.redis refuses ----
 
 
@@ -574,6 +586,63 @@ def test_waiting_on_redis_does_not_hold_the_gil(make_host, own_redis, via):
     assert len(gaps) > 50 and max(gaps) < 0.1, f"the heartbeat stalled {max(gaps):.3f} s"
 
 
+def test_a_fires_time_limit_bounds_its_wait_on_redis(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=2)}, time_limit=0.3)
+    host.shared["meta"].set("k", 1)
+    host.load(RUNNER % "return d:get('k')", name="runner.lua")
+    own_redis.pause()
+    try:
+        t0 = time.monotonic()
+        txn = Transaction()
+        out = host.fire("read_request", txn)
+        waited = time.monotonic() - t0
+    finally:
+        own_redis.resume()
+    assert waited < 1.0, f"the fire waited {waited:.3f} s (its time limit is 0.3 s)"
+    assert out.status is Status.ERROR or txn.ctx["r"][1]["v"].startswith("redis: "), out
+
+
+def test_close_waits_for_calls_waiting_on_redis(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=0.5)})
+    d = host.shared["meta"]
+    d.set("k", 1)
+    host.load(RUNNER % "return d:get('k')", name="runner.lua")
+    got = {}
+
+    def python_call():
+        try:
+            d.get("k")
+            got["python"] = "returned"
+        except hostscript.Error as exc:
+            got["python"] = exc
+
+    def lua_fire():
+        txn = Transaction()
+        out = host.fire("read_request", txn)
+        got["lua"] = (out.status, txn.ctx.get("r"))
+
+    own_redis.pause()
+    threads = [threading.Thread(target=python_call), threading.Thread(target=lua_fire)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # both are waiting on Redis now
+        t0 = time.monotonic()
+        host.close()
+        closing = time.monotonic() - t0
+        for t in threads:
+            t.join(5)
+    finally:
+        own_redis.resume()
+    assert not any(t.is_alive() for t in threads)
+    assert 0.2 < closing < 1.5, closing  # it waited for them, and not for ever
+    assert isinstance(got["python"], hostscript.SharedDictError), got
+    assert got["python"].message == "redis: timeout"
+    assert got["lua"][0] is Status.CONTINUE and got["lua"][1][1]["v"] == "redis: timeout", got
+    with pytest.raises(hostscript.ClosedError):
+        d.get("k")
+
+
 # ---- a reply over the bound ----
 
 
@@ -599,6 +668,19 @@ def test_a_reply_too_large_is_an_error_and_the_next_call_works(make_host, redis_
         return v, err, #r:call("LRANGE", r.prefix .. "list", 0, 99)""") == \
         [None, b"redis: reply too large", 100]
     assert host.stats()["shared"]["meta"]["reconnects"] >= 1
+
+
+@pytest.mark.parametrize("how", ["call", "pipeline"])
+def test_a_command_over_max_reply_is_refused_before_it_is_sent(make_host, redis_server,
+                                                               redis_prefix, how):
+    host = make_host(shared={"meta": redis_server.url(prefix=redis_prefix, max_reply=100000)})
+    command = 'p:call("SET", r.prefix .. "sent", string.rep("s", 200000))'
+    if how == "pipeline":
+        command = f"r:pipeline(function(p) {command} end)"
+    message = lua_error(host, f'local r = hs.redis("meta") local p = r {command}')
+    assert "the commands are larger than max_reply (100000 bytes)" in message, message
+    assert redis_server.cmd("EXISTS", redis_prefix + "sent") == 0
+    assert lua(host, 'return hs.redis("meta"):call("PING")') == [b"PONG"]
 
 
 # ---- Redis out of memory ----
