@@ -19,6 +19,7 @@
  * flush_expired has nothing to do.
  */
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,7 @@
 
 typedef struct rdict {
     hs_redis *r;
+    uint64_t id; /* unique in the process: tl_kept tells dictionaries apart by it */
     char incr_sha[41]; /* the incr script's SHA1 once loaded (under mu) */
     pthread_mutex_t mu;
 } rdict;
@@ -291,8 +293,10 @@ static void ttl_ms(double ttl, char *out, size_t n) {
 
 /* ---- a value too long for the caller's buffer: kept for the retry ---- */
 
+static _Atomic uint64_t last_id;
+
 static _Thread_local struct {
-    const rdict *d;
+    uint64_t id;
     char *key;
     size_t klen;
     redisReply *reply;
@@ -322,13 +326,14 @@ static void *r_open(const hs_shared_spec *spec, char *msg, size_t msglen) {
         return NULL;
     }
     d->r = r;
+    d->id = atomic_fetch_add(&last_id, 1) + 1;
     pthread_mutex_init(&d->mu, NULL);
     return d;
 }
 
 static void r_close(void *b) {
     rdict *d = b;
-    if (tl_kept.d == d) drop_kept();
+    if (tl_kept.id == d->id) drop_kept(); /* other threads' are dropped by their next get */
     hs_redis_close(d->r);
     pthread_mutex_destroy(&d->mu);
     free(d);
@@ -338,7 +343,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
                  int *stale) {
     rdict *d = b;
     redisReply *rep = NULL;
-    if (tl_kept.d == d && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen)) {
+    if (tl_kept.id == d->id && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen)) {
         rep = tl_kept.reply; /* the retry with a larger buffer: no second round trip */
         tl_kept.reply = NULL;
     }
@@ -359,7 +364,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
     if (rc == HS_SHARED_BUFFER && (tl_kept.key = malloc(klen ? klen : 1))) {
         memcpy(tl_kept.key, key, klen);
         tl_kept.klen = klen;
-        tl_kept.d = d;
+        tl_kept.id = d->id;
         tl_kept.reply = rep;
         return rc;
     }
