@@ -417,6 +417,27 @@ def test_redis_killed_mid_traffic_then_restarted(make_host, own_redis, engine):
     assert d.get("n") >= 1 and lua(host, "return d:incr('n', 1) > 1") == [True]
 
 
+def test_a_restart_while_idle_costs_no_failed_call(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=1)})
+    d = host.shared["meta"]
+    # 8 calls at once while the server holds its clients: 8 connections in the pool
+    own_redis.cmd("CLIENT", "PAUSE", 300)
+    threads = [threading.Thread(target=d.get, args=("k",)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    clients = own_redis.cmd("CLIENT", "LIST").count(b"\n") - 1  # less the raw client
+    assert clients >= 8, clients
+    own_redis.kill()
+    own_redis.start()
+    for i in range(10):  # the idle connections are dead: each is dropped before use
+        d.set("k", i)
+    assert d.get("k") == 9
+    st = host.stats()["shared"]["meta"]
+    assert st["errors"] == 0 and st["reconnects"] >= 1, st
+
+
 def test_every_method_fails_with_a_redis_message_while_redis_is_down(make_host, own_redis):
     host = make_host(shared={"meta": own_redis.url(prefix="t:", **FAST)})
     d = host.shared["meta"]
