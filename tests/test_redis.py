@@ -499,6 +499,7 @@ def test_while_connecting_fails_calls_fail_at_once_then_recover(make_host, own_r
     assert slowest < 0.1, f"a call took {slowest:.3f} s"
     # after the first failures (the connection lost) every call gives the last reason
     assert all("refused" in m for m in messages[3:]), set(messages)
+    assert any(m.endswith("(reconnecting)") for m in messages), set(messages)
     own_redis.start()
     t_up = time.monotonic()
     assert wait_for(lambda: succeeds(lambda: d.get("k")), 2.0)

@@ -806,12 +806,35 @@ def test_a_redis_url_makes_a_redis_dictionary(make_host, redis_server, redis_pre
     "redis://127.0.0.1:6379/0?connect_timeout=nan",
     "redis://127.0.0.1:6379/0?max_reply=-5",
     "redis://127.0.0.1:6379/0?bogus=1",
+    "redis://127.0.0.1:6379/0?timeout",
+    "redis://127.0.0.1:6379/0?timeout=4000",
+    "redis://127.0.0.1:6379/0?max_reply=10",
+    "redis://127.0.0.1:6379/0?prefix=",
+    "redis://127.0.0.1:6379/0?prefix=%zz",
+    "redis://127.0.0.1:6379/0#fragment",
+    "redis://:pw%4@127.0.0.1:6379/0",
+    "redis://pw@127.0.0.1:6379/0",
+    "redis://[::1:6379/0",
+    "redis://:6379/0",
+    "redis://127.0.0.1:0/0",
 ])
 def test_bad_redis_urls_are_usage_errors_naming_the_dictionary(make_host, url):
     with pytest.raises(hostscript.UsageError, match="meta"):
         make_host(shared={"meta": url})
     with pytest.raises(hostscript.UsageError, match="meta"):
         make_host(shared={"meta": {"url": url, "capacity": 1 << 16}})
+
+
+def test_good_urls_and_what_they_give(make_host):
+    # nothing is connected: Host() only parses them (r.prefix shows the decoding)
+    host = make_host(shared={
+        "a": "redis://localhost",
+        "b": "redis://user:p%40ss@[::1]:6380/15?prefix=x%3Ay%26z:&timeout=0.5&"
+             "connect_timeout=2&max_reply=1024",
+        "c": "redis://127.0.0.1:6379/?timeout=3600"})
+    assert [host.shared[n].backend for n in "abc"] == ["redis"] * 3
+    assert lua(host, "return hs.redis('a').prefix, hs.redis('b').prefix, hs.redis('c').prefix") \
+        == [b"hs:a:", b"x:y&z:", b"hs:c:"]
 
 
 def test_a_host_is_made_while_redis_is_down_and_works_once_it_is_up(make_host, own_redis):
@@ -861,10 +884,11 @@ def test_the_url_selects_the_database(make_host, redis_server, redis_prefix):
 
 @pytest.mark.parametrize("user", [None, "default"])
 def test_a_password_in_the_url(make_host, own_redis, user):
-    own_redis.cmd("CONFIG", "SET", "requirepass", "s3cret")
-    own_redis.password = "s3cret"
+    password = "p@ss:w%rd/?&#"  # percent-encoded in the URL
+    own_redis.cmd("CONFIG", "SET", "requirepass", password)
+    own_redis.password = password
     host = make_host(shared={
-        "meta": own_redis.url(prefix="t:", password="s3cret", user=user),
+        "meta": own_redis.url(prefix="t:", password=password, user=user),
         "anon": own_redis.url(prefix="a:", timeout=0.5)})
     host.shared["meta"].set("k", 1)
     assert lua(host, "return (d:incr('k', 1))") == [2]
