@@ -348,10 +348,15 @@ def test_incr_integer_overflow_is_refused(shost, engine):
     with pytest.raises(hostscript.SharedDictError, match="integer overflow"):
         d.incr("max", 1)
     assert d.get("max") == (1 << 63) - 1
-    if engine == "lua54":
-        assert lua(shost, "return d:incr('max', 1)") == [None, b"integer overflow"]
-    else:  # a LuaJIT increment is a double: the sum is a double
-        assert lua(shost, "return d:incr('max', 1) == 2^63") == [True]
+    # LuaJIT too: an integral increment counts as an integer (a counter stays exact)
+    assert lua(shost, "return d:incr('max', 1)") == [None, b"integer overflow"]
+    assert lua(shost, "return d:incr('max', 0.5) == 2^63") == [True]  # a fraction: a double
+
+
+def test_an_integral_luajit_increment_keeps_a_counter_an_integer(shost, engine):
+    d = shost.shared["meta"]
+    lua(shost, "d:incr('c', 1, 0) d:incr('c', 2)")
+    assert d.get("c") == 3 and type(d.get("c")) is int  # a float before, under LuaJIT
 
 
 def test_an_incr_refused_for_overflow_creates_nothing(shost, engine):
