@@ -129,7 +129,9 @@ static void txn_room(lua_State *L, hs_state *S, const hs_txn *t, size_t extra) {
     size_t limit = S->host->memory_limit, have = hs_txn_size(t);
     if (!limit || (extra <= limit && have <= limit - extra)) return;
     S->mem_refused = 1; /* reported as the memory limit */
-    luaL_error(L, "memory limit exceeded: the transaction would hold more than %zu bytes", limit);
+    char n[32]; /* lua_pushfstring knows no %zu */
+    snprintf(n, sizeof n, "%zu", limit);
+    luaL_error(L, "memory limit exceeded: the transaction would hold more than %s bytes", n);
 }
 
 /* Store the string at idx in B after VALID accepted it (NULL: anything goes). */

@@ -270,10 +270,19 @@ static int l_delete(lua_State *L) {
     return 1;
 }
 
+/* incr's increment and init. LuaJIT has no integers: an integral one (within 2^53)
+ * counts as an integer, so a counter stays an integer (exact, INCRBY in Redis, an
+ * int in Python) whichever engine increments it. */
 static void get_number(lua_State *L, int idx, const char *what, hs_value *v) {
     if (lua_type(L, idx) != LUA_TNUMBER)
         luaL_error(L, "bad %s: a number expected, got %s", what, luaL_typename(L, idx));
     get_value(L, idx, v);
+#ifdef HS_ENGINE_LUAJIT
+    if (v->n == floor(v->n) && fabs(v->n) <= 9007199254740992.0) {
+        v->type = HS_VAL_INTEGER;
+        v->i = (int64_t)v->n;
+    }
+#endif
 }
 
 static int l_incr(lua_State *L) {
