@@ -346,9 +346,8 @@ class RedisBenchmark:
 
 
 # group -> contestant -> (what is timed, unit per operation)
-def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: str, engine: str,
+def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: str,
                 n: int, plan: Plan) -> Dict[str, Dict[str, Measure]]:
-    kind = "n" if engine == "luajit" else "i"  # LuaJIT's numbers are doubles: the delta's kind
     groups = {
         "incr": {
             "C memory": c.measure("incr_mem", n),
@@ -358,7 +357,8 @@ def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: str, eng
             "Python memory": py.measure("incr_mem", n),
             "Python redis": py.measure("incr_redis", n),
             "redis-benchmark INCR": rb.measure(["INCR", f"{PREFIX}rb"], n),
-            "redis-benchmark EVALSHA": rb.measure(["EVALSHA", sha, "1", f"{PREFIX}n", "1", kind, "0", "0"], n),
+            # what incr("n", 1, 0) sends (an integral increment is an integer on LuaJIT too)
+            "redis-benchmark EVALSHA": rb.measure(["EVALSHA", sha, "1", f"{PREFIX}n", "1", "i", "0", "0"], n),
         },
         "get": {
             "C memory": c.measure("get_mem", n),
@@ -422,7 +422,7 @@ def run_engine(engine: str, plan: Plan, server: RedisProcess,
         c.run("incr_redis", 1, 0.01, warmup=1)  # the backend's script is loaded: EVALSHA finds it
         if server.cli("SCRIPT", "EXISTS", sha) != "1":
             raise RuntimeError(f"the backend's incr script is not {sha} (native/shared_redis.c changed?)")
-        groups = {n: contestants(c, py, rb, sha, engine, n, plan) for n in plan.threads}
+        groups = {n: contestants(c, py, rb, sha, n, plan) for n in plan.threads}
         figures: Dict[int, Dict[str, Dict[str, List[Dict[str, float]]]]] = {
             n: {g: {name: [] for name in members} for g, members in gs.items()} for n, gs in groups.items()}
         for r in range(plan.rounds):
