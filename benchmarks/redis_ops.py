@@ -34,7 +34,8 @@ per-request latency within 1.3x of redis-benchmark's at the same concurrency.
 Where the time goes is measured too, per operation: the client's CPU (the C
 driver's, the Python process's or redis-benchmark's user + system time over the
 timed span) and the server's (redis-server's used_cpu_user + used_cpu_sys, from
-INFO, around each run).
+INFO, around each run). ``hostscript bench`` shows the targets as rows D1 (incr)
+and D2 (get), measured by ``measured()`` with fewer contestants (Plan.for_rows).
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import socket
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,7 @@ else:
     from . import native
 
 SCRIPT = ROOT / "benchmarks" / "c" / "redis_bench.lua"
+# the hooks of c/redis_bench.lua (c/redis_bench.c declares the same, in this order)
 HOOKS = ("incr_mem", "get_mem", "incr_redis", "get_redis", "incr_call", "single16", "pipeline16")
 PREFIX = "bench:"
 VALUE = b"v" * 64  # "v" in both dictionaries
@@ -90,6 +92,7 @@ class RedisProcess:
         self.dir = tempfile.mkdtemp(prefix="hs-redis-bench-")
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
+        self._sock: Optional[socket.socket] = None  # server_cpu()'s connection
 
     def start(self) -> "RedisProcess":
         for _ in range(5):  # a free port may be taken before redis binds it
@@ -114,7 +117,7 @@ class RedisProcess:
         raise Unavailable(f"redis-server did not start: {self.log()[-1000:]}")
 
     def stop(self, remove: bool = True) -> None:
-        if getattr(self, "_sock", None) is not None:
+        if self._sock is not None:
             self._sock.close()
             self._sock = None
         if self.proc is not None:
@@ -136,16 +139,24 @@ class RedisProcess:
     def server_cpu(self) -> float:
         """redis-server's CPU seconds so far (user + system, from INFO cpu), over a
         connection kept open for it."""
-        if getattr(self, "_sock", None) is None:
+        if self._sock is None:
             self._sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        self._sock.sendall(b"*2\r\n$4\r\nINFO\r\n$3\r\ncpu\r\n")
+        sock = self._sock
+
+        def more(buf: bytes) -> bytes:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("redis-server closed the connection")
+            return buf + chunk
+
+        sock.sendall(b"*2\r\n$4\r\nINFO\r\n$3\r\ncpu\r\n")
         buf = b""
         while b"\r\n" not in buf:
-            buf += self._sock.recv(4096)
+            buf = more(buf)
         head, _, body = buf.partition(b"\r\n")
-        size = int(head[1:])
+        size = int(head[1:])  # $<size>: a bulk string
         while len(body) < size + 2:
-            body += self._sock.recv(4096)
+            body = more(body)
         info = dict(line.split(":", 1) for line in body[:size].decode().splitlines() if ":" in line)
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
