@@ -11,8 +11,9 @@
  * decimal digits within int64, else as a string.
  *
  * What Redis gives atomically is used as such: add = SET NX, replace = SET XX, a
- * TTL is PX milliseconds; incr (with its init and init_ttl, and numbers that are
- * not integers) is one server-side script. What Redis does not have is answered
+ * TTL is PX milliseconds, incr(k, n, 0) of an integer is INCRBY; any other incr
+ * (without init, with another init or an init_ttl, numbers that are not integers,
+ * a tagged value) is one server-side script. What Redis does not have is answered
  * in a documented way: no capacity (0 here, nil/None above), never forcible (Redis
  * evicts under its own maxmemory policy; its OOM refusal is "no memory"), no stale
  * reads (Redis drops what expired), flush_all deletes the prefix's keys, and
@@ -454,10 +455,44 @@ static void number_arg(const hs_value *v, char *out, size_t n, const char **kind
     }
 }
 
+/* incr(k, n, 0) with an integer n — the counter idiom — is a plain INCRBY (an absent
+ * key counts from 0, as init 0 says): HS_SHARED_OK, OVERFLOW, or -1 when the value
+ * is not a plain integer (a tagged one, a string) and the script must decide. */
+static int incr_plain(rdict *d, const char *key, size_t klen, const hs_value *delta, hs_value *out) {
+    char n[32];
+    cmd c = {0};
+    redisReply *rep;
+    snprintf(n, sizeof n, "%" PRId64, delta->i);
+    arg_s(&c, "INCRBY");
+    if (arg_key(&c, d->r, key, klen)) return backend_error("redis: out of memory");
+    arg_s(&c, n);
+    int rc = run1(d->r, &c, &rep);
+    if (rc) return rc;
+    if (rep->type == REDIS_REPLY_INTEGER) {
+        memset(out, 0, sizeof *out);
+        out->type = HS_VAL_INTEGER;
+        out->i = (int64_t)rep->integer;
+    } else if (rep->type == REDIS_REPLY_ERROR && strstr(rep->str, "overflow")) {
+        rc = HS_SHARED_OVERFLOW;
+    } else if (rep->type == REDIS_REPLY_ERROR && strstr(rep->str, "not an integer")) {
+        rc = -1;
+    } else {
+        rc = rep->type == REDIS_REPLY_ERROR ? reply_error(rep)
+                                            : backend_error("redis: unexpected reply to INCRBY");
+    }
+    hs_redis_free_reply(rep);
+    return rc;
+}
+
 static int r_incr(void *b, const char *key, size_t klen, const hs_value *delta, const hs_value *init,
                   double init_ttl, hs_value *out, int *forcible) {
     rdict *d = b;
     *forcible = 0;
+    if (delta->type == HS_VAL_INTEGER && init && init->type == HS_VAL_INTEGER && init->i == 0 &&
+        init_ttl == 0) {
+        int rc = incr_plain(d, key, klen, delta, out);
+        if (rc != -1) return rc;
+    }
     char dbuf[40], ms[32] = "0";
     const char *dkind;
     number_arg(delta, dbuf, sizeof dbuf, &dkind);

@@ -1207,3 +1207,24 @@ def test_c_program_hammers_one_dictionary_from_8_threads(engine, tmp_path):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.startswith("ok"), proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_counter_idiom_incr_n_0_on_every_kind_of_value(shost):
+    # in Redis incr(k, n, 0) is a plain INCRBY, with the script behind it for the rest
+    d = shost.shared["meta"]
+    assert d.incr("absent", 5, init=0) == 5 and type(d.get("absent")) is int
+    d.set("plain", 40, ttl=60)
+    assert d.incr("plain", 2, init=0) == 42 and 0 < d.ttl("plain") <= 60  # the TTL kept
+    d.set("flagged", 1, flags=3)
+    assert d.incr("flagged", 1, init=0) == 2 and d.get_with_flags("flagged") == (2, 3)
+    d.set("float", 1.5)
+    assert d.incr("float", 1, init=0) == 2.5
+    d.set("text", "007")
+    with pytest.raises(hostscript.SharedDictError, match="not a number"):
+        d.incr("text", 1, init=0)
+    assert d.get("text") == b"007"
+    d.set("max", (1 << 63) - 1)
+    with pytest.raises(hostscript.SharedDictError, match="integer overflow"):
+        d.incr("max", 1, init=0)
+    assert d.get("max") == (1 << 63) - 1
+    assert lua(shost, "return d:incr('absent', -5, 0), (d:incr('lua', 1, 0))") == [0, 1]
