@@ -131,6 +131,7 @@ struct hs_state {
     const char *cur_name; /* script whose code runs now (for logs) */
     uint64_t deadline_ns; /* 0: no deadline */
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
+    int released;           /* the host's lock was released during this fire */
     uint64_t recent_ns[HS_MAX_HOOKS]; /* moving average of this state's fire time per hook */
     int abort;            /* HS_ERR_TIMEOUT once the limit fired: pcall cannot catch it */
     uintptr_t cstack_floor; /* C recursion stops above this address (limits.c); 0: unchecked */

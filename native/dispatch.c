@@ -77,7 +77,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     S->in_errh = 0; /* a handler error inside the message handler may have left it set */
     t->responded = 0;
     hs_state_deadline(S, start);
-    if (S->host->release) {
+    if (S->host->release && !S->released) { /* not yet (rehydration may have) */
         S->release_at_ns = start + S->host->long_ns; /* checked by the time-limit hook */
         if (S->recent_ns[hook] > S->host->long_ns) hs_state_release_host(S); /* runs long here */
     }
@@ -147,8 +147,11 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     BUMP(S->c.hook_fires[hook]);
     uint64_t start = 0;
     int status;
+    S->released = 0;
     if (S->gen != atomic_load_explicit(&h->gen, memory_order_acquire)) {
         start = hs_now_ns(); /* rehydration counts in the hook's time */
+        /* a chunk or new() may run long (or wait on Redis): the GIL may go then too */
+        if (h->release) S->release_at_ns = start + h->long_ns;
         if (hs_state_rehydrate(S) != 0) {
             snprintf(S->err.hook, sizeof S->err.hook, "%s", h->hooks[hook]);
             status = HS_ERROR;
@@ -157,12 +160,14 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     }
     if (S->hooks[hook].n == 0) { /* nothing to run, nothing worth timing */
         S->cstack_floor = 0;
+        S->release_at_ns = 0;
         atomic_store_explicit(&t->busy, 0, memory_order_release);
         return HS_CONTINUE | (S->logs.len ? HS_CH_LOGS << 2 : 0);
     }
     if (!start) start = hs_now_ns();
     status = run_handlers(S, hook, t, start);
 done:;
+    S->release_at_ns = 0; /* (a failed rehydration leaves it set) */
     if (S->logs_dropped) hs_lapi_log_dropped(S);
     uint64_t took = hs_now_ns() - start;
     if (h->release) /* what the next fire of this hook expects (run_handlers) */

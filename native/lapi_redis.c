@@ -52,6 +52,7 @@ static const char *const refused[] = {
     "MODULE",   "MONITOR",     "MULTI",        "PSUBSCRIBE", "PSYNC",   "PUNSUBSCRIBE", "QUIT",
     "REPLICAOF", "RESET",      "SAVE",         "SELECT",    "SHUTDOWN", "SLAVEOF",    "SSUBSCRIBE",
     "SUBSCRIBE", "SUNSUBSCRIBE", "SWAPDB",     "SYNC",      "UNSUBSCRIBE", "UNWATCH", "WATCH",
+    "MIGRATE",  "REPLCONF",
 };
 
 static void check_command(lua_State *L, int idx) {
@@ -65,6 +66,13 @@ static void check_command(lua_State *L, int idx) {
         if (strlen(refused[i]) == n && !strncasecmp(refused[i], cmd, n))
             luaL_error(L, "hs.redis: %s is not allowed (it would change the shared connection's "
                        "state or administer the server)", refused[i]);
+    if (n == 6 && !strncasecmp(cmd, "SCRIPT", 6) && lua_type(L, idx + 1) == LUA_TSTRING) {
+        size_t sn; /* SCRIPT DEBUG puts the connection's next EVAL into the debugger */
+        const char *sub = lua_tolstring(L, idx + 1, &sn);
+        if (sn == 5 && !strncasecmp(sub, "DEBUG", 5))
+            luaL_error(L, "hs.redis: SCRIPT DEBUG is not allowed (it would change the shared "
+                       "connection's state)");
+    }
 }
 
 /* Argument I's bytes (a number formatted into NUM); NULL when it is neither a
@@ -126,7 +134,13 @@ static void push_reply(lua_State *L, const redisReply *r, int in_list) {
     switch (r->type) {
     case REDIS_REPLY_INTEGER:
 #ifdef HS_ENGINE_LUAJIT
-        lua_pushnumber(L, (lua_Number)r->integer);
+        if (r->integer > ((long long)1 << 53) || r->integer < -((long long)1 << 53)) {
+            char digits[24]; /* not exact in a double: its digits */
+            snprintf(digits, sizeof digits, "%lld", r->integer);
+            lua_pushstring(L, digits);
+        } else {
+            lua_pushnumber(L, (lua_Number)r->integer);
+        }
 #else
         lua_pushinteger(L, (lua_Integer)r->integer);
 #endif

@@ -103,6 +103,16 @@ static int get_value(lua_State *L, int idx, hs_value *v) {
         } else {
             v->type = HS_VAL_NUMBER;
             v->n = (double)lua_tonumber(L, idx);
+#ifdef HS_ENGINE_LUAJIT
+            /* LuaJIT has no integers: an integral number (within 2^53, not -0) is
+             * stored as one, so Lua 5.4, Python and Redis read what Lua 5.4 would
+             * have written, and a counter stays exact and INCRBY-able */
+            if (v->n == floor(v->n) && fabs(v->n) <= 9007199254740992.0 &&
+                !(v->n == 0 && signbit(v->n))) {
+                v->type = HS_VAL_INTEGER;
+                v->i = (int64_t)v->n;
+            }
+#endif
         }
         return 0;
     case LUA_TSTRING:
@@ -165,6 +175,11 @@ static int max_arg(lua_State *L, int idx, uint32_t def) {
 
 /* ---- reading ---- */
 
+static int new_buffer(lua_State *L) {
+    lua_newuserdata(L, (size_t)lua_tonumber(L, 1));
+    return 1;
+}
+
 /* get and get_stale: upvalue 2 is 1 for get_stale. */
 static int l_get(lua_State *L) {
     hs_shared *d = check_dict(L);
@@ -178,7 +193,13 @@ static int l_get(lua_State *L) {
            HS_SHARED_BUFFER) {
         lua_settop(L, top); /* a buffer too small from an earlier try */
         cap = v.len;
-        buf = lua_newuserdata(L, cap); /* may raise (memory limit): no lock is held */
+        lua_pushcfunction(L, new_buffer); /* may fail (memory limit): no lock is held, */
+        lua_pushnumber(L, (lua_Number)cap);
+        if (lua_pcall(L, 1, 1, 0)) {      /* and what Redis's backend kept goes too */
+            hs_shared_redis_forget();
+            lua_error(L);
+        }
+        buf = lua_touserdata(L, -1);
     }
     if (rc == HS_SHARED_NOT_FOUND) {
         lua_pushnil(L);
@@ -270,19 +291,10 @@ static int l_delete(lua_State *L) {
     return 1;
 }
 
-/* incr's increment and init. LuaJIT has no integers: an integral one (within 2^53)
- * counts as an integer, so a counter stays an integer (exact, INCRBY in Redis, an
- * int in Python) whichever engine increments it. */
 static void get_number(lua_State *L, int idx, const char *what, hs_value *v) {
     if (lua_type(L, idx) != LUA_TNUMBER)
         luaL_error(L, "bad %s: a number expected, got %s", what, luaL_typename(L, idx));
     get_value(L, idx, v);
-#ifdef HS_ENGINE_LUAJIT
-    if (v->n == floor(v->n) && fabs(v->n) <= 9007199254740992.0) {
-        v->type = HS_VAL_INTEGER;
-        v->i = (int64_t)v->n;
-    }
-#endif
 }
 
 static int l_incr(lua_State *L) {

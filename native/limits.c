@@ -108,6 +108,7 @@ void hs_limits_install(hs_state *S) {
 /* The fire runs long: let the host's other threads go on (hostscript.h). */
 void hs_state_release_host(hs_state *S) {
     S->release_at_ns = 0;
+    S->released = 1;
     S->host->release();
     atomic_store_explicit(&S->c.releases,
                           atomic_load_explicit(&S->c.releases, memory_order_relaxed) + 1,

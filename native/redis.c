@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 
 #include "core.h"
 #include "redis.h"
@@ -82,6 +83,10 @@ static char *decode(const char *s, size_t n, size_t *outlen) {
         i += 2;
     }
     *o = 0;
+    if (memchr(out, 0, (size_t)(o - out))) { /* a NUL would be cut by strlen or a pattern */
+        free(out);
+        return NULL;
+    }
     if (outlen) *outlen = (size_t)(o - out);
     return out;
 }
@@ -92,7 +97,7 @@ static int parse_seconds(const char *v, size_t n, uint64_t *out) {
     memcpy(tmp, v, n);
     tmp[n] = 0;
     double s = strtod(tmp, &end);
-    if (*end || !(s > 0) || !isfinite(s) || s > 3600) return -1;
+    if (*end || !(s >= 0.001) || !isfinite(s) || s > 3600) return -1;
     *out = (uint64_t)(s * 1e9);
     return 0;
 }
@@ -116,8 +121,22 @@ static int parse_uint(const char *v, size_t n, unsigned long long max, unsigned 
         return NULL;                             \
     } while (0)
 
+/* URL without its user info (the password) for messages. */
+static const char *shown(const char *url, char *buf, size_t n) {
+    const char *p = url + (strncmp(url, "redis://", 8) ? 0 : 8);
+    const char *end = p + strcspn(p, "/?#");
+    const char *at = NULL;
+    for (const char *q = p; q < end; q++)
+        if (*q == '@') at = q;
+    if (!at) return url;
+    snprintf(buf, n, "redis://***@%s", at + 1);
+    return buf;
+}
+
 hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, size_t msglen) {
     static const char scheme[] = "redis://";
+    char shown_buf[256];
+    const char *url_shown = shown(url, shown_buf, sizeof shown_buf);
     hs_redis *r = calloc(1, sizeof *r);
     if (!r) {
         snprintf(msg, msglen, "out of memory");
@@ -129,27 +148,29 @@ hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, 
     r->max_reply = HS_REDIS_DEFAULT_MAX_REPLY;
     r->backoff_ns = BACKOFF_MIN_NS;
     if (strncmp(url, scheme, sizeof scheme - 1))
-        BAD("'%.200s' is not a redis:// URL (redis://[[user]:password@]host[:port][/db][?prefix=...])", url);
+        BAD("'%.200s' is not a redis:// URL (redis://[[user]:password@]host[:port][/db][?prefix=...])", url_shown);
     const char *p = url + sizeof scheme - 1;
     const char *end = p + strcspn(p, "/?#");
-    if (*end == '#') BAD("'%.200s': a fragment (#) has no meaning here", url);
+    if (*end == '#') BAD("'%.200s': a fragment (#) has no meaning here", url_shown);
     /* [[user]:password@]host[:port] in p..end */
-    const char *at = memchr(p, '@', (size_t)(end - p));
+    const char *at = NULL;
+    for (const char *q = p; q < end; q++)
+        if (*q == '@') at = q;
     if (at) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
-        if (!colon) BAD("'%.200s': the part before '@' must be [user]:password", url);
+        if (!colon) BAD("'%.200s': the part before '@' must be [user]:password", url_shown);
         if (colon > p && !(r->user = decode(p, (size_t)(colon - p), NULL)))
-            BAD("'%.200s': bad percent-encoding in the user name", url);
+            BAD("'%.200s': bad percent-encoding in the user name", url_shown);
         if (!(r->password = decode(colon + 1, (size_t)(at - colon - 1), NULL)))
-            BAD("'%.200s': bad percent-encoding in the password", url);
+            BAD("'%.200s': bad percent-encoding in the password", url_shown);
         p = at + 1;
     }
     const char *hend = end, *portp = NULL;
     if (*p == '[') { /* [ipv6] */
         const char *close = memchr(p, ']', (size_t)(end - p));
-        if (!close) BAD("'%.200s': an IPv6 address needs its closing ']'", url);
+        if (!close) BAD("'%.200s': an IPv6 address needs its closing ']'", url_shown);
         if (close + 1 < end) {
-            if (close[1] != ':') BAD("'%.200s': ':port' expected after ']'", url);
+            if (close[1] != ':') BAD("'%.200s': ':port' expected after ']'", url_shown);
             portp = close + 2;
         }
         r->host = strndup(p + 1, (size_t)(close - p - 1));
@@ -162,11 +183,11 @@ hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, 
         r->host = strndup(p, (size_t)(hend - p));
     }
     if (!r->host) BAD("out of memory");
-    if (!*r->host) BAD("'%.200s' names no host", url);
+    if (!*r->host) BAD("'%.200s' names no host", url_shown);
     if (portp) {
         unsigned long long port;
         if (parse_uint(portp, (size_t)(end - portp), 65535, &port) || port == 0)
-            BAD("'%.200s': the port must be a number from 1 to 65535", url);
+            BAD("'%.200s': the port must be a number from 1 to 65535", url_shown);
         r->port = (int)port;
     }
     p = end;
@@ -176,37 +197,37 @@ hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, 
         if (dend > p) {
             unsigned long long db;
             if (parse_uint(p, (size_t)(dend - p), INT_MAX, &db))
-                BAD("'%.200s': the database must be a number", url);
+                BAD("'%.200s': the database must be a number", url_shown);
             r->db = (int)db;
         }
         p = dend;
     }
-    if (*p == '#') BAD("'%.200s': a fragment (#) has no meaning here", url);
+    if (*p == '#') BAD("'%.200s': a fragment (#) has no meaning here", url_shown);
     if (*p == '?') p++;
     while (*p) { /* name=value&... */
         const char *amp = p + strcspn(p, "&#");
-        if (*amp == '#') BAD("'%.200s': a fragment (#) has no meaning here", url);
+        if (*amp == '#') BAD("'%.200s': a fragment (#) has no meaning here", url_shown);
         const char *eq = memchr(p, '=', (size_t)(amp - p));
-        if (!eq) BAD("'%.200s': option '%.*s' needs a value (name=value)", url, (int)(amp - p), p);
+        if (!eq) BAD("'%.200s': option '%.*s' needs a value (name=value)", url_shown, (int)(amp - p), p);
         size_t nlen = (size_t)(eq - p), vlen = (size_t)(amp - eq - 1);
         const char *v = eq + 1;
         if (nlen == 6 && !memcmp(p, "prefix", 6)) {
             free(r->prefix);
             if (!(r->prefix = decode(v, vlen, &r->prefix_len)))
-                BAD("'%.200s': bad percent-encoding in the prefix", url);
+                BAD("'%.200s': bad percent-encoding in the prefix", url_shown);
         } else if (nlen == 7 && !memcmp(p, "timeout", 7)) {
             if (parse_seconds(v, vlen, &r->timeout_ns))
-                BAD("'%.200s': timeout must be a number of seconds, > 0 and <= 3600", url);
+                BAD("'%.200s': timeout must be a number of seconds, > 0 and <= 3600", url_shown);
         } else if (nlen == 15 && !memcmp(p, "connect_timeout", 15)) {
             if (parse_seconds(v, vlen, &r->connect_timeout_ns))
-                BAD("'%.200s': connect_timeout must be a number of seconds, > 0 and <= 3600", url);
+                BAD("'%.200s': connect_timeout must be a number of seconds, > 0 and <= 3600", url_shown);
         } else if (nlen == 9 && !memcmp(p, "max_reply", 9)) {
             unsigned long long n;
             if (parse_uint(v, vlen, (unsigned long long)1 << 40, &n) || n < 1024)
-                BAD("'%.200s': max_reply must be a number of bytes, at least 1024", url);
+                BAD("'%.200s': max_reply must be a number of bytes, at least 1024", url_shown);
             r->max_reply = (size_t)n;
         } else {
-            BAD("'%.200s': unknown option '%.*s' (prefix, timeout, connect_timeout, max_reply)", url,
+            BAD("'%.200s': unknown option '%.*s' (prefix, timeout, connect_timeout, max_reply)", url_shown,
                 (int)nlen, p);
         }
         p = *amp ? amp + 1 : amp;
@@ -216,7 +237,7 @@ hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, 
         if (!(r->prefix = strdup(default_prefix))) BAD("out of memory");
     }
     if (!r->prefix_len)
-        BAD("'%.200s': the prefix must not be empty (flush_all deletes every key under it)", url);
+        BAD("'%.200s': the prefix must not be empty (flush_all deletes every key under it)", url_shown);
     return r;
 }
 
@@ -246,6 +267,7 @@ const char *hs_redis_prefix(const hs_redis *r, size_t *len) {
 }
 
 void hs_redis_limits(const hs_redis *r, size_t *max_reply) { *max_reply = r->max_reply; }
+uint64_t hs_redis_timeout_ns(const hs_redis *r) { return r->timeout_ns; }
 
 /* ---- the protocol ---- */
 
@@ -273,17 +295,43 @@ static void *(*default_array)(const redisReadTask *, int);
 static redisReplyObjectFunctions bounded_fns;
 static pthread_once_t fns_once = PTHREAD_ONCE_INIT;
 
+static _Thread_local size_t tl_budget; /* bytes the reply objects may still take */
+static void *(*default_string)(const redisReadTask *, char *, size_t);
+static void *(*default_integer)(const redisReadTask *, long long);
+static void *(*default_nil)(const redisReadTask *);
+
+static int charge(size_t n) {
+    n += sizeof(redisReply) + 16;
+    if (n > tl_budget) return -1;
+    tl_budget -= n;
+    return 0;
+}
+
 static void *bounded_array(const redisReadTask *task, int elements) {
     if (elements < 0 || (size_t)elements > tl_max_elements) return NULL;
+    if (charge((size_t)elements * sizeof(redisReply *))) return NULL;
     return default_array(task, elements);
 }
+static void *bounded_string(const redisReadTask *task, char *s, size_t len) {
+    return charge(len + 1) ? NULL : default_string(task, s, len);
+}
+static void *bounded_integer(const redisReadTask *task, long long v) {
+    return charge(0) ? NULL : default_integer(task, v);
+}
+static void *bounded_nil(const redisReadTask *task) { return charge(0) ? NULL : default_nil(task); }
 
 static void init_fns(void) { /* hiredis's functions, but for arrays */
     redisReader *rd = redisReaderCreate();
     if (!rd) abort();
     bounded_fns = *rd->fn;
     default_array = rd->fn->createArray;
+    default_string = rd->fn->createString;
+    default_integer = rd->fn->createInteger;
+    default_nil = rd->fn->createNil;
     bounded_fns.createArray = bounded_array;
+    bounded_fns.createString = bounded_string;
+    bounded_fns.createInteger = bounded_integer;
+    bounded_fns.createNil = bounded_nil;
     redisReaderFree(rd);
 }
 
@@ -293,6 +341,7 @@ typedef struct call {
     hs_redis *r;
     uint64_t deadline; /* absolute, ns */
     int timed_out;
+    int caller_cut; /* the connect budget was cut by the caller's own deadline */
     char *err;
     size_t errlen;
 } call;
@@ -342,6 +391,7 @@ static int read_replies(call *k, redisContext *c, int ncmds, redisReply **replie
     char chunk[READ_CHUNK];
     size_t total = 0;
     tl_max_elements = k->r->max_reply / 4;
+    tl_budget = 2 * k->r->max_reply;
     for (int i = 0; i < ncmds;) {
         void *reply = NULL;
         if (redisReaderGetReply(c->reader, &reply) != REDIS_OK) {
@@ -351,6 +401,10 @@ static int read_replies(call *k, redisContext *c, int ncmds, redisReply **replie
         if (reply) {
             replies[i++] = reply;
             continue;
+        }
+        if (hs_now_ns() >= k->deadline) {
+            k->timed_out = 1;
+            return failf(k, "timeout");
         }
         ssize_t n = recv(c->fd, chunk, sizeof chunk, MSG_DONTWAIT);
         if (n > 0) {
@@ -368,6 +422,14 @@ static int read_replies(call *k, redisContext *c, int ncmds, redisReply **replie
     }
     if (c->reader->pos < c->reader->len) /* more than was asked: the next call would read it */
         return failf(k, "protocol error: more replies than commands");
+    if (sdsavail(c->reader->buf) + sdslen(c->reader->buf) > 4 * READ_CHUNK) {
+        sds fresh = sdsempty();
+        if (fresh) {
+            sdsfree(c->reader->buf);
+            c->reader->buf = fresh;
+            c->reader->pos = c->reader->len = 0;
+        }
+    }
     return 0;
 }
 
@@ -440,9 +502,11 @@ static conn *connect_new(call *k) {
     uint64_t d = deadline_for(now, r->connect_timeout_ns);
     if (d <= now) {
         k->timed_out = 1;
+        k->caller_cut = 1;
         failf(k, "timeout");
         return NULL;
     }
+    if (d < now + r->connect_timeout_ns) k->caller_cut = 1;
     uint64_t budget = d - now;
     struct timeval tv = {.tv_sec = (time_t)(budget / 1000000000u),
                          .tv_usec = (suseconds_t)(budget % 1000000000u / 1000)};
@@ -503,7 +567,7 @@ static conn *take(call *k) {
         r->broken = 0;
         r->retry_at_ns = 0;
         r->backoff_ns = BACKOFF_MIN_NS;
-    } else {
+    } else if (!(k->caller_cut && k->timed_out)) {
         const char *reason = k->err + (strncmp(k->err, "redis: ", 7) ? 0 : 7);
         snprintf(r->last_error, sizeof r->last_error, "%s", reason);
         r->retry_at_ns = hs_now_ns() + r->backoff_ns;

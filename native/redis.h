@@ -39,6 +39,7 @@ hs_redis *hs_redis_open(const char *url, const char *default_prefix, char *msg, 
 void hs_redis_close(hs_redis *r); /* NULL is fine; no call may be running */
 const char *hs_redis_prefix(const hs_redis *r, size_t *len);
 void hs_redis_limits(const hs_redis *r, size_t *max_reply); /* bytes of one round trip */
+uint64_t hs_redis_timeout_ns(const hs_redis *r);
 
 /* Append one command (ARGC arguments) in the Redis protocol to OUT; -1 no memory. */
 int hs_redis_format(hs_buf *out, int argc, const char *const *argv, const size_t *argvlen);

@@ -63,5 +63,8 @@ extern const hs_shared_ops hs_shared_mem_ops;
 extern const hs_shared_ops hs_shared_redis_ops;
 struct hs_redis *hs_shared_redis(hs_shared *d);
 const char *hs_shared_backend_error(void);
+/* Drop what the Redis backend kept for the calling thread's retry of a get (the
+ * caller gave up: its buffer could not be allocated). */
+void hs_shared_redis_forget(void);
 
 #endif

@@ -45,7 +45,7 @@ typedef struct rdict {
  * ('' none), init ttl in ms ('0' none). Replies {0, kind, digits} | {1} not found |
  * {2} not a number | {3} overflow. Redis runs Lua 5.1 (doubles): integers go
  * through INCRBY, which is exact; a tagged integer (one with flags) is added in
- * doubles and refused past 2^53. */
+ * doubles and refused when an operand or the sum reaches 2^53. */
 static const char incr_script[] =
     "local k, d, dk, init, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])\n"
     "local created = false\n"
@@ -63,8 +63,10 @@ static const char incr_script[] =
     "if string.byte(v, 1) == 0 then\n"
     "  local t, flags, p = string.match(v, '^%z([in])(%d+):(.*)$')\n"
     "  if not t or not tonumber(p) then return refuse(2) end\n"
-    "  local x = tonumber(p) + tonumber(d)\n"
     "  local kind = (t == 'i' and dk == 'i') and 'i' or 'n'\n"
+    "  if kind == 'i' and (math.abs(tonumber(p)) >= 9007199254740992 or\n"
+    "                      math.abs(tonumber(d)) >= 9007199254740992) then return refuse(3) end\n"
+    "  local x = tonumber(p) + tonumber(d)\n"
     "  local s\n"
     "  if kind == 'i' then\n"
     "    if x >= 9007199254740992 or x <= -9007199254740992 then return refuse(3) end\n"
@@ -302,8 +304,10 @@ static void ttl_ms(double ttl, char *out, size_t n) {
 
 static _Atomic uint64_t last_id;
 
+#define KEPT_NS 50000000ull /* a kept reply serves a retry within 50 ms, never a later get */
+
 static _Thread_local struct {
-    uint64_t id;
+    uint64_t id, at_ns;
     char *key;
     size_t klen;
     redisReply *reply;
@@ -313,6 +317,11 @@ static void drop_kept(void) {
     hs_redis_free_reply(tl_kept.reply);
     free(tl_kept.key);
     memset(&tl_kept, 0, sizeof tl_kept);
+}
+
+/* The calling thread's kept reply goes (its caller will not retry). */
+void hs_shared_redis_forget(void) {
+    if (tl_kept.reply) drop_kept();
 }
 
 /* A thread that ends holding a kept reply (its caller never retried) frees it. */
@@ -327,8 +336,15 @@ static void kept_key_init(void) { pthread_key_create(&kept_key, kept_at_exit); }
 /* ---- the operations ---- */
 
 static void *r_open(const hs_shared_spec *spec, char *msg, size_t msglen) {
-    char prefix[HS_SHARED_NAME_MAX + 8];
-    snprintf(prefix, sizeof prefix, "hs:%s:", spec->name);
+    /* hs:NAME: with ':' and '%' of the name percent-encoded: "a" and "a:b" share nothing */
+    char prefix[3 * HS_SHARED_NAME_MAX + 8], *o = prefix + 3;
+    memcpy(prefix, "hs:", 3);
+    for (const char *c = spec->name; *c; c++) {
+        if (*c == ':' || *c == '%') o += sprintf(o, "%%%02X", (unsigned char)*c);
+        else *o++ = *c;
+    }
+    *o++ = ':';
+    *o = 0;
     char inner[512];
     hs_redis *r = hs_redis_open(spec->url, prefix, inner, sizeof inner);
     if (!r) {
@@ -359,7 +375,8 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
                  int *stale) {
     rdict *d = b;
     redisReply *rep = NULL;
-    if (tl_kept.id == d->id && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen)) {
+    if (tl_kept.id == d->id && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen) &&
+        hs_now_ns() - tl_kept.at_ns < KEPT_NS) {
         rep = tl_kept.reply; /* the retry with a larger buffer: no second round trip */
         tl_kept.reply = NULL;
     }
@@ -381,6 +398,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
         memcpy(tl_kept.key, key, klen);
         tl_kept.klen = klen;
         tl_kept.id = d->id;
+        tl_kept.at_ns = hs_now_ns();
         tl_kept.reply = rep;
         pthread_once(&kept_once, kept_key_init);
         pthread_setspecific(kept_key, &tl_kept); /* non-NULL: the destructor runs */
@@ -392,6 +410,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
 
 static int r_del(void *b, const char *key, size_t klen) {
     rdict *d = b;
+    hs_shared_redis_forget();
     cmd c = {0};
     redisReply *rep;
     arg_s(&c, "DEL");
@@ -408,6 +427,7 @@ static int r_store(void *b, int mode, const char *key, size_t klen, const hs_val
                    int *forcible) {
     rdict *d = b;
     *forcible = 0;
+    hs_shared_redis_forget();
     if (v->type == HS_VAL_NIL) {
         if (mode == HS_STORE_ADD || mode == HS_STORE_SAFE_ADD) return HS_SHARED_OK;
         int rc = r_del(b, key, klen);
@@ -488,6 +508,7 @@ static int r_incr(void *b, const char *key, size_t klen, const hs_value *delta, 
                   double init_ttl, hs_value *out, int *forcible) {
     rdict *d = b;
     *forcible = 0;
+    hs_shared_redis_forget();
     if (delta->type == HS_VAL_INTEGER && init && init->type == HS_VAL_INTEGER && init->i == 0 &&
         init_ttl == 0) {
         int rc = incr_plain(d, key, klen, delta, out);
@@ -581,6 +602,7 @@ static int r_incr(void *b, const char *key, size_t klen, const hs_value *delta, 
 
 static int r_ttl(void *b, const char *key, size_t klen, double *ttl) {
     rdict *d = b;
+    hs_shared_redis_forget();
     cmd c = {0};
     redisReply *rep;
     arg_s(&c, "PTTL");
@@ -598,6 +620,7 @@ static int r_ttl(void *b, const char *key, size_t klen, double *ttl) {
 
 static int r_expire(void *b, const char *key, size_t klen, double ttl) {
     rdict *d = b;
+    hs_shared_redis_forget();
     cmd c[2] = {{0}, {0}};
     redisReply *reps[2];
     char ms[32];
@@ -647,7 +670,12 @@ static int scan(rdict *d, int (*visit)(rdict *, redisReply *, void *), void *arg
     if (!pattern) return backend_error("redis: out of memory");
     char cursor[32] = "0";
     int rc = HS_SHARED_OK;
+    uint64_t until = hs_now_ns() + 10 * hs_redis_timeout_ns(d->r); /* a SCAN that never ends */
     do {
+        if (hs_now_ns() >= until) {
+            rc = backend_error("redis: timeout (SCAN did not finish)");
+            break;
+        }
         cmd c = {0};
         redisReply *rep;
         arg_s(&c, "SCAN");

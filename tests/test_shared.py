@@ -209,11 +209,15 @@ def test_value_types_round_trip_in_lua(shost, engine):
 
 
 def test_lua_values_as_python_sees_them(shost, engine):
-    lua(shost, r"""d:set("s", "a\0b") d:set("i", 42) d:set("f", 1.5) d:set("t", true)""")
+    lua(shost, r"""d:set("s", "a\0b") d:set("i", 42) d:set("f", 1.5) d:set("t", true)
+                   d:set("big", 2^53) d:set("huge", 2^53 * 4) d:set("negzero", -0.0)""")
     d = shost.shared["meta"]
-    # Lua 5.4 keeps integers; LuaJIT has only doubles, stored as numbers
-    assert d.get("i") == 42 and type(d.get("i")) is (float if engine == "luajit" else int)
+    # Lua 5.4 keeps integers; LuaJIT has only doubles, and stores an integral one (within
+    # 2^53, not -0) as an integer: every engine and process reads what Lua 5.4 wrote
+    assert d.get("i") == 42 and type(d.get("i")) is int
     assert d.get("s") == b"a\0b" and d.get("f") == 1.5 and d.get("t") is True
+    assert d.get("big") == 2 ** 53 and type(d.get("big")) is (int if engine == "luajit" else float)
+    assert type(d.get("huge")) is float and str(d.get("negzero")) == "-0.0"
 
 
 def test_python_values_as_lua_sees_them(shost, engine):
