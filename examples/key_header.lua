@@ -3,9 +3,9 @@
 -- Key would, on a shared dictionary every worker thread sees.
 --
 --   read_request:  compute this request's secondary key from the URL's Key, map it to
---                  a small generation id per URL, and make it the cache key's
---                  secondary part (txn:set_cache_key) — requests whose headers
---                  reduce to the same values share one cached response.
+--                  a generation id per URL, and make it the cache key's secondary
+--                  part (txn:set_cache_key) — requests whose headers reduce to the
+--                  same values share one cached response.
 --   read_response: remember the first Key the origin sent for a URL, and key the
 --                  response being stored by it.
 --   send_response: undo what read_response changed to keep a response out of the
@@ -15,7 +15,8 @@
 -- URL's Key or a generation id is unknown, and neither a lookup nor a store under the
 -- URL alone is safe: that entry would answer every request of the URL, whatever its
 -- headers. Such a request bypasses the cache (BYPASS below): a warning is logged and
--- the origin answers it, as if there were no cache.
+-- the origin answers it, as if there were no cache; it waits for the dictionary once
+-- at most (no call follows a failed one).
 --
 -- Needs a host with a shared dictionary named "meta", in this process or in Redis:
 --   hostscript serve --shared meta=1m --script examples/key_header.lua ...
@@ -57,12 +58,17 @@ end
 -- uses the winner's. The slot names the Key value too: after the Key expired and the
 -- origin sent another, a secondary key that reads the same under the new Key is
 -- another variant, and must not find the id (and the cached response) of the old one.
+--
+-- A URL's ids are never given twice while the responses keyed by them may be cached:
+-- its counter starts at the clock in microseconds, so a counter that is lost (evicted,
+-- or Redis restarted empty while the proxies' caches live on) starts again above
+-- every id it gave before.
 local function generation(url, kv, secondary)
   local slot = "gen:" .. url .. "\0" .. kv .. "\0" .. secondary
   local gen, err = meta:get(slot)
   if gen then return gen end
   if err then return nil, err end
-  local next_id, ierr = meta:incr("max-genid:" .. url, 1, 0)
+  local next_id, ierr = meta:incr("max-genid:" .. url, 1, math.floor(hs.now() * 1e6))
   if not next_id then return nil, ierr end
   local ok, aerr = meta:add(slot, next_id)
   if not ok and aerr ~= "exists" then return nil, aerr end
@@ -82,7 +88,9 @@ local function apply(txn, url, kv)
   end
   local gen, gerr = generation(url, kv, key.join(parts))
   if gen then
-    txn:set_cache_key("gen-" .. tostring(gen))
+    -- in decimal digits on both engines (a LuaJIT number, or one a LuaJIT process
+    -- stored in Redis, is a double: tostring would say "1.7e+15" or "1.0")
+    txn:set_cache_key(string.format("gen-%.0f", gen))
   else
     bypass(txn, url, "no generation id: " .. tostring(gerr))
   end
@@ -108,6 +116,7 @@ local function keep_out(txn)
 end
 
 function KeyHeader:on_read_response(txn)
+  if txn.ctx.key_bypass then return keep_out(txn) end -- no second wait for a failing dictionary
   local lines = txn.resp.headers:get_all("key")
   local url = txn.ctx.key_url or resource(txn)
   if #lines > 0 then
@@ -120,7 +129,7 @@ function KeyHeader:on_read_response(txn)
     end
     if not kv then
       bypass(txn, url, err or "the Key vanished")
-    elseif not txn.ctx.key_bypass then
+    else
       apply(txn, url, kv)
     end
   end

@@ -14,7 +14,8 @@
 -- Layout, under the dictionary's prefix P (r.prefix) and "kh:":
 --   P.."kh:key:"..url   hash  value -> the first Key the origin sent for url (HSETNX);
 --                             the hash expires KEY_TTL s after that (EXPIRE NX)
---   P.."kh:gen:"..url   hash  max-genid -> the last id given out (HINCRBY)
+--   P.."kh:gen:"..url   hash  max-genid -> the last id given out (HINCRBY; it starts
+--                             at the clock in microseconds, below)
 --                             <Key value> NUL <secondary key> -> its id (HSETNX: a
 --                             process that loses the race takes the winner's)
 -- The generation hashes have no TTL: an id must never be given again while a cached
@@ -25,14 +26,16 @@
 --
 -- Round trips: read_request 2 (the Key, the id); read_response 1 (a pipeline: learn
 -- the Key, read it back, read the id of this response's secondary key). A secondary
--- key seen for the first time costs 2 more (HINCRBY, then HSETNX + HGET pipelined).
+-- key seen for the first time costs 2 more (HSETNX + HINCRBY of max-genid, then
+-- HSETNX + HGET of its id, each pair pipelined).
 --
 -- When Redis fails (down, slow past the URL's timeout: nil, err), the URL's Key or a
 -- generation id is unknown, and neither a lookup nor a store under the URL alone is
 -- safe: that entry would answer every request of the URL, whatever its headers.
 -- Such a request bypasses the cache (BYPASS below): a warning is logged and the
--- origin answers it, as if there were no cache. Once Redis answers again (the
--- connection comes back by itself), so does the cache.
+-- origin answers it, as if there were no cache; it waits for Redis once at most (no
+-- call follows a failed one). Once Redis answers again (the connection comes back by
+-- itself), so does the cache.
 --
 -- Needs the shared dictionary "meta" in Redis, whose endpoint hs.redis("meta") uses:
 --   hostscript serve --shared 'meta=redis://127.0.0.1:6379/0?prefix=kh:&timeout=0.2' \
@@ -91,6 +94,11 @@ end
 
 -- The generation id of FIELD for URL. KNOWN: its HGET reply when already read (a
 -- string, or false for none), saving that round trip.
+--
+-- A URL's ids are never given twice while the responses keyed by them may be cached:
+-- its counter starts at the clock in microseconds (HSETNX before the HINCRBY), so a
+-- counter that is lost (Redis restarted empty, or flushed, while the proxies' caches
+-- live on) starts again above every id it gave before.
 local function generation(url, field, known)
   local gens = GENS .. url
   local id, err = known, nil
@@ -99,8 +107,12 @@ local function generation(url, field, known)
     if err then return nil, err end
   end
   if id then return id end
-  local next_id, ierr = r:call("HINCRBY", gens, "max-genid", 1)
-  if not next_id then return nil, ierr or "HINCRBY answered nil" end
+  local counted, cerr = pipeline(function(p)
+    p:call("HSETNX", gens, "max-genid", math.floor(hs.now() * 1e6))
+    p:call("HINCRBY", gens, "max-genid", 1)
+  end)
+  if not counted then return nil, cerr end
+  local next_id = counted[2]
   local replies, perr = pipeline(function(p)
     p:call("HSETNX", gens, field, next_id)
     p:call("HGET", gens, field) -- ours, or the one of whoever set it first
@@ -151,6 +163,7 @@ local function keep_out(txn)
 end
 
 function KeyHeader:on_read_response(txn)
+  if txn.ctx.key_bypass then return keep_out(txn) end -- no second wait for a failing Redis
   local lines = txn.resp.headers:get_all("key")
   local url = txn.ctx.key_url or resource(txn)
   if #lines > 0 then
@@ -172,7 +185,7 @@ function KeyHeader:on_read_response(txn)
       bypass(txn, url, err)
     elseif not replies[3] then
       bypass(txn, url, "the Key vanished")
-    elseif not txn.ctx.key_bypass then
+    else
       local won = replies[3]
       if won == kv and field then
         use(txn, url, generation(url, field, replies[4]))
