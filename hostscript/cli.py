@@ -10,7 +10,7 @@ import sys
 import types
 from typing import List, Optional
 
-from . import Host, ScriptError, engines
+from . import Error, Host, ScriptError, engines
 
 HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -23,8 +23,12 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    host = Host(args.hooks.split(","), engine=args.engine[0] if args.engine else None,
-                shared=dict(args.shared))
+    try:
+        host = Host(args.hooks.split(","), engine=args.engine[0] if args.engine else None,
+                    shared=dict(args.shared))
+    except Error as e:  # the hooks or dictionaries given: the usage's fault
+        print(f"hostscript check: {e}", file=sys.stderr)
+        return 2
     status = 0
     for path in args.files:
         try:

@@ -109,12 +109,14 @@ class SharedDict:
     def capacity(self) -> Optional[int]:
         """Bytes the entries may take (key + string value + a fixed overhead each);
         None in Redis, which has no capacity of its own (its maxmemory rules)."""
-        return None if self.backend == "redis" else int(self._info().capacity)
+        info = self._info()  # ClosedError after host.close(), whatever the backend
+        return None if self.backend == "redis" else int(info.capacity)
 
     def free_space(self) -> Optional[int]:
         """Bytes not taken by entries (expired ones not yet reclaimed count as taken);
         None in Redis."""
-        return None if self.backend == "redis" else int(self._info().free_space)
+        info = self._info()
+        return None if self.backend == "redis" else int(info.free_space)
 
     # ---- writing ----
 

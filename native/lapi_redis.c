@@ -15,9 +15,11 @@
  * connection's state or administer the server is refused with an error.
  *
  * The host's lock is released before a round trip (hs_state_before_wait), whose
- * wait is also bounded by the fire's time limit. Commands are formatted into C
- * memory bounded by the endpoint's max_reply; replies are converted to Lua values
- * in protected mode and freed whatever happens.
+ * wait is also bounded by the fire's time limit. A command's arguments are all
+ * checked before a byte of it is queued (a pipeline never holds half a command),
+ * and formatted into C memory bounded by the endpoint's max_reply, owned by the
+ * call or by the pipeline's userdata; replies are converted to Lua values in
+ * protected mode and freed whatever happens. Nothing is kept per thread.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -29,8 +31,6 @@
 #include "core.h"
 #include "redis.h"
 #include "shared.h"
-
-#define KEEP_BUF (1 << 20) /* a thread's command buffer is kept up to this size */
 
 typedef struct client_ud {
     hs_redis *r;
@@ -67,40 +67,57 @@ static void check_command(lua_State *L, int idx) {
                        "state or administer the server)", refused[i]);
 }
 
-/* Append the arguments FIRST..LAST as one command to OUT, bounded by MAX bytes. */
-static void format_args(lua_State *L, int first, int last, hs_buf *out, size_t max) {
+/* Argument I's bytes (a number formatted into NUM); NULL when it is neither a
+ * string nor a number. */
+static const char *arg_bytes(lua_State *L, int i, char num[48], size_t *len) {
+    int t = lua_type(L, i);
+    if (t == LUA_TSTRING) return lua_tolstring(L, i, len);
+    if (t != LUA_TNUMBER) return NULL;
+    if (hs_isinteger(L, i)) {
+        *len = (size_t)snprintf(num, 48, "%lld", (long long)lua_tointeger(L, i));
+    } else {
+        double d = (double)lua_tonumber(L, i);
+        if (d == floor(d) && fabs(d) < 9.2e18) *len = (size_t)snprintf(num, 48, "%lld", (long long)d);
+        else *len = (size_t)snprintf(num, 48, "%.17g", d);
+    }
+    return num;
+}
+
+/* Check the arguments FIRST..LAST: their types, and that OUT with them stays within
+ * MAX bytes. Raises before anything is written, so a command is never half queued. */
+static void check_args(lua_State *L, int first, int last, const hs_buf *out, size_t max) {
+    size_t total = out->len + 32;
+    for (int i = first; i <= last; i++) {
+        char num[48];
+        size_t len;
+        if (!arg_bytes(L, i, num, &len))
+            luaL_error(L, "bad argument #%d to a Redis command (a string or number expected, got %s)",
+                       i - first + 1, luaL_typename(L, i));
+        total += len + 32;
+        if (total > max) {
+            char limit[32];
+            snprintf(limit, sizeof limit, "%zu", max);
+            luaL_error(L, "hs.redis: the commands are larger than max_reply (%s bytes)", limit);
+        }
+    }
+}
+
+/* Append the (checked) arguments FIRST..LAST as one command to OUT: 0, or -1 with
+ * no memory and OUT as it was. */
+static int append_command(lua_State *L, int first, int last, hs_buf *out) {
+    size_t was = out->len;
     char head[48];
     int n = snprintf(head, sizeof head, "*%d\r\n", last - first + 1);
     int nomem = hs_buf_put(out, head, (size_t)n);
     for (int i = first; i <= last && !nomem; i++) {
-        const char *s;
-        size_t len;
         char num[48];
-        int t = lua_type(L, i);
-        if (t == LUA_TSTRING) {
-            s = lua_tolstring(L, i, &len);
-        } else if (t == LUA_TNUMBER) {
-            if (hs_isinteger(L, i)) {
-                len = (size_t)snprintf(num, sizeof num, "%lld", (long long)lua_tointeger(L, i));
-            } else {
-                double d = (double)lua_tonumber(L, i);
-                if (d == floor(d) && fabs(d) < 9.2e18)
-                    len = (size_t)snprintf(num, sizeof num, "%lld", (long long)d);
-                else
-                    len = (size_t)snprintf(num, sizeof num, "%.17g", d);
-            }
-            s = num;
-        } else {
-            luaL_error(L, "bad argument #%d to a Redis command (a string or number expected, got %s)",
-                       i - first + 1, luaL_typename(L, i));
-            return;
-        }
+        size_t len;
+        const char *s = arg_bytes(L, i, num, &len);
         n = snprintf(head, sizeof head, "$%zu\r\n", len);
         nomem = hs_buf_put(out, head, (size_t)n) || hs_buf_put(out, s, len) || hs_buf_put(out, "\r\n", 2);
-        if (out->len > max)
-            luaL_error(L, "hs.redis: the commands are larger than max_reply (%zu bytes)", max);
     }
-    if (nomem) luaL_error(L, "not enough memory");
+    if (nomem) out->len = was;
+    return nomem ? -1 : 0;
 }
 
 /* ---- replies to Lua values ---- */
@@ -168,13 +185,20 @@ static int l_convert(lua_State *L) {
     return 1;
 }
 
-/* Send CMDS (N commands) and push the results; the replies are freed in any case. */
-static int exec_and_push(lua_State *L, hs_redis *r, const hs_buf *cmds, int n, int list) {
+/* Send CMDS (N commands) and push the results; the replies, and OWNED (a buffer
+ * of the caller's, may be NULL), are freed in any case. */
+static int exec_and_push(lua_State *L, hs_redis *r, const hs_buf *cmds, int n, int list,
+                         hs_buf *owned) {
     redisReply **replies = malloc((size_t)(n ? n : 1) * sizeof *replies);
-    if (!replies) return luaL_error(L, "not enough memory");
+    if (!replies) {
+        if (owned) hs_buf_free(owned);
+        return luaL_error(L, "not enough memory");
+    }
     char err[256];
     hs_state_before_wait(L);
-    if (hs_redis_exec(r, cmds->p, cmds->len, n, replies, err, sizeof err)) {
+    int failed = hs_redis_exec(r, cmds->p, cmds->len, n, replies, err, sizeof err);
+    if (owned) hs_buf_free(owned);
+    if (failed) {
         free(replies);
         lua_pushnil(L);
         lua_pushstring(L, err);
@@ -203,18 +227,16 @@ static void *check_object(lua_State *L, int idx, const char *how) {
     return lua_touserdata(L, idx);
 }
 
-static _Thread_local hs_buf tl_cmd;
-
 static int l_call(lua_State *L) {
     client_ud *c = check_object(L, 1, "hs.redis methods are called with ':' (r:call(\"GET\", key))");
     if (lua_gettop(L) < 2) return luaL_error(L, "r:call needs a command (r:call(\"GET\", key))");
     check_command(L, 2);
     size_t max;
     hs_redis_limits(c->r, &max);
-    tl_cmd.len = 0;
-    format_args(L, 2, lua_gettop(L), &tl_cmd, max); /* may raise: tl_cmd stays the thread's */
-    int n = exec_and_push(L, c->r, &tl_cmd, 1, 0);
-    if (tl_cmd.cap > KEEP_BUF) hs_buf_free(&tl_cmd);
+    hs_buf cmd = {0};
+    check_args(L, 2, lua_gettop(L), &cmd, max); /* raises before the buffer exists */
+    if (append_command(L, 2, lua_gettop(L), &cmd)) return luaL_error(L, "not enough memory");
+    int n = exec_and_push(L, c->r, &cmd, 1, 0, &cmd); /* frees CMD, also when it raises */
     return n;
 }
 
@@ -231,8 +253,9 @@ static int l_pipe_call(lua_State *L) {
     check_command(L, 2);
     size_t max;
     hs_redis_limits(p->r, &max);
-    format_args(L, 2, lua_gettop(L), &p->cmds, max);
     if (p->n == INT32_MAX) return luaL_error(L, "too many commands in one pipeline");
+    check_args(L, 2, lua_gettop(L), &p->cmds, max);
+    if (append_command(L, 2, lua_gettop(L), &p->cmds)) return luaL_error(L, "not enough memory");
     p->n++;
     return 0;
 }
@@ -264,9 +287,7 @@ static int l_pipeline(lua_State *L) {
         lua_setfield(L, -2, "n");
         return 1;
     }
-    int n = exec_and_push(L, p->r, &p->cmds, p->n, 1);
-    hs_buf_free(&p->cmds);
-    return n;
+    return exec_and_push(L, p->r, &p->cmds, p->n, 1, &p->cmds);
 }
 
 static int l_client_index(lua_State *L) {

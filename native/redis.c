@@ -366,7 +366,16 @@ static int read_replies(call *k, redisContext *c, int ncmds, redisReply **replie
             return failf(k, "%s", strerror(errno));
         }
     }
+    if (c->reader->pos < c->reader->len) /* more than was asked: the next call would read it */
+        return failf(k, "protocol error: more replies than commands");
     return 0;
+}
+
+/* An idle connection the server closed (it restarted, or its timeout ran out) has
+ * something to read — its end of file: do not use it. */
+static int gone(const conn *k) {
+    struct pollfd pfd = {.fd = k->c->fd, .events = POLLIN};
+    return poll(&pfd, 1, 0) != 0;
 }
 
 /* One round trip on connection C; replies owned by the caller on success. */
@@ -468,12 +477,18 @@ static conn *connect_new(call *k) {
 static conn *take(call *k) {
     hs_redis *r = k->r;
     pthread_mutex_lock(&r->mu);
-    conn *got = r->idle;
-    if (got) {
+    conn *got;
+    while ((got = r->idle)) {
         r->idle = got->next;
         r->nidle--;
+        if (!gone(got)) {
+            pthread_mutex_unlock(&r->mu);
+            return got;
+        }
+        r->broken = 1; /* the connection that replaces it is a reconnect */
         pthread_mutex_unlock(&r->mu);
-        return got;
+        conn_free(got);
+        pthread_mutex_lock(&r->mu);
     }
     if (r->retry_at_ns && hs_now_ns() < r->retry_at_ns) {
         failf(k, "%s (reconnecting)", r->last_error);

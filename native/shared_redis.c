@@ -19,6 +19,7 @@
  * flush_expired has nothing to do.
  */
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,7 @@
 
 typedef struct rdict {
     hs_redis *r;
+    uint64_t id; /* unique in the process: tl_kept tells dictionaries apart by it */
     char incr_sha[41]; /* the incr script's SHA1 once loaded (under mu) */
     pthread_mutex_t mu;
 } rdict;
@@ -45,31 +47,37 @@ typedef struct rdict {
  * doubles and refused past 2^53. */
 static const char incr_script[] =
     "local k, d, dk, init, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])\n"
+    "local created = false\n"
+    "local function refuse(code)\n" /* an init that cannot be incremented is not kept */
+    "  if created then redis.call('DEL', k) end\n"
+    "  return {code}\n"
+    "end\n"
     "local v = redis.call('GET', k)\n"
     "if not v then\n"
     "  if init == '' then return {1} end\n"
     "  if ttl > 0 then redis.call('SET', k, init, 'PX', ttl) else redis.call('SET', k, init) end\n"
     "  v = init\n"
+    "  created = true\n"
     "end\n"
     "if string.byte(v, 1) == 0 then\n"
     "  local t, flags, p = string.match(v, '^%z([in])(%d+):(.*)$')\n"
-    "  if not t or not tonumber(p) then return {2} end\n"
+    "  if not t or not tonumber(p) then return refuse(2) end\n"
     "  local x = tonumber(p) + tonumber(d)\n"
     "  local kind = (t == 'i' and dk == 'i') and 'i' or 'n'\n"
     "  local s\n"
     "  if kind == 'i' then\n"
-    "    if x >= 9007199254740992 or x <= -9007199254740992 then return {3} end\n"
+    "    if x >= 9007199254740992 or x <= -9007199254740992 then return refuse(3) end\n"
     "    s = string.format('%d', x)\n"
     "  else s = string.format('%.17g', x) end\n"
     "  redis.call('SET', k, '\\0' .. kind .. flags .. ':' .. s, 'KEEPTTL')\n"
     "  return {0, kind, s}\n"
     "end\n"
-    "if not string.match(v, '^%-?%d+$') then return {2} end\n"
+    "if not string.match(v, '^%-?%d+$') then return refuse(2) end\n"
     "if dk == 'i' then\n"
     "  local r = redis.pcall('INCRBY', k, d)\n"
     "  if type(r) == 'table' and r.err then\n"
-    "    if string.find(r.err, 'overflow', 1, true) then return {3} end\n"
-    "    return {2}\n"
+    "    if string.find(r.err, 'overflow', 1, true) then return refuse(3) end\n"
+    "    return refuse(2)\n"
     "  end\n"
     "  return {0, 'i', redis.call('GET', k)}\n"
     "end\n"
@@ -291,8 +299,10 @@ static void ttl_ms(double ttl, char *out, size_t n) {
 
 /* ---- a value too long for the caller's buffer: kept for the retry ---- */
 
+static _Atomic uint64_t last_id;
+
 static _Thread_local struct {
-    const rdict *d;
+    uint64_t id;
     char *key;
     size_t klen;
     redisReply *reply;
@@ -303,6 +313,15 @@ static void drop_kept(void) {
     free(tl_kept.key);
     memset(&tl_kept, 0, sizeof tl_kept);
 }
+
+/* A thread that ends holding a kept reply (its caller never retried) frees it. */
+static pthread_key_t kept_key;
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static void kept_at_exit(void *unused) {
+    (void)unused;
+    drop_kept();
+}
+static void kept_key_init(void) { pthread_key_create(&kept_key, kept_at_exit); }
 
 /* ---- the operations ---- */
 
@@ -322,13 +341,14 @@ static void *r_open(const hs_shared_spec *spec, char *msg, size_t msglen) {
         return NULL;
     }
     d->r = r;
+    d->id = atomic_fetch_add(&last_id, 1) + 1;
     pthread_mutex_init(&d->mu, NULL);
     return d;
 }
 
 static void r_close(void *b) {
     rdict *d = b;
-    if (tl_kept.d == d) drop_kept();
+    if (tl_kept.id == d->id) drop_kept(); /* other threads' are dropped by their next get */
     hs_redis_close(d->r);
     pthread_mutex_destroy(&d->mu);
     free(d);
@@ -338,7 +358,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
                  int *stale) {
     rdict *d = b;
     redisReply *rep = NULL;
-    if (tl_kept.d == d && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen)) {
+    if (tl_kept.id == d->id && tl_kept.klen == klen && !memcmp(tl_kept.key, key, klen)) {
         rep = tl_kept.reply; /* the retry with a larger buffer: no second round trip */
         tl_kept.reply = NULL;
     }
@@ -359,8 +379,10 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
     if (rc == HS_SHARED_BUFFER && (tl_kept.key = malloc(klen ? klen : 1))) {
         memcpy(tl_kept.key, key, klen);
         tl_kept.klen = klen;
-        tl_kept.d = d;
+        tl_kept.id = d->id;
         tl_kept.reply = rep;
+        pthread_once(&kept_once, kept_key_init);
+        pthread_setspecific(kept_key, &tl_kept); /* non-NULL: the destructor runs */
         return rc;
     }
     hs_redis_free_reply(rep);
@@ -533,7 +555,8 @@ static int r_ttl(void *b, const char *key, size_t klen, double *ttl) {
     if (rep->type == REDIS_REPLY_ERROR) rc = reply_error(rep);
     else if (rep->type != REDIS_REPLY_INTEGER) rc = backend_error("redis: unexpected reply to PTTL");
     else if (rep->integer == -2) rc = HS_SHARED_NOT_FOUND;
-    else *ttl = rep->integer < 0 ? 0 : (double)rep->integer / 1000.0;
+    else if (rep->integer < 0) *ttl = 0; /* -1: no expiry */
+    else *ttl = rep->integer ? (double)rep->integer / 1000.0 : 0.001; /* its last millisecond: not 0 */
     hs_redis_free_reply(rep);
     return rc;
 }

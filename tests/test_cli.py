@@ -56,3 +56,18 @@ def test_demo_runs_the_key_header_scenario_through_the_proxy(engine_arg):
     assert statuses == ["MISS", "HIT", "HIT", "MISS", "HIT", "HIT", "MISS", "HIT"]
     assert "origin saw 3 requests" in p.stdout
     assert "ok: every cache status as expected" in p.stdout
+
+
+def test_check_takes_a_redis_dictionary_without_connecting(engine):
+    # nothing listens on port 1: the check compiles, it does not talk to Redis
+    p = run("check", "--engine", engine, "--shared", "meta=redis://127.0.0.1:1/0", *EXAMPLES)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(": ok") == len(EXAMPLES)
+
+
+def test_check_reports_a_bad_dictionary_url_without_a_traceback(engine):
+    p = run("check", "--engine", engine, "--shared", "meta=redis://127.0.0.1:0/0", EXAMPLES[0])
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("hostscript check: shared dictionary 'meta': 'redis://127.0.0.1:0/0': "
+                                "the port must be a number from 1 to 65535")
+    assert "Traceback" not in p.stderr

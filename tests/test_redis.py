@@ -195,6 +195,18 @@ def test_an_empty_pipeline_is_an_empty_table(rhost):
         [b"table", None, 0, True, None, b"PONG"]
 
 
+def test_a_pipeline_sent_takes_no_more_commands(rhost):
+    assert "sent already" in lua_error(rhost, """
+        local r, kept = hs.redis("meta"), nil
+        r:pipeline(function(p) kept = p p:call("PING") end)
+        kept:call("PING")""")
+    # an error in the function sends nothing
+    assert "boom" in lua_error(rhost, """
+        local r = hs.redis("meta")
+        r:pipeline(function(p) p:call("SET", r.prefix .. "k", "v") error("boom") end)""")
+    assert lua(rhost, 'local r = hs.redis("meta") return r:call("EXISTS", r.prefix .. "k")') == [0]
+
+
 # ---- what hs.redis refuses ----
 
 
@@ -308,7 +320,8 @@ def test_8_threads_on_each_of_2_hosts_count_exactly(make_host, redis_server, red
         t.join(120)
     assert not any(t.is_alive() for t in threads) and not errors, errors[:3]
     total = 2 * threads_per_host * per_thread
-    assert redis_server.cmd("GET", redis_prefix + "hits") == str(total).encode()
+    if op == "INCRBY":
+        assert redis_server.cmd("GET", redis_prefix + "hits") == str(total).encode()
     assert hosts[0].shared["meta"].get("hits") == total == hosts[1].shared["meta"].get("hits")
 
 
@@ -322,7 +335,7 @@ function C:on_read_request(txn)
     local d = hs.shared.meta
     n = n + 1
     local v, err
-    if n %% 2 == 0 then v, err = d:incr("n", 1, 0) else v, err = d:get("n") end
+    if n % 2 == 0 then v, err = d:incr("n", 1, 0) else v, err = d:get("n") end
     txn.ctx.err = err or false
 end
 return C
@@ -404,6 +417,27 @@ def test_redis_killed_mid_traffic_then_restarted(make_host, own_redis, engine):
     assert d.get("n") >= 1 and lua(host, "return d:incr('n', 1) > 1") == [True]
 
 
+def test_a_restart_while_idle_costs_no_failed_call(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=1)})
+    d = host.shared["meta"]
+    # 8 calls at once while the server holds its clients: 8 connections in the pool
+    own_redis.cmd("CLIENT", "PAUSE", 300)
+    threads = [threading.Thread(target=d.get, args=("k",)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    clients = own_redis.cmd("CLIENT", "LIST").count(b"\n") - 1  # less the raw client
+    assert clients >= 8, clients
+    own_redis.kill()
+    own_redis.start()
+    for i in range(10):  # the idle connections are dead: each is dropped before use
+        d.set("k", i)
+    assert d.get("k") == 9
+    st = host.stats()["shared"]["meta"]
+    assert st["errors"] == 0 and st["reconnects"] >= 1, st
+
+
 def test_every_method_fails_with_a_redis_message_while_redis_is_down(make_host, own_redis):
     host = make_host(shared={"meta": own_redis.url(prefix="t:", **FAST)})
     d = host.shared["meta"]
@@ -446,7 +480,8 @@ def test_every_method_fails_with_a_redis_message_while_redis_is_down(make_host, 
            if not (r[0] is True and r[1].startswith(b"redis: ") and r[2] is True)}
     assert not bad, bad
     # capacity has no Redis call to fail
-    assert lua(host, "return d:capacity()") == [None, b"redis: no capacity"]
+    none, message = lua(host, "return d:capacity()")
+    assert none is None and message.startswith(b"redis: no capacity")
 
 
 def test_while_connecting_fails_calls_fail_at_once_then_recover(make_host, own_redis):
@@ -464,6 +499,7 @@ def test_while_connecting_fails_calls_fail_at_once_then_recover(make_host, own_r
     assert slowest < 0.1, f"a call took {slowest:.3f} s"
     # after the first failures (the connection lost) every call gives the last reason
     assert all("refused" in m for m in messages[3:]), set(messages)
+    assert any(m.endswith("(reconnecting)") for m in messages), set(messages)
     own_redis.start()
     t_up = time.monotonic()
     assert wait_for(lambda: succeeds(lambda: d.get("k")), 2.0)
@@ -498,8 +534,8 @@ def test_a_paused_redis_times_out_and_late_replies_are_not_taken(make_host, own_
     assert [d.get("b"), d.get("a")] == [b"B", b"A"]
     assert lua(host, """
         local r = hs.redis("meta")
-        return d:get("b"), r:call("GET", r.prefix .. "a"), r:call("ECHO", "e")""") == \
-        [b"B", b"A", b"e"]
+        return d:get("b"), d:get("a"), r:call("ECHO", "e"), r:call("ECHO", "f")""") == \
+        [b"B", b"A", b"e", b"f"]
     st = host.stats()["shared"]["meta"]
     assert st["timeouts"] > 0 and st["errors"] >= st["timeouts"], st
 
@@ -572,6 +608,63 @@ def test_waiting_on_redis_does_not_hold_the_gil(make_host, own_redis, via):
     assert len(gaps) > 50 and max(gaps) < 0.1, f"the heartbeat stalled {max(gaps):.3f} s"
 
 
+def test_a_fires_time_limit_bounds_its_wait_on_redis(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=2)}, time_limit=0.3)
+    host.shared["meta"].set("k", 1)
+    host.load(RUNNER % "return d:get('k')", name="runner.lua")
+    own_redis.pause()
+    try:
+        t0 = time.monotonic()
+        txn = Transaction()
+        out = host.fire("read_request", txn)
+        waited = time.monotonic() - t0
+    finally:
+        own_redis.resume()
+    assert waited < 1.0, f"the fire waited {waited:.3f} s (its time limit is 0.3 s)"
+    assert out.status is Status.ERROR or txn.ctx["r"][1]["v"].startswith("redis: "), out
+
+
+def test_close_waits_for_calls_waiting_on_redis(make_host, own_redis):
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=0.5)})
+    d = host.shared["meta"]
+    d.set("k", 1)
+    host.load(RUNNER % "return d:get('k')", name="runner.lua")
+    got = {}
+
+    def python_call():
+        try:
+            d.get("k")
+            got["python"] = "returned"
+        except hostscript.Error as exc:
+            got["python"] = exc
+
+    def lua_fire():
+        txn = Transaction()
+        out = host.fire("read_request", txn)
+        got["lua"] = (out.status, txn.ctx.get("r"))
+
+    own_redis.pause()
+    threads = [threading.Thread(target=python_call), threading.Thread(target=lua_fire)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # both are waiting on Redis now
+        t0 = time.monotonic()
+        host.close()
+        closing = time.monotonic() - t0
+        for t in threads:
+            t.join(5)
+    finally:
+        own_redis.resume()
+    assert not any(t.is_alive() for t in threads)
+    assert 0.2 < closing < 1.5, closing  # it waited for them, and not for ever
+    assert isinstance(got["python"], hostscript.SharedDictError), got
+    assert got["python"].message == "redis: timeout"
+    assert got["lua"][0] is Status.CONTINUE and got["lua"][1][1]["v"] == "redis: timeout", got
+    with pytest.raises(hostscript.ClosedError):
+        d.get("k")
+
+
 # ---- a reply over the bound ----
 
 
@@ -597,6 +690,19 @@ def test_a_reply_too_large_is_an_error_and_the_next_call_works(make_host, redis_
         return v, err, #r:call("LRANGE", r.prefix .. "list", 0, 99)""") == \
         [None, b"redis: reply too large", 100]
     assert host.stats()["shared"]["meta"]["reconnects"] >= 1
+
+
+@pytest.mark.parametrize("how", ["call", "pipeline"])
+def test_a_command_over_max_reply_is_refused_before_it_is_sent(make_host, redis_server,
+                                                               redis_prefix, how):
+    host = make_host(shared={"meta": redis_server.url(prefix=redis_prefix, max_reply=100000)})
+    command = 'p:call("SET", r.prefix .. "sent", string.rep("s", 200000))'
+    if how == "pipeline":
+        command = f"r:pipeline(function(p) {command} end)"
+    message = lua_error(host, f'local r = hs.redis("meta") local p = r {command}')
+    assert "the commands are larger than max_reply (100000 bytes)" in message, message
+    assert redis_server.cmd("EXISTS", redis_prefix + "sent") == 0
+    assert lua(host, 'return hs.redis("meta"):call("PING")') == [b"PONG"]
 
 
 # ---- Redis out of memory ----
