@@ -6,22 +6,22 @@ wrong variant, the cache back without a restart)."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import itertools
 import json
 import random
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
-
-import http.client
-
 from helpers import ROOT, wait_for
-from hostscript.demo import SEQUENCE
 from proxy_helpers import Reply, request
 from test_proxy_cli import Serve
+
+from hostscript.demo import SEQUENCE
 
 EXAMPLES = ROOT / "examples"
 KEY_HEADER = "key_header.lua"
@@ -58,7 +58,7 @@ class KeyOrigin:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 key = query[4:] if query.startswith("key=") else outer.key
                 with outer.lock:
@@ -99,14 +99,14 @@ def key_origin():
     o.close()
 
 
-def variant(abc: Optional[str]) -> str:
+def variant(abc: str | None) -> str:
     """What ``abc;match=bennet`` reduces ABC to: "1", "0", or "none" when absent."""
     if abc is None:
         return "none"
     return "1" if any(item.strip() == "bennet" for item in abc.split(",")) else "0"
 
 
-def get(proxy_or_port: Any, path: str, abc: Optional[str] = None, **headers: str):
+def get(proxy_or_port: Any, path: str, abc: str | None = None, **headers: str):
     """GET PATH with abc: ABC (absent when None); the Reply, its JSON body as .doc."""
     if abc is not None:
         headers["abc"] = abc
@@ -128,9 +128,12 @@ def start(start_proxy, key_origin, script: str, meta: Any, threads: int = 4, tim
                        host_kw={"shared": {"meta": meta}, "time_limit": time_limit})
 
 
-def meta_for(backend: str, redis_server, redis_prefix: str) -> Any:
+def meta_for(backend: str, request, redis_prefix: str) -> Any:
+    """The dictionary "meta": 1 MiB in the process, or the session's Redis (only then
+    is redis-server needed)."""
     if backend == "in-process":
         return 1 << 20
+    redis_server = request.getfixturevalue("redis_server")
     return redis_server.url(prefix=redis_prefix, timeout=TIMEOUT, connect_timeout=TIMEOUT)
 
 
@@ -138,8 +141,8 @@ def meta_for(backend: str, redis_server, redis_prefix: str) -> Any:
 
 
 @pytest.mark.parametrize("script, backend", SETUPS, ids=SETUP_IDS)
-def test_the_demo_scenario(start_proxy, key_origin, redis_server, redis_prefix, script, backend):
-    p = start(start_proxy, key_origin, script, meta_for(backend, redis_server, redis_prefix))
+def test_the_demo_scenario(start_proxy, key_origin, request, redis_prefix, script, backend):
+    p = start(start_proxy, key_origin, script, meta_for(backend, request, redis_prefix))
     replies = [get(p, "/article", abc) for abc, _ in SEQUENCE]
     assert [r.get("x-cache") for r in replies] == [status for _, status in SEQUENCE]
     assert key_origin.count("/article") == 3
@@ -154,6 +157,7 @@ def test_the_demo_scenario(start_proxy, key_origin, redis_server, redis_prefix, 
     assert len({next(iter(k)) for k in keys.values()}) == 3
     assert all(next(iter(k)).startswith("gen-") for k in keys.values())
     if script == KEY_HEADER_REDIS:  # what it keeps in Redis, read from outside
+        redis_server = request.getfixturevalue("redis_server")
         k = f"{redis_prefix}kh:key:/article"
         assert redis_server.cmd("HGET", k, "value") == b"abc;match=bennet"
         assert 0 < redis_server.cmd("TTL", k) <= 300
@@ -167,19 +171,18 @@ def test_the_demo_scenario(start_proxy, key_origin, redis_server, redis_prefix, 
 
 @pytest.mark.parametrize("script, backend", SETUPS, ids=SETUP_IDS)
 def test_a_key_learnt_again_does_not_find_the_old_keys_variants(
-        start_proxy, key_origin, redis_server, redis_prefix, script, backend):
+        start_proxy, key_origin, request, redis_prefix, script, backend):
     # the origin's Key changes while the first one expires: a secondary key that
     # reads the same under the new Key ("1") is another variant
-    p = start(start_proxy, key_origin, script, meta_for(backend, redis_server, redis_prefix))
+    p = start(start_proxy, key_origin, script, meta_for(backend, request, redis_prefix))
     assert get(p, "/a", "bennet").get("x-cache") == "MISS"
     assert get(p, "/a", "bennet").get("x-cache") == "HIT"
     # the Key expires (KEY_TTL, 300 s: deleted here) and the origin sends another
     if backend == "in-process":
         assert p.host.shared["meta"].delete("key:/a")
-    elif script == KEY_HEADER:
-        assert redis_server.cmd("DEL", f"{redis_prefix}key:/a") == 1
     else:
-        assert redis_server.cmd("DEL", f"{redis_prefix}kh:key:/a") == 1
+        name = "key:/a" if script == KEY_HEADER else "kh:key:/a"
+        assert request.getfixturevalue("redis_server").cmd("DEL", redis_prefix + name) == 1
     key_origin.key = "abc;match=theodore"
     assert get(p, "/a").get("x-cache") == "MISS"  # learns the new Key
     r = get(p, "/a", "theodore")  # "1" under match=theodore
@@ -197,7 +200,7 @@ def serve(key_origin, tmp_path):
     SCRIPT and SHOW_CACHE_KEY in front of key_origin; stopped (exit 0) after the test."""
     show = tmp_path / "show_cache_key.lua"
     show.write_text(SHOW_CACHE_KEY)
-    procs: List[Serve] = []
+    procs: list[Serve] = []
 
     def run(script: str, meta_url: str, engine: str) -> Serve:
         s = Serve("--listen", "127.0.0.1:0", "--upstream", key_origin.url, "--engine", engine,
@@ -239,7 +242,7 @@ def test_two_serve_processes_behind_one_redis_agree_on_generations(
     random.Random(7).shuffle(jobs)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda j: (j, get(j[0], path, **{"x-v": j[1]})), jobs))
-    seen: Dict[str, set] = {v: set() for v in values}
+    seen: dict[str, set] = {v: set() for v in values}
     for (port, v), r in replies:
         assert r.status == 200 and r.doc["x-v"] == v, r
         seen[v].add(r.get("x-cache-key"))
@@ -251,7 +254,7 @@ def test_two_serve_processes_behind_one_redis_agree_on_generations(
         gens = dict(zip(gens[::2], gens[1::2]))
         fields = {v: b"x-v;div=1\x00" + v.encode() + b"\x00" for v in values}
         assert {v: "gen-" + gens[fields[v]].decode() for v in values} == ids
-    # each process now hits the variant cached through either
+    # each process hits the copy it cached, under the id both use
     for v in values:
         for port in (pa, pb):
             r = get(port, path, **{"x-v": v})
@@ -269,7 +272,7 @@ class Traffic:
 
     def __init__(self, proxy: Any, path: str = "/article", clients: int = 6) -> None:
         self.proxy, self.path = proxy, path
-        self.log: List[Tuple[float, float, Optional[str], Any]] = []
+        self.log: list[tuple[float, float, str | None, Any]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
         for t in self._threads:
@@ -309,15 +312,14 @@ def check_every_answer(log: list, bound: float) -> float:
     return slowest
 
 
+_fresh = itertools.count()
+
+
 def key_flow_works(proxy: Any) -> bool:
     """On a fresh URL: a miss that learns the Key, a hit, another variant's miss."""
-    key_flow_works.n += 1
-    path = f"/fresh{key_flow_works.n}"
+    path = f"/fresh{next(_fresh)}"
     got = [get(proxy, path, abc).get("x-cache") for abc in ("bennet", "foo, bennet", "theodore")]
     return got == ["MISS", "HIT", "MISS"]
-
-
-key_flow_works.n = 0
 
 
 @pytest.mark.parametrize("script", [KEY_HEADER, KEY_HEADER_REDIS])
@@ -337,7 +339,7 @@ def test_redis_killed_under_traffic_then_restarted(start_proxy, key_origin, own_
     own_redis.start()  # the same port, empty
     time.sleep(0.5)  # traffic again, on a Redis that forgot every Key and id
     traffic.stop()
-    slowest = check_every_answer(traffic.log, TIMEOUT + MARGIN)
+    check_every_answer(traffic.log, TIMEOUT + MARGIN)
     down = traffic.between(killed + 0.05, restarted)
     assert len(down) >= 20, len(down)
     assert {r.get("x-cache") for *_, r in down} == {"MISS"}  # bypassed: never a hit
@@ -346,8 +348,6 @@ def test_redis_killed_under_traffic_then_restarted(start_proxy, key_origin, own_
     # the Key flow again, without restarting the proxy (the back-off is at most 1 s)
     assert wait_for(lambda: key_flow_works(p), 5)
     assert p.host.stats()["errors"] == 0
-    print(f"{script}: {len(traffic.log)} requests, {len(down)} while Redis was down, "
-          f"slowest {slowest * 1000:.0f} ms")
 
 
 @pytest.mark.parametrize("script", [KEY_HEADER, KEY_HEADER_REDIS])
