@@ -2,17 +2,32 @@
 -- header names (draft-ietf-httpbis-key-01), the way a caching proxy that understands
 -- Key would, on a shared dictionary every worker thread sees.
 --
---   read_response: remember the first Key the origin sent for a URL;
---   read_request:  compute this request's secondary key from that Key, map it to a
---                  small generation id per URL, and make it the cache key's
---                  secondary part (txn:set_cache_key) — requests whose headers
---                  reduce to the same values share one cached response.
+--   read_request:  compute this request's secondary key from the URL's Key, map it to
+--                  a generation id per URL, and make it the cache key's secondary
+--                  part (txn:set_cache_key) — requests whose headers reduce to the
+--                  same values share one cached response.
+--   read_response: remember the first Key the origin sent for a URL, and key the
+--                  response being stored by it.
+--   send_response: undo what read_response changed to keep a response out of the
+--                  cache (below).
 --
--- Needs a host with a shared dictionary named "meta":
+-- When the dictionary fails (one in Redis that is down or slow answers nil, err), the
+-- URL's Key or a generation id is unknown, and neither a lookup nor a store under the
+-- URL alone is safe: that entry would answer every request of the URL, whatever its
+-- headers. Such a request bypasses the cache (BYPASS below): a warning is logged and
+-- the origin answers it, as if there were no cache; it waits for the dictionary once
+-- at most (no call follows a failed one).
+--
+-- Needs a host with a shared dictionary named "meta", in this process or in Redis:
 --   hostscript serve --shared meta=1m --script examples/key_header.lua ...
+--   hostscript serve --shared 'meta=redis://127.0.0.1:6379/0?prefix=kh:' --script ...
 local key = require "hs.key"
 
 local KEY_TTL = 300 -- seconds a URL's Key is trusted before it is learnt again
+
+-- The secondary cache key of a request that bypasses the cache: nothing is ever
+-- stored under it (its response is kept out), so its lookup is always a miss.
+local BYPASS = "key-unavailable"
 
 local KeyHeader = {}
 
@@ -29,51 +44,105 @@ local function resource(txn)
   return txn.req.uri
 end
 
--- The generation id of SECONDARY for URL: the first thread to see a new secondary
--- key takes the URL's next id (incr); a thread that loses the race to add it uses
--- the winner's.
-local function generation(url, secondary)
-  local slot = "gen:" .. url .. "\0" .. secondary
-  local gen = meta:get(slot)
+-- The cache cannot be used for this request: look up under BYPASS, store nothing.
+local function bypass(txn, url, why)
+  if not txn.ctx.key_bypass then -- once a request
+    hs.log.warn("Key of " .. url .. ": cache bypassed: " .. tostring(why))
+    txn.ctx.key_bypass = true
+  end
+  txn:set_cache_key(BYPASS)
+end
+
+-- The generation id of SECONDARY under the Key value KV for URL: the first thread to
+-- see a new one takes the URL's next id (incr); a thread that loses the race to add it
+-- uses the winner's. The slot names the Key value too: after the Key expired and the
+-- origin sent another, a secondary key that reads the same under the new Key is
+-- another variant, and must not find the id (and the cached response) of the old one.
+--
+-- A URL's ids are never given twice while the responses keyed by them may be cached:
+-- its counter starts at the clock in microseconds, so a counter that is lost (evicted,
+-- or Redis restarted empty while the proxies' caches live on) starts again above
+-- every id it gave before.
+local function generation(url, kv, secondary)
+  local slot = "gen:" .. url .. "\0" .. kv .. "\0" .. secondary
+  local gen, err = meta:get(slot)
   if gen then return gen end
-  local next_id, err = meta:incr("max-genid:" .. url, 1, 0)
-  if not next_id then return nil, err end
-  meta:add(slot, next_id)
-  return meta:get(slot)
+  if err then return nil, err end
+  local next_id, ierr = meta:incr("max-genid:" .. url, 1, math.floor(hs.now() * 1e6))
+  if not next_id then return nil, ierr end
+  local ok, aerr = meta:add(slot, next_id)
+  if not ok and aerr ~= "exists" then return nil, aerr end
+  gen, err = meta:get(slot)
+  if gen then return gen end
+  return nil, err or "the generation id vanished" -- evicted at once: do not guess
 end
 
 -- Set the cache key of TXN from the Key value KV; nothing when the Key cannot be
--- processed (the cache then keys on the URL alone, as for a response without Key).
+-- processed (the cache then keys on the URL alone, as for a response without Key:
+-- the draft says to fall back to Vary); BYPASS when the dictionary failed.
 local function apply(txn, url, kv)
   local parts, err = key.secondary_key(kv, txn.req.headers)
   if not parts then
     hs.log.debug("Key of " .. url .. " not usable: " .. err)
     return
   end
-  local gen, gerr = generation(url, key.join(parts))
+  local gen, gerr = generation(url, kv, key.join(parts))
   if gen then
-    txn:set_cache_key("gen-" .. tostring(gen))
+    -- in decimal digits on both engines (a LuaJIT number, or one a LuaJIT process
+    -- stored in Redis, is a double: tostring would say "1.7e+15" or "1.0")
+    txn:set_cache_key(string.format("gen-%.0f", gen))
   else
-    hs.log.warn("no generation id for " .. url .. ": " .. tostring(gerr))
+    bypass(txn, url, "no generation id: " .. tostring(gerr))
   end
 end
 
 function KeyHeader:on_read_request(txn)
   local url = resource(txn)
   txn.ctx.key_url = url -- the URL as the client asked, whatever later hooks rewrite
-  local kv = meta:get("key:" .. url)
-  if kv then apply(txn, url, kv) end
+  local kv, err = meta:get("key:" .. url)
+  if kv then
+    apply(txn, url, kv)
+  elseif err then
+    bypass(txn, url, err)
+  end
+end
+
+-- Keep the response out of the cache (Cache-Control: no-store, which the cache reads
+-- after this hook) and remember the origin's Cache-Control for send_response.
+local function keep_out(txn)
+  local h = txn.resp.headers
+  txn.ctx.key_cc = h:get_all("cache-control")
+  h["cache-control"] = "no-store"
 end
 
 function KeyHeader:on_read_response(txn)
+  if txn.ctx.key_bypass then return keep_out(txn) end -- no second wait for a failing dictionary
   local lines = txn.resp.headers:get_all("key")
-  if #lines == 0 then return end
   local url = txn.ctx.key_url or resource(txn)
-  local kv = table.concat(lines, ",")
-  -- the first Key wins until it expires; the response being stored now is keyed
-  -- under it too, so the next request with the same secondary key is a hit
-  if meta:add("key:" .. url, kv, KEY_TTL) == false then kv = meta:get("key:" .. url) or kv end
-  apply(txn, url, kv)
+  if #lines > 0 then
+    local kv = table.concat(lines, ",")
+    -- the first Key wins until it expires; the response being stored now is keyed
+    -- under it too, so the next request with the same secondary key is a hit
+    local ok, err = meta:add("key:" .. url, kv, KEY_TTL)
+    if not ok then
+      if err == "exists" then kv, err = meta:get("key:" .. url) else kv = nil end
+    end
+    if not kv then
+      bypass(txn, url, err or "the Key vanished")
+    else
+      apply(txn, url, kv)
+    end
+  end
+  if txn.ctx.key_bypass then keep_out(txn) end
+end
+
+function KeyHeader:on_send_response(txn)
+  local cc = txn.ctx.key_cc
+  if cc then
+    local h = txn.resp.headers
+    h["cache-control"] = nil
+    for _, v in ipairs(cc) do h:add("cache-control", v) end
+  end
 end
 
 return KeyHeader

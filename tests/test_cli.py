@@ -16,10 +16,26 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, cwd=ROOT)
 
 
-def test_check_accepts_the_examples(engine):
-    p = run("check", "--engine", engine, "--shared", "meta=64k", *EXAMPLES)
+# *_redis.lua examples need their dictionary in Redis (hs.redis); a redis:// one
+# connects lazily, so checking needs no server
+IN_PROCESS = [e for e in EXAMPLES if not e.endswith("_redis.lua")]
+
+
+@pytest.mark.parametrize("shared, examples", [("meta=64k", IN_PROCESS),
+                                              ("meta=redis://127.0.0.1:9/0?prefix=check:", EXAMPLES)],
+                         ids=["in-process", "redis"])
+def test_check_accepts_the_examples(engine, shared, examples):
+    p = run("check", "--engine", engine, "--shared", shared, *examples)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count(": ok") == len(EXAMPLES)
+    assert p.stdout.count(": ok") == len(examples)
+
+
+def test_check_refuses_a_redis_example_without_redis(engine):
+    redis_only = [e for e in EXAMPLES if e.endswith("_redis.lua")]
+    assert redis_only
+    p = run("check", "--engine", engine, "--shared", "meta=64k", *redis_only)
+    assert p.returncode == 1
+    assert "needs the shared dictionary 'meta' in Redis" in p.stderr
 
 
 def test_check_reports_a_broken_script_with_its_line(engine, tmp_path):
