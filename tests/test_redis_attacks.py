@@ -249,22 +249,28 @@ def test_a_reply_line_that_never_ends_is_bounded_by_the_timeout(fake):
     "redis.c: max_reply bounds the bytes read, but every 4-byte element (':1\\r\\n') of an "
     "array becomes a malloc'd redisReply (~64 bytes) plus 8 bytes of element vector, outside "
     "the Lua allocator: 12 MB read -> ~200 MB of C memory, whatever the memory limit"))
-def test_a_big_array_reply_does_not_bloat_memory_outside_lua(redis_server, redis_prefix, engine):
+def test_a_big_array_reply_does_not_bloat_memory_outside_lua(own_redis, engine):
     proc = run_python(f"""
         import resource
         import hostscript
         from hostscript import Transaction
         max_reply = 16 << 20
         host = hostscript.Host(["read_request"], engine="{engine}", memory_limit=4 << 20,
-            shared={{"d": "redis://127.0.0.1:{redis_server.port}/0?prefix={redis_prefix}&timeout=10"
+            shared={{"d": "redis://127.0.0.1:{own_redis.port}/0?prefix=t:&timeout=20"
                           "&max_reply=%d" % max_reply}})
         host.load('''local C = {{}} function C:on_read_request(txn)
             local r = hs.redis("d")
-            pcall(r.call, r, "EVAL", "local t = {{}} for i = 1, 2500000 do t[i] = 1 end return t", 0)
+            local v, err = r:call("EVAL", "local t = {{}} for i = 1, 2500000 do t[i] = 1 end return t", 0)
+            txn.ctx.err = err
         end return C''', name="x.lua")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-        host.fire("read_request", Transaction())
+        txn = Transaction()
+        out = host.fire("read_request", txn)
         grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+        # the reply (10 MB) was read and making it a Lua table passed the memory limit, or
+        # the client refused it: anything else (a Redis failure) proves nothing
+        assert (out.error and "memory limit" in out.error.message
+                or txn.ctx.get("err") == "redis: reply too large"), (out, txn.ctx)
         print(grew, max_reply)
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -541,7 +547,9 @@ def test_integers_from_lua_are_stored_as_digits(request, make_host, redis_server
     xfail_on(request, engine, "luajit", (
         "lapi_shared.c get_value/get_number on LuaJIT (hs_isinteger is 0): every number is "
         "HS_VAL_NUMBER, so d:set('c', 5) stores '\\0n0:5' and d:incr stores doubles: INCRBY from "
-        "other clients fails, Python reads 5.0 (docs: an integer is stored as its digits)"))
+        "other clients fails, Python reads 5.0 (docs: an integer is stored as its digits). A "
+        "design decision: the in-process tests expect LuaJIT numbers to be floats; if that "
+        "stays, delete this test and say so in docs/redis.md"))
     host = make_host(shared={"meta": redis_server.url(prefix=redis_prefix)})
     lua(host, 'd:set("c", 5) d:incr("i", 1, 0) return true')
     assert redis_server.cmd("GET", redis_prefix + "c") == b"5"
@@ -607,9 +615,9 @@ def test_a_scan_that_never_ends_is_bounded(fake):
                 host.shared["d"].keys()
             except hostscript.SharedDictError as exc:
                 print(exc.message)
-        """, timeout=4)
+        """, timeout=6)
     except subprocess.TimeoutExpired:
-        pytest.fail("keys() still looping after 4 s with timeout=0.2")
+        pytest.fail("keys() still looping after 6 s with timeout=0.2")
     assert proc.stdout.startswith("redis: "), (proc.stdout, proc.stderr[-2000:])
 
 
@@ -691,7 +699,7 @@ def test_a_reply_trickling_byte_by_byte_is_bounded_by_the_timeout(fake):
         t0 = time.monotonic()
         with pytest.raises(hostscript.SharedDictError, match="timeout"):
             host.shared["d"].get("k")
-        assert time.monotonic() - t0 < 0.35
+        assert time.monotonic() - t0 < 0.4  # not the 0.45 s the whole reply takes
     finally:
         host.close()
 
