@@ -188,7 +188,8 @@ int hs_limits_enter(hs_state *S, hs_error *err);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
 void hs_state_release_host(hs_state *S); /* call the host's release callback, once per fire */
 /* A C function of L is about to wait (on the network): release the host's lock if
- * a fire holds it, and bound the wait by the fire's deadline (hs_wait_deadline_ns). */
+ * a fire holds it, and bound the wait by the fire's deadline less a tenth of the
+ * time limit, left for the handler's fallback (hs_wait_deadline_ns). */
 void hs_state_before_wait(lua_State *L);
 void hs_state_end_deadline(hs_state *S);
 /* Called by the patched engine libraries (tools/patches/). */
