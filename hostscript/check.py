@@ -266,3 +266,22 @@ def check_file(path: str, hooks: Sequence[str], engines: Sequence[str], make_hos
         notes.append(f"{path}: note: no global analysis: Lua 5.4 does not compile it "
                      f"({luac_error.replace('stdin:', 'line ', 1)})")
     return sorted(problems), notes
+
+
+def locate(path: str, message: str) -> Optional[int]:
+    """The line a class-level load error of the script in PATH is about (no class
+    returned, an on_<hook> problem), from the Lua 5.4 listing; None when unknown."""
+    if not luac_available():
+        return None
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        lst, _ = listing(source)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if lst is None:
+        return None
+    if message.startswith("the script must return a handler class"):
+        return lst.main_return
+    m = re.match(r"(on_\w+) ", message)
+    return _line_of(m.group(1), lst, source.decode("utf-8", "replace")) if m else None
