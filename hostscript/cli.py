@@ -22,6 +22,10 @@ def demo(args: argparse.Namespace) -> int:
     return _demo.run(args.engine, examples=args.examples)
 
 
+CHECK_TIME_LIMIT = 5.0  # seconds a script's chunk (and its class's new) may run in a check
+CHECK_MEMORY_LIMIT = 256 << 20
+
+
 def check(args: argparse.Namespace) -> int:
     """Static check of scripts (docs/check.md): every problem as file:line: message
     on stderr, "file: ok" on stdout; exit 1 when there are problems, 2 on a usage error."""
@@ -43,7 +47,9 @@ def check(args: argparse.Namespace) -> int:
               "no global analysis", file=sys.stderr)
 
     def make_host(engine: str, sandbox: bool) -> Host:
-        return Host(hooks, engine=engine, shared=shared, sandbox=sandbox)
+        # bounded: a chunk that loops or hoards memory is reported, not waited for
+        return Host(hooks, engine=engine, shared=shared, sandbox=sandbox,
+                    time_limit=CHECK_TIME_LIMIT, memory_limit=CHECK_MEMORY_LIMIT)
 
     status = 0
     for path in files:

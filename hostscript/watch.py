@@ -76,7 +76,7 @@ class Watcher:
                     debounce=ms, step=min(50, ms), stop_event=self._stop, rust_timeout=100,
                     yield_on_timeout=True, raise_interrupt=False, recursive=False):
                 self._ready.set()
-                if self._stop.is_set():
+                if self._stop.is_set() or self.host.closed:
                     break
                 for real in sorted({os.path.realpath(p) for _, p in changes}):
                     if not self._reload(self._targets[real]):

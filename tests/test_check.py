@@ -4,7 +4,9 @@ Debian's lua5.4, installed by tools/install-deps.sh)."""
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
+import time
 
 import pytest
 
@@ -184,3 +186,16 @@ def test_the_examples_pass_the_global_analysis(capsys):
     code, out, err = run(capsys, "--engine", "luajit", "--engine", "lua54",
                          "--shared", "meta=redis://127.0.0.1:9/0", str(root))
     assert (code, err) == (0, ""), err
+
+
+def test_a_chunk_that_loops_is_reported_not_waited_for(capsys, tmp_path, monkeypatch):
+    import hostscript.cli as cli
+
+    monkeypatch.setattr(cli, "CHECK_TIME_LIMIT", 0.4)
+    write(tmp_path, {"loop.lua": "local C = {}\nwhile true do end\nreturn C\n"})
+    t0 = time.monotonic()
+    code, out, err = run(capsys, "--engine", "lua54", "--hooks", HOOKS, str(tmp_path))
+    assert time.monotonic() - t0 < 1.0  # once, not again for the class
+    assert code == 1
+    assert re.fullmatch(re.escape(str(tmp_path / "loop.lua")) + r":\d: time limit exceeded \(0.2 s\)\n",
+                        err), err

@@ -130,8 +130,8 @@ def test_a_closed_host_ends_the_watch(make_host, tmp_path):
     host = make_host(("read_request",))
     host.load_file(p)
     w = host.watch()
+    assert w.running
     host.close()
-    edit(p, VERSION.format(v=2))
     assert wait_for(lambda: not w.running, 3)
 
 
