@@ -207,7 +207,11 @@ def test_a_chunk_that_loops_is_reported_not_waited_for(tmp_path):
                         str(problems[0])), problems
 
 
-def test_the_cli_runs_scripts_under_a_time_limit():
+def test_the_cli_runs_scripts_under_its_time_limit(capsys, tmp_path, monkeypatch):
     import hostscript.cli as cli
 
     assert 0 < cli.CHECK_TIME_LIMIT <= 10 and cli.CHECK_MEMORY_LIMIT > 0
+    monkeypatch.setattr(cli, "CHECK_TIME_LIMIT", 0.3)
+    write(tmp_path, {"loop.lua": "local C = {}\nwhile true do end\nreturn C\n"})
+    code, out, err = run(capsys, "--engine", "luajit", "--hooks", HOOKS, str(tmp_path))
+    assert code == 1 and "time limit exceeded (0.3 s)" in err, err
