@@ -215,3 +215,15 @@ def test_the_cli_runs_scripts_under_its_time_limit(capsys, tmp_path, monkeypatch
     write(tmp_path, {"loop.lua": "local C = {}\nwhile true do end\nreturn C\n"})
     code, out, err = run(capsys, "--engine", "luajit", "--hooks", HOOKS, str(tmp_path))
     assert code == 1 and "time limit exceeded (0.3 s)" in err, err
+
+
+def test_without_luac_the_check_says_so_and_skips_the_global_analysis(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(check_mod, "luac_available", lambda: False)
+    write(tmp_path, {"globals.lua": SCRIPTS["globals.lua"], "hooks.lua": SCRIPTS["hooks.lua"]})
+    code, out, err = run(capsys, "--engine", "lua54", "--hooks", HOOKS, str(tmp_path))
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0] == "hostscript check: luac5.4 not found (Debian package lua5.4): no global analysis"
+    # the class problems are still found; their lines come from the source text then
+    assert sorted(lines[1:]) == expected_lines(tmp_path, {"hooks.lua": EXPECTED["hooks.lua"]})
+    assert out.splitlines() == [f"{tmp_path / 'globals.lua'}: ok"]
