@@ -104,8 +104,11 @@ def luac_available() -> bool:
 def listing(source: bytes) -> Tuple[Optional[Listing], Optional[str]]:
     """Compile SOURCE with luac5.4 and read its listing: (Listing, None), or
     (None, luac's error) when Lua 5.4 does not compile it."""
-    p = subprocess.run([LUAC, "-p", "-l", "-l", "-"], input=source, capture_output=True,
-                       timeout=30)
+    try:
+        p = subprocess.run([LUAC, "-p", "-l", "-l", "-"], input=source, capture_output=True,
+                           timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{LUAC} failed: {exc}"
     if p.returncode != 0:
         msg = p.stderr.decode("utf-8", "replace").strip()
         return None, msg.split(": ", 1)[-1] if msg.startswith(LUAC) else msg
