@@ -210,6 +210,15 @@ class Host(_bridge.HostCore):
             raise UsageError(f"script {name!r} was loaded from a string; load() its new source")
         return self.load_file(path)
 
+    def watch(self, paths: Any = None, *, debounce: float = 0.1) -> Any:
+        """Reload file scripts when their files change; *paths* (default: every
+        script loaded from a file) are files. Returns a hostscript.watch.Watcher (a
+        context manager; ``stop()`` ends it). A failed reload keeps the running
+        version and logs the error (logger ``hostscript``)."""
+        from .watch import Watcher
+
+        return Watcher(self, paths, debounce=debounce)
+
     def unload(self, name: str) -> None:
         """Remove script *name*; handlers stop running at each thread's next fire."""
         with self._lock:
