@@ -208,7 +208,8 @@ class ProxyCollector:
         return iter(self._families(None))
 
     def collect(self) -> Iterator[Any]:
-        return iter(self._families(self._proxy.stats()))
+        # families without samples (the cache's when it is off) are left out
+        return iter([f for f in self._families(self._proxy.stats()) if f.samples])
 
     def _families(self, st: Optional[Dict[str, Any]]) -> List[Any]:
         n = [self._name]

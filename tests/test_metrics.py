@@ -35,7 +35,7 @@ function C:on_read_request(txn)
   if h["x-fail"] then error("boom") end
   if h["x-spin"] then while true do end end
   if h["x-bomb"] then
-    local t = {} for i = 1, 1000 do t[i] = string.rep("x", 1048576) .. i end
+    local s = string.rep("x", 67108864)  -- one 64 MiB allocation: over the limit at once
   end
 end
 function C:on_log(txn) end
@@ -296,3 +296,22 @@ def test_serve_admin_exposes_metrics(engine, origin, tmp_path):
             == doc["proxy"]["upstream"]["connects"] >= 1
     finally:
         assert s.stop() == 0
+
+
+def test_proxy_without_cache_has_no_cache_metrics(start_proxy, origin):
+    p = start_proxy("local C = {} function C:on_log(txn) end return C", admin="127.0.0.1:0",
+                    cache_size=0)
+    c = http.client.HTTPConnection(*p.address, timeout=5)
+    c.request("GET", "/x")
+    assert c.getresponse().read() is not None
+    c.close()
+    a = http.client.HTTPConnection(*p.admin_address, timeout=5)
+    a.request("GET", "/metrics")
+    r = a.getresponse()
+    text = r.read().decode()
+    got, _ = parse(text)
+    a.close()
+    assert r.status == 200
+    assert val(got, "hostscript_proxy_requests_total", proxy="default") == 1
+    assert val(got, "hostscript_hook_fires_total", host="default", hook="log") == 1
+    assert "hostscript_proxy_cache_" not in text  # not even an empty family
