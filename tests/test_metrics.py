@@ -315,3 +315,17 @@ def test_proxy_without_cache_has_no_cache_metrics(start_proxy, origin):
     assert val(got, "hostscript_proxy_requests_total", proxy="default") == 1
     assert val(got, "hostscript_hook_fires_total", host="default", hook="log") == 1
     assert "hostscript_proxy_cache_" not in text  # not even an empty family
+
+
+def test_admin_metrics_without_prometheus_client_is_501(start_proxy, monkeypatch):
+    p = start_proxy("local C = {} function C:on_log(txn) end return C", admin="127.0.0.1:0")
+    monkeypatch.setattr(hmetrics, "_prom", None)  # as if prometheus-client were missing
+    a = http.client.HTTPConnection(*p.admin_address, timeout=5)
+    a.request("GET", "/metrics")
+    r = a.getresponse()
+    doc = json.loads(r.read())
+    a.request("GET", "/-/stats")  # the JSON counters do not need it
+    assert a.getresponse().status == 200
+    a.close()
+    assert r.status == 501
+    assert "pip install prometheus-client" in doc["error"]
