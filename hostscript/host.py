@@ -358,6 +358,15 @@ class Host(_bridge.HostCore):
         out["shared"] = shared
         return out
 
+    def metrics(self, name: str = "default") -> str:
+        """``stats()`` in the Prometheus text exposition format (version 0.0.4), every
+        sample labelled ``host=<name>``; built by hostscript.metrics.HostCollector,
+        which also plugs into a prometheus-client registry. Needs prometheus-client
+        (``pip install 'hostscript[metrics]'``): hostscript.metrics.MetricsUnavailable
+        (a hostscript.Error) otherwise."""
+        from . import metrics
+        return metrics.exposition(metrics.HostCollector(self, name)).decode("utf-8")
+
     def close(self, timeout: Optional[float] = None) -> None:
         """Close every thread's Lua state and free the host. Idempotent.
 
