@@ -22,6 +22,10 @@ log = logging.getLogger("hostscript")
 
 DEFAULT_HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 
+#: Upper bounds (seconds) of the per-hook latency buckets of ``stats()["hooks"][h]["buckets"]``
+#: (the core's hs_latency_bounds_ns; the last bucket counts the slower fires).
+LATENCY_BOUNDS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 100e-3)
+
 # A fire whose hook ran longer than this recently (on its thread) releases the GIL;
 # shorter ones keep it, since handing the GIL over costs more than they do.
 RELEASE_GIL_AFTER = 50e-6
@@ -329,7 +333,8 @@ class Host(_bridge.HostCore):
         rehydrations, releases (fires that ran long and let go of the GIL),
         compilations, states (live, pooled ones included), heap_bytes, heap_max,
         generation, pooled (idle states in the pool now), pool_hits (new threads that
-        took a pooled state), ``hooks``: {name: {fires, errors, total_ns}}, and
+        took a pooled state), ``hooks``: {name: {fires, errors, total_ns, buckets}}
+        (buckets: fires by latency, ``LATENCY_BOUNDS`` seconds then one more), and
         ``shared``: {name: {backend, capacity, free_space, keys, evictions, calls,
         errors, timeouts, reconnects, seconds}} per shared dictionary (keys counts
         expired entries not yet reclaimed; evictions, the live entries evicted to make
@@ -354,7 +359,8 @@ class Host(_bridge.HostCore):
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}
         out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
-                               "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}
+                               "total_ns": int(hk[i].total_ns), "buckets": list(hk[i].buckets)}
+                        for i, name in enumerate(self.hooks)}
         out["shared"] = shared
         return out
 

@@ -20,9 +20,9 @@ twice; prometheus-client refuses to register it ("Duplicated timeseries"). Add t
 other hosts to the first collector instead (``add`` or ``register``).
 
 Everything is read from ``Host.stats()`` at scrape time; nothing is recorded per
-fire beyond what the core already counts. The per-hook latency is a summary without
-quantiles (``_sum`` in seconds and ``_count``): the core keeps a total time per hook,
-not a distribution, so there are no histogram buckets.
+fire beyond what the core already counts. The per-hook latency is a histogram over
+the core's buckets (``hostscript.host.LATENCY_BOUNDS``: 10 µs to 100 ms), counted in
+C per fire.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import Error
+from .host import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from .host import Host
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 try:
     import prometheus_client as _prom
     from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                        SummaryMetricFamily)
+                                        HistogramMetricFamily)
 except ImportError:  # the optional extra is not installed
     _prom = None  # type: ignore[assignment]
 
@@ -164,16 +165,20 @@ class HostCollector:
         hf = CounterMetricFamily(_P + "hook_fires", "Fires per hook", labels=["host", "hook"])
         he = CounterMetricFamily(_P + "hook_errors", "Fires per hook that ended in an error",
                                  labels=["host", "hook"])
-        hd = SummaryMetricFamily(
+        hd = HistogramMetricFamily(
             _P + "hook_duration_seconds",
-            "Time spent running a hook's handlers (rehydration included); _count is the "
-            "hook's fires (a hook no script handles adds a fire and no time)",
+            "Time spent running a hook's handlers (rehydration included), per fire that ran "
+            "some (a fire of a hook no script handles is in hook_fires only)",
             labels=["host", "hook"])
         for name, _, st in snaps:
             for hook, h in st["hooks"].items():
                 hf.add_metric([name, hook], h["fires"])
                 he.add_metric([name, hook], h["errors"])
-                hd.add_metric([name, hook], count_value=h["fires"], sum_value=h["total_ns"] / 1e9)
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BOUNDS, float("inf")), h["buckets"]):
+                    cumulative += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+                hd.add_metric([name, hook], buckets=buckets, sum_value=h["total_ns"] / 1e9)
         fams += [hf, he, hd]
         labels = ["host", "dict", "backend"]
         for key, doc, field in _SHARED_GAUGES:

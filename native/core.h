@@ -101,6 +101,7 @@ typedef struct hs_hookcache {
 typedef struct hs_counters {
     _Atomic uint64_t fires, errors, timeouts, memory_errors, rehydrations, releases;
     _Atomic uint64_t hook_fires[HS_MAX_HOOKS], hook_errors[HS_MAX_HOOKS], hook_ns[HS_MAX_HOOKS];
+    _Atomic uint64_t hook_buckets[HS_MAX_HOOKS][HS_LATENCY_BUCKETS]; /* hs_hook_stats.buckets */
 } hs_counters;
 
 typedef struct hs_state hs_state;

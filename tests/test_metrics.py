@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import hostscript  # noqa: E402
 from hostscript import Outcome, Transaction  # noqa: E402
 from hostscript import metrics as hmetrics  # noqa: E402
+from hostscript.host import LATENCY_BOUNDS  # noqa: E402
 from helpers import ROOT  # noqa: E402
 from test_proxy_cli import VERSION, Serve  # noqa: E402
 
@@ -115,20 +117,34 @@ def test_host_counters_match_stats(busy_host):
 def test_per_hook_counters_and_latency(busy_host):
     m, types = parse(busy_host.metrics())
     st = busy_host.stats()["hooks"]
-    assert types["hostscript_hook_duration_seconds"] == "summary"
+    assert types["hostscript_hook_duration_seconds"] == "histogram"
     expect = {"read_request": (9, 4), "send_response": (0, 0), "log": (3, 0)}
     for hook, (fires, errors) in expect.items():
         lab = {"host": "default", "hook": hook}
         assert val(m, "hostscript_hook_fires_total", **lab) == fires == st[hook]["fires"]
         assert val(m, "hostscript_hook_errors_total", **lab) == errors == st[hook]["errors"]
-        assert val(m, "hostscript_hook_duration_seconds_count", **lab) == fires
+        assert val(m, "hostscript_hook_duration_seconds_count", **lab) == fires == sum(st[hook]["buckets"])
+        assert val(m, "hostscript_hook_duration_seconds_bucket", le="+Inf", **lab) == fires
         assert val(m, "hostscript_hook_duration_seconds_sum", **lab) == pytest.approx(
             st[hook]["total_ns"] / 1e9, rel=1e-9, abs=1e-12)
+        counts = [val(m, "hostscript_hook_duration_seconds_bucket", le=repr(b), **lab)
+                  for b in LATENCY_BOUNDS]
+        assert counts == sorted(counts)  # cumulative
     # the timeout alone ran 0.05 s of read_request; log's empty handler far less
-    assert val(m, "hostscript_hook_duration_seconds_sum", host="default", hook="read_request") >= 0.05
+    rr = {"host": "default", "hook": "read_request"}
+    assert val(m, "hostscript_hook_duration_seconds_sum", **rr) >= 0.05
     assert val(m, "hostscript_hook_duration_seconds_sum", host="default", hook="log") < 0.05
-    # no made-up distribution: neither buckets nor quantiles
-    assert not any(name.endswith("_bucket") or "quantile" in dict(labels) for name, labels in m)
+    # the timed-out fire is in a bucket above 10 ms; the log fires are all below it
+    assert val(m, "hostscript_hook_duration_seconds_bucket", le="0.01", **rr) <= 8
+    assert val(m, "hostscript_hook_duration_seconds_bucket", le="0.01", host="default", hook="log") == 3
+
+
+def test_latency_bounds_are_the_cores(engine):
+    from hostscript._engine import load
+    lib = load(engine).lib
+    bounds = lib.hs_latency_bounds_ns()
+    assert tuple(bounds[i] / 1e9 for i in range(len(LATENCY_BOUNDS))) == LATENCY_BOUNDS
+    assert lib.HS_LATENCY_BUCKETS == len(LATENCY_BOUNDS) + 1
 
 
 def test_the_name_labels_every_sample(busy_host):
@@ -305,12 +321,18 @@ def test_proxy_without_cache_has_no_cache_metrics(start_proxy, origin):
     c.request("GET", "/x")
     assert c.getresponse().read() is not None
     c.close()
-    a = http.client.HTTPConnection(*p.admin_address, timeout=5)
-    a.request("GET", "/metrics")
-    r = a.getresponse()
-    text = r.read().decode()
-    got, _ = parse(text)
-    a.close()
+    # the proxy counts a request once it is done, after the client may have its answer
+    deadline = time.monotonic() + 5
+    while True:
+        a = http.client.HTTPConnection(*p.admin_address, timeout=5)
+        a.request("GET", "/metrics")
+        r = a.getresponse()
+        text = r.read().decode()
+        got, _ = parse(text)
+        a.close()
+        if val(got, "hostscript_proxy_requests_total", proxy="default") or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert r.status == 200
     assert val(got, "hostscript_proxy_requests_total", proxy="default") == 1
     assert val(got, "hostscript_hook_fires_total", host="default", hook="log") == 1
