@@ -420,7 +420,7 @@ class _Body:
         x = self.x
         if self.done:
             raise StopIteration
-        if x.body is None or x.inner is not None:
+        if x.body is None:  # not replaced (yet: a generator app has not started)
             try:
                 it = self.it
                 if it is None:
