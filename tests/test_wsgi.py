@@ -76,6 +76,8 @@ _lock = threading.Lock()
 def inner(environ, start_response):
     if environ["PATH_INFO"] == "/count":
         body = str(calls[0]).encode()
+    elif environ["PATH_INFO"] == "/logged":  # how many times the log hook ran
+        body = str(_mw[0].host.shared["log"].get("n")).encode()
     else:
         with _lock:
             calls[0] += 1
@@ -86,8 +88,12 @@ def inner(environ, start_response):
     return [body]
 
 
+_mw = []
+
+
 def make(script, engine):
-    return Middleware(inner, [script], engine=engine, shared={"log": 1 << 20})
+    _mw.append(Middleware(inner, [script], engine=engine, shared={"log": 1 << 20}))
+    return _mw[-1]
 
 
 if os.environ.get("HS_WSGI_SCRIPT"):
@@ -697,6 +703,19 @@ def test_server_under_load(server):
     assert done[0] == THREADS * PER_THREAD
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
     assert get(conn, "/count")[2] == str(THREADS * PER_THREAD * 9 // 10).encode()
+    # log fires once per request, after the server closed its response (maybe after
+    # the client read it): poll until every earlier request (the load, /count and the
+    # earlier polls) has been logged, and never more
+    expected = THREADS * PER_THREAD + 1
+    deadline = time.monotonic() + 10
+    while True:
+        got = int(get(conn, "/logged")[2])
+        assert got <= expected, (got, expected)
+        if got == expected or time.monotonic() > deadline:
+            break
+        expected += 1  # this poll is logged too
+        time.sleep(0.02)
+    assert got == expected, (got, expected)
     conn.close()
     print(f"{THREADS * PER_THREAD} requests in {elapsed:.2f} s "
           f"({THREADS * PER_THREAD / elapsed:.0f}/s)")
