@@ -719,3 +719,21 @@ def test_server_under_load(server):
     conn.close()
     print(f"{THREADS * PER_THREAD} requests in {elapsed:.2f} s "
           f"({THREADS * PER_THREAD / elapsed:.0f}/s)")
+
+
+def test_send_response_respond_with_empty_body(make_host, tmp_path):
+    h = make_host(hooks=HOOKS)
+    h.load("""
+local E = {}
+function E:on_send_response(txn)
+  if txn.req.headers["x-empty"] then return txn:respond(204) end
+end
+return E""", "e")
+    inner = Closing([b"app body"])
+    mw = Middleware(lambda e, s: (s("200 OK", [("Content-Type", "text/plain")]), inner)[1], h)
+    d = drive(mw, environ("/", headers=[("X-Empty", "1")]), validate=False)
+    assert d.status == "204 No Content" and d.body == b"" and d.header("content-length") == "0"
+    assert inner.closes == 1 and not inner.iterated
+    inner = Closing([b"app body"])
+    d = drive(mw, environ("/"))
+    assert d.status == "200 OK" and d.body == b"app body"
