@@ -281,11 +281,15 @@ class _Exchange:
                 if k in env:
                     env[k] = uri
         if headers != before[2]:
-            old, new = _as_environ(before[2]), _as_environ(headers)
-            for k in old.keys() - new.keys():
-                env.pop(k, None)
+            # the environ still holds what the old headers came from: set what differs,
+            # delete the keys of headers that are gone
+            new = _as_environ(headers)
+            for name, _ in before[2]:
+                key = _environ_key(name)
+                if key not in new:
+                    env.pop(key, None)
             for k, v in new.items():
-                if old.get(k) != v:
+                if env.get(k) != v:
                     env[k] = v
 
     def answer(self) -> Iterable[bytes]:
@@ -328,7 +332,7 @@ class _Exchange:
                 resp.headers = headers
                 if not answered:
                     resp.body = b""
-                before = resp.headers.items()
+                before = headers if type(headers) is list else resp.headers.items()
             except (Error, ValueError) as exc:
                 self.mw._error("send_response", f"response not seen by the handlers: {exc}")
             else:
