@@ -29,7 +29,7 @@ import threading
 from typing import (Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union)
 from urllib.parse import quote, unquote, urlsplit
 
-from .errors import ArgumentTypeError, Error, UsageError
+from .errors import ArgumentTypeError, ClosedError, Error, UsageError
 from .host import Host, Status
 from .transaction import Transaction
 
@@ -195,7 +195,11 @@ class Middleware:
     # ---- one request ----
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        hooks = self.host.handled_hooks
+        try:
+            hooks = self.host.handled_hooks
+        except ClosedError:  # the handlers are gone; the application is not
+            self._error("read_request", "the host is closed; request passed through")
+            return self.app(environ, start_response)
         if not hooks:
             return self.app(environ, start_response)
         try:
@@ -298,8 +302,8 @@ class _Exchange:
         self.body = txn.response.body
         status = txn.response.status
         assert status is not None
-        self.send_response(_status_line(status), txn.response.headers.items(), None,
-                           answered=True)
+        self.send_response(_status_line(status), self.clean(txn.response.headers.items(), []),
+                           None, answered=True)
         return _Body(self)
 
     def start_response(self, status: str, headers: List[Header],
@@ -368,7 +372,7 @@ class _Exchange:
         out = []
         for n, v in after:
             if n.lower() in HOP_BY_HOP and n.lower() not in app_names:
-                log.warning("wsgi send_response: hop-by-hop header %r dropped (the server's)", n)
+                log.warning("wsgi: hop-by-hop header %r from a handler dropped (the server's)", n)
                 continue
             out.append((n, v))
         return out

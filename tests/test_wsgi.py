@@ -737,3 +737,33 @@ return E""", "e")
     inner = Closing([b"app body"])
     d = drive(mw, environ("/"))
     assert d.status == "200 OK" and d.body == b"app body"
+
+
+def test_only_handled_hooks_fire_and_answer_drops_hop_by_hop(make_host):
+    h = make_host(hooks=HOOKS, shared={"log": 1 << 20})
+    h.load("""
+local L = {}
+function L:on_log(txn) hs.shared.log:incr("n", 1, 0); hs.shared.log:set("status", txn.resp.status) end
+return L""", "logonly")
+    calls = []
+    mw = Middleware(simple_app(calls), h)
+    d = drive(mw, environ("/", headers=[("X-Deny", "1")]))  # no read_request handler: no answer
+    assert d.status == "200 OK" and d.header("x-hooked") is None and len(calls) == 1
+    assert logged(h)[:2] == (1, 200)
+    h.load("""
+local A = {}
+function A:on_read_request(txn) return txn:respond(503, "busy", {connection = "close", ["x-a"] = "1"}) end
+return A""", "answer")
+    d = drive(mw, environ("/"), validate=False)  # (validate wants a Content-Type)
+    assert d.status == "503 Service Unavailable" and d.header("connection") is None
+    assert d.header("x-a") == "1" and len(calls) == 1
+
+
+def test_closed_host_passes_requests_through(make_host, script):
+    h = make_host(hooks=HOOKS, shared={"log": 1 << 20})
+    h.load_file(script)
+    calls = []
+    mw = Middleware(simple_app(calls), h)
+    h.close()
+    d = drive(mw, environ("/", headers=[("X-Deny", "1")]))
+    assert d.status == "200 OK" and len(calls) == 1 and mw.errors == 1
