@@ -29,7 +29,7 @@ import threading
 from typing import (Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union)
 from urllib.parse import quote, unquote, urlsplit
 
-from .errors import ArgumentTypeError, ClosedError, Error, UsageError
+from .errors import ArgumentTypeError, ClosedError, Error, HandlerError, UsageError
 from .host import Host, Status
 from .transaction import Transaction
 
@@ -216,7 +216,7 @@ class _Exchange:
     """One request through the hooks and the application."""
 
     __slots__ = ("mw", "hooks", "txn", "environ", "server_start", "app_status", "body",
-                 "sent", "started", "inner", "closed")
+                 "sent", "inner", "closed")
 
     def __init__(self, mw: Middleware, hooks: frozenset, txn: Transaction, environ: dict,
                  start_response: StartResponse) -> None:
@@ -228,7 +228,6 @@ class _Exchange:
         self.app_status: Optional[str] = None  # what the application gave start_response
         self.body: Optional[bytes] = None      # a body a handler set, replacing the app's
         self.sent = False                      # a non-empty chunk went to the server
-        self.started = False                   # the server's start_response was called
         self.inner: Any = None                 # the application's iterable
         self.closed = False
 
@@ -238,9 +237,10 @@ class _Exchange:
             return None
         try:
             out = self.mw.host.fire(hook, self.txn)
-        except Exception as exc:  # the host closed, on_error="raise", a busy txn...
-            log.exception("wsgi: firing %s failed", hook)
-            self.mw._error(hook, "" if isinstance(exc, Error) else str(exc))
+        except Exception as exc:  # on_error="raise", the host closed meanwhile...
+            if not isinstance(exc, HandlerError):  # (a HandlerError was logged by the host)
+                log.exception("wsgi: firing %s failed", hook, extra={"hook": hook})
+            self.mw._error(hook)
             return None
         if out.status is Status.ERROR:
             self.mw._error(hook)
@@ -358,7 +358,6 @@ class _Exchange:
                 txn.response.status = int(out_status[:3])
             except (Error, ValueError):
                 pass
-        self.started = True
         try:
             write = (self.server_start(out_status, out_headers, exc_info) if exc_info is not None
                      else self.server_start(out_status, out_headers))

@@ -634,7 +634,7 @@ def test_server_rewrite_header(server):
     status, hdrs, body = get(conn, "/p%20q?x=1", {"X-Rewrite": "abc"})
     assert status == 200
     assert body == b"echo=rewritten:abc path=/p q qs=x=1 method=GET"
-    status, hdrs, body = get(conn, "/p", {"X-Uri": "/moved?z=2", "X-Method": "PUT"})
+    status, _, body = get(conn, "/p", {"X-Uri": "/moved?z=2", "X-Method": "PUT"})
     assert body == b"echo=None path=/moved qs=z=2 method=PUT"
     conn.close()
 
@@ -767,3 +767,14 @@ def test_closed_host_passes_requests_through(make_host, script):
     h.close()
     d = drive(mw, environ("/", headers=[("X-Deny", "1")]))
     assert d.status == "200 OK" and len(calls) == 1 and mw.errors == 1
+
+
+def test_on_error_raise_host_is_still_counted_not_raised(make_host, script, caplog):
+    h = make_host(hooks=HOOKS, shared={"log": 1 << 20}, on_error="raise")
+    h.load_file(script)
+    calls = []
+    mw = Middleware(simple_app(calls), h)
+    with caplog.at_level("ERROR", logger="hostscript"):
+        d = drive(mw, environ("/", headers=[("X-Fail", "read_request")]))
+    assert d.body == b"hello" and mw.errors == 1 and len(calls) == 1
+    assert sum("boom in read_request" in r.getMessage() for r in caplog.records) == 1
