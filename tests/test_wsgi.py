@@ -58,6 +58,7 @@ function T:on_log(txn)
   d:incr("n", 1, 0)
   d:set("status", txn.resp.status or 0)
   d:set("uri", txn.req.uri)
+  d:set("status:" .. txn.req.uri, txn.resp.status or 0)
 end
 
 return T
@@ -78,6 +79,10 @@ def inner(environ, start_response):
         body = str(calls[0]).encode()
     elif environ["PATH_INFO"] == "/logged":  # how many times the log hook ran
         body = str(_mw[0].host.shared["log"].get("n")).encode()
+    elif environ["PATH_INFO"] == "/status":  # the status the log hook saw for ?URI
+        body = str(_mw[0].host.shared["log"].get("status:" + environ["QUERY_STRING"])).encode()
+    elif environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("the application failed")
     else:
         with _lock:
             calls[0] += 1
@@ -583,7 +588,8 @@ def serve(kind, tmp_path, script, engine):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
-            assert "Traceback" not in out, out
+            # no traceback but those of GET /raise
+            assert out.count("Traceback") == out.count("RuntimeError: the application failed"), out
         return
     mod = load_app_module(tmp_path)
     app = mod.make(script, engine)
@@ -659,6 +665,20 @@ def test_server_send_response_adds_header(server):
     assert body == b"replaced by lua\n" and int(hdrs["content-length"]) == len(body)
     # the connection is still usable after a replaced body of another length
     assert get(conn, "/y")[0] == 200
+    conn.close()
+
+
+def test_server_app_raising_still_logs_500(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    status, _, _ = get(conn, "/raise")
+    assert status == 500
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    deadline = time.monotonic() + 10
+    while (got := get(conn, "/status?/raise")[2]) == b"None" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert got == b"500"
+    assert get(conn, "/status?/count")[2] == b"None"  # (nothing logged under that URI)
     conn.close()
 
 
