@@ -22,12 +22,27 @@ def run(engines: Sequence[str], quick: bool = False, progress: Progress = lambda
     counts = Counts.quick() if quick else Counts.full()
     started = time.monotonic()
     rows: List[Dict[str, Any]] = []
-    for engine in engines:
-        for row in ROWS:
-            progress(f"{engine}: {row.__name__.removesuffix('_row').replace('_', ' ')}")
-            rows.append(row(engine, counts).to_json())
+    steps = [(engine, row) for engine in engines for row in ROWS]
+    for done, (engine, row) in enumerate(steps):
+        progress(progress_line(done, len(steps), time.monotonic() - started,
+                               f"{engine}: {row.__name__.removesuffix('_row').replace('_', ' ')}"))
+        rows.append(row(engine, counts).to_json())
     return {"machine": machine_info(engines), "quick": quick, "statistic": "median",
             "seconds": round(time.monotonic() - started, 1), "rows": rows}
+
+
+def progress_line(done: int, total: int, elapsed: float, what: str, width: int = 20) -> str:
+    """``[#####---------------] 5/24  1:05  luajit: proxy miss``: where a long run is."""
+    filled = width * done // total if total else width
+    minutes, seconds = divmod(int(elapsed), 60)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {minutes:2d}:{seconds:02d}  {what}"
+
+
+def stderr_progress() -> Progress:
+    """Progress on stderr: one line redrawn in place on a terminal, a line each otherwise."""
+    if sys.stderr.isatty():
+        return lambda s: print("\r\033[K" + s, end="", file=sys.stderr, flush=True)
+    return lambda s: print(s, file=sys.stderr, flush=True)
 
 
 def machine_info(engines: Sequence[str]) -> Dict[str, Any]:
@@ -75,9 +90,10 @@ def main(engines: Sequence[str], *, quick: bool = False, json_path: Optional[str
         except ImportError as e:
             print(f"hostscript bench: {e}", file=sys.stderr)
             return 2
-    progress: Progress = (lambda s: None) if silent else (
-        lambda s: print(f"  measuring {s} ...", file=sys.stderr, flush=True))
+    progress: Progress = (lambda s: None) if silent else stderr_progress()
     result = run(engines, quick=quick, progress=progress)
+    if not silent and sys.stderr.isatty():
+        print(file=sys.stderr)  # end the redrawn line
     print(report.table(result))
     print(f"\n{result['seconds']:.0f} s")
     if markdown:

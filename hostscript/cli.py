@@ -10,7 +10,7 @@ import sys
 import types
 from typing import List, Optional
 
-from . import Error, Host, ScriptError, engines
+from . import Error, Host, _engine, engines
 
 HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -22,22 +22,46 @@ def demo(args: argparse.Namespace) -> int:
     return _demo.run(args.engine, examples=args.examples)
 
 
+CHECK_TIME_LIMIT = 5.0  # seconds a script's chunk (and its class's new) may run in a check
+CHECK_MEMORY_LIMIT = 256 << 20
+
+
 def check(args: argparse.Namespace) -> int:
+    """Static check of scripts (docs/check.md): every problem as file:line: message
+    on stderr, "file: ok" on stdout; exit 1 when there are problems, 2 on a usage error."""
+    from . import check as _check
+
+    hooks = [h for h in args.hooks.split(",") if h]
+    engine_list = list(dict.fromkeys(args.engine or [_engine.default()]))
+    shared = dict(args.shared)
     try:
-        host = Host(args.hooks.split(","), engine=args.engine[0] if args.engine else None,
-                    shared=dict(args.shared))
-    except Error as e:  # the hooks or dictionaries given: the usage's fault
+        for eng in engine_list:  # the hooks or dictionaries given: the usage's fault
+            Host(hooks, engine=eng, shared=shared).close()
+        files = _check.expand(args.files)
+    except (Error, _check.UsageProblem) as e:
         print(f"hostscript check: {e}", file=sys.stderr)
         return 2
+    use_luac = _check.luac_available()
+    if not use_luac:
+        print(f"hostscript check: {_check.LUAC} not found (Debian package lua5.4): "
+              "no global analysis", file=sys.stderr)
+
+    def make_host(engine: str, sandbox: bool) -> Host:
+        # bounded: a chunk that loops or hoards memory is reported, not waited for
+        return Host(hooks, engine=engine, shared=shared, sandbox=sandbox,
+                    time_limit=CHECK_TIME_LIMIT, memory_limit=CHECK_MEMORY_LIMIT)
+
     status = 0
-    for path in args.files:
-        try:
-            host.load_file(path)
-            print(f"{path}: ok")
-        except ScriptError as e:
-            print(e if str(e).startswith(path) else f"{path}: {e}", file=sys.stderr)
+    for path in files:
+        problems, notes = _check.check_file(path, hooks, engine_list, make_host, use_luac)
+        for note in notes:
+            print(note, file=sys.stderr)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
             status = 1
-    host.close()
+        else:
+            print(f"{path}: ok")
     return status
 
 
@@ -86,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     d.add_argument("--examples", default=EXAMPLES)
     d.set_defaults(func=demo)
-    c = sub.add_parser("check", help="load scripts and report errors")
-    c.add_argument("files", nargs="+")
+    c = sub.add_parser("check", help="check scripts statically: every problem as file:line: message")
+    c.add_argument("files", nargs="+", metavar="FILE|DIR", help="a script, or a directory (every *.lua inside)")
     c.add_argument("--hooks", default=",".join(HOOKS))
     c.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     c.add_argument("--shared", action="append", type=_serve.shared_spec, default=[],

@@ -22,6 +22,10 @@ log = logging.getLogger("hostscript")
 
 DEFAULT_HOOKS = ("read_request", "send_request", "read_response", "send_response", "log")
 
+#: Upper bounds (seconds) of the per-hook latency buckets of ``stats()["hooks"][h]["buckets"]``
+#: (the core's hs_latency_bounds_ns; the last bucket counts the slower fires).
+LATENCY_BOUNDS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 100e-3)
+
 # A fire whose hook ran longer than this recently (on its thread) releases the GIL;
 # shorter ones keep it, since handing the GIL over costs more than they do.
 RELEASE_GIL_AFTER = 50e-6
@@ -210,6 +214,15 @@ class Host(_bridge.HostCore):
             raise UsageError(f"script {name!r} was loaded from a string; load() its new source")
         return self.load_file(path)
 
+    def watch(self, paths: Any = None, *, debounce: float = 0.1) -> Any:
+        """Reload file scripts when their files change; *paths* (default: every
+        script loaded from a file) are files. Returns a hostscript.watch.Watcher (a
+        context manager; ``stop()`` ends it). A failed reload keeps the running
+        version and logs the error (logger ``hostscript``)."""
+        from .watch import Watcher
+
+        return Watcher(self, paths, debounce=debounce)
+
     def unload(self, name: str) -> None:
         """Remove script *name*; handlers stop running at each thread's next fire."""
         with self._lock:
@@ -320,7 +333,8 @@ class Host(_bridge.HostCore):
         rehydrations, releases (fires that ran long and let go of the GIL),
         compilations, states (live, pooled ones included), heap_bytes, heap_max,
         generation, pooled (idle states in the pool now), pool_hits (new threads that
-        took a pooled state), ``hooks``: {name: {fires, errors, total_ns}}, and
+        took a pooled state), ``hooks``: {name: {fires, errors, total_ns, buckets}}
+        (buckets: fires by latency, ``LATENCY_BOUNDS`` seconds then one more), and
         ``shared``: {name: {backend, capacity, free_space, keys, evictions, calls,
         errors, timeouts, reconnects, seconds}} per shared dictionary (keys counts
         expired entries not yet reclaimed; evictions, the live entries evicted to make
@@ -345,9 +359,19 @@ class Host(_bridge.HostCore):
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
             "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}
         out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
-                               "total_ns": int(hk[i].total_ns)} for i, name in enumerate(self.hooks)}
+                               "total_ns": int(hk[i].total_ns), "buckets": list(hk[i].buckets)}
+                        for i, name in enumerate(self.hooks)}
         out["shared"] = shared
         return out
+
+    def metrics(self, name: str = "default") -> str:
+        """``stats()`` in the Prometheus text exposition format (version 0.0.4), every
+        sample labelled ``host=<name>``; built by hostscript.metrics.HostCollector,
+        which also plugs into a prometheus-client registry. Needs prometheus-client
+        (``pip install 'hostscript[metrics]'``): hostscript.metrics.MetricsUnavailable
+        (a hostscript.Error) otherwise."""
+        from . import metrics
+        return metrics.exposition(metrics.HostCollector(self, name)).decode("utf-8")
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Close every thread's Lua state and free the host. Idempotent.

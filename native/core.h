@@ -101,6 +101,7 @@ typedef struct hs_hookcache {
 typedef struct hs_counters {
     _Atomic uint64_t fires, errors, timeouts, memory_errors, rehydrations, releases;
     _Atomic uint64_t hook_fires[HS_MAX_HOOKS], hook_errors[HS_MAX_HOOKS], hook_ns[HS_MAX_HOOKS];
+    _Atomic uint64_t hook_buckets[HS_MAX_HOOKS][HS_LATENCY_BUCKETS]; /* hs_hook_stats.buckets */
 } hs_counters;
 
 typedef struct hs_state hs_state;
@@ -188,7 +189,8 @@ int hs_limits_enter(hs_state *S, hs_error *err);
 void hs_state_deadline(hs_state *S, uint64_t start_ns);
 void hs_state_release_host(hs_state *S); /* call the host's release callback, once per fire */
 /* A C function of L is about to wait (on the network): release the host's lock if
- * a fire holds it, and bound the wait by the fire's deadline (hs_wait_deadline_ns). */
+ * a fire holds it, and bound the wait by the fire's deadline less a tenth of the
+ * time limit, left for the handler's fallback (hs_wait_deadline_ns). */
 void hs_state_before_wait(lua_State *L);
 void hs_state_end_deadline(hs_state *S);
 /* Called by the patched engine libraries (tools/patches/). */

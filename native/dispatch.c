@@ -118,6 +118,18 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     return status;
 }
 
+static const uint64_t latency_bounds[HS_LATENCY_BUCKETS - 1] = {
+    10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 100000000};
+
+const uint64_t *hs_latency_bounds_ns(void) { return latency_bounds; }
+
+/* The latency bucket of a fire that took NS. */
+static int latency_bucket(uint64_t ns) {
+    int b = 0;
+    while (b < HS_LATENCY_BUCKETS - 1 && ns > latency_bounds[b]) b++;
+    return b;
+}
+
 int hs_fire(hs_host *h, int hook, hs_txn *t) {
     hs_error *cerr;
     hs_state *S = hs_thread_state(h, &cerr);
@@ -173,6 +185,7 @@ done:;
     if (h->release) /* what the next fire of this hook expects (run_handlers) */
         S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;
     ADD(S->c.hook_ns[hook], took);
+    BUMP(S->c.hook_buckets[hook][latency_bucket(took)]);
     if (status == HS_ERROR) {
         BUMP(S->c.errors);
         BUMP(S->c.hook_errors[hook]);

@@ -292,6 +292,8 @@ static void add_counters(hs_counters *dst, const hs_counters *src, int nhooks) {
         dst->hook_fires[i] += LOAD(src->hook_fires[i]);
         dst->hook_errors[i] += LOAD(src->hook_errors[i]);
         dst->hook_ns[i] += LOAD(src->hook_ns[i]);
+        for (int b = 0; b < HS_LATENCY_BUCKETS; b++)
+            dst->hook_buckets[i][b] += LOAD(src->hook_buckets[i][b]);
     }
 }
 
@@ -329,6 +331,7 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
             hooks[i].fires = sum->hook_fires[i];
             hooks[i].errors = sum->hook_errors[i];
             hooks[i].total_ns = sum->hook_ns[i];
+            for (int b = 0; b < HS_LATENCY_BUCKETS; b++) hooks[i].buckets[b] = sum->hook_buckets[i][b];
         }
     free(sum);
 }

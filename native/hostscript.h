@@ -79,9 +79,17 @@ typedef struct hs_config {
     int nshared;
 } hs_config;
 
+/* Per-hook latency: buckets[i] counts the fires whose handlers ran in at most
+ * hs_latency_bounds_ns()[i] and more than the bound before (i < 11), buckets[11]
+ * the slower ones. A fire of a hook no script handles runs nothing and is in none. */
+enum { HS_LATENCY_BUCKETS = 12 };
 typedef struct hs_hook_stats {
     uint64_t fires, errors, total_ns;
+    uint64_t buckets[12]; /* HS_LATENCY_BUCKETS */
 } hs_hook_stats;
+/* The upper bounds of buckets 0..10, in ns: 10 us, 25 us, 50 us, 100 us, 250 us,
+ * 500 us, 1 ms, 2.5 ms, 5 ms, 10 ms, 100 ms. */
+const uint64_t *hs_latency_bounds_ns(void);
 
 typedef struct hs_stats {
     uint64_t fires, errors, timeouts, memory_errors;

@@ -119,7 +119,11 @@ void hs_state_before_wait(lua_State *L) {
     hs_state *S = state_of(L);
     if (!S) return;
     if (S->release_at_ns) hs_state_release_host(S);
-    hs_wait_deadline_ns = S->deadline_ns;
+    /* the wait ends a tenth of the time limit before the fire's deadline: a handler
+     * told "redis: timeout" still has time for its fallback */
+    uint64_t reserve = (uint64_t)(S->host->time_limit * 1e8);
+    hs_wait_deadline_ns = !S->deadline_ns ? 0
+                          : S->deadline_ns > reserve + 1 ? S->deadline_ns - reserve : 1;
 }
 
 void hs_state_deadline(hs_state *S, uint64_t start_ns) {

@@ -117,3 +117,10 @@ def test_redis_rows_without_redis_say_so(monkeypatch):
         assert row.value is None and "redis-server" in row.note and "install-deps.sh" in row.note
         assert all(c.measured is None and c.met is None and "redis-server" in c.na for c in row.checks)
         assert all(v is None for v in row.baselines.values()) and row.baselines
+
+
+def test_progress_lines_say_how_far_a_run_is():
+    from benchmarks.runner import progress_line
+
+    assert progress_line(0, 4, 0, "luajit: a") == "[--------------------] 0/4  0:00  luajit: a"
+    assert progress_line(3, 4, 65.7, "lua54: b") == "[###############-----] 3/4  1:05  lua54: b"

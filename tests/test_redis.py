@@ -625,6 +625,34 @@ def test_a_fires_time_limit_bounds_its_wait_on_redis(make_host, own_redis):
     assert out.status is Status.ERROR or txn.ctx["r"][1]["v"].startswith("redis: "), out
 
 
+def test_a_wait_cut_by_the_time_limit_leaves_time_for_the_fallback(make_host, own_redis):
+    # the wait ends a tenth of the limit early: the handler logs and takes its fallback
+    host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=2)}, time_limit=0.3)
+    host.shared["meta"].set("k", 1)
+    host.load("""
+        local C = {}
+        function C:on_read_request(txn)
+            local v, err = hs.shared.meta:get("k")
+            if err then
+                hs.log.warn("falling back: ", err)
+                local t0, n = hs.now(), 0
+                while hs.now() - t0 < 0.01 do n = n + 1 end  -- 10 ms of fallback work
+                txn.ctx.fallback = err
+            end
+        end
+        return C""", name="fallback.lua")
+    own_redis.pause()
+    try:
+        txn = Transaction()
+        t0 = time.monotonic()
+        out = host.fire("read_request", txn)
+        waited = time.monotonic() - t0
+    finally:
+        own_redis.resume()
+    assert out.status is Status.CONTINUE, out.error
+    assert txn.ctx["fallback"] == "redis: timeout" and 0.2 < waited < 0.35, waited
+
+
 def test_close_waits_for_calls_waiting_on_redis(make_host, own_redis):
     host = make_host(shared={"meta": own_redis.url(prefix="t:", timeout=0.5)})
     d = host.shared["meta"]

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream", required=True, metavar="URL", help="origin, http://HOST[:PORT]")
     p.add_argument("--script", action="append", required=True, metavar="FILE",
                    help="a handler script (repeat for several; they run in this order)")
+    p.add_argument("--watch", action="store_true",
+                   help="reload a script when its file changes (a failed reload keeps the "
+                        "running version and logs the error)")
     p.add_argument("--engine", choices=["luajit", "lua54"])
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="worker threads (default: 2 x cores, at least 4: %(default)s)")
@@ -148,6 +151,17 @@ def run(args: argparse.Namespace) -> int:
         host.close()
         return 2
 
+    watcher = None
+    if args.watch:
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its "N changes detected"
+        try:
+            watcher = host.watch(args.script)
+        except UsageError as exc:
+            print(f"hostscript serve: {exc}", file=sys.stderr)
+            proxy.shutdown()
+            host.close()
+            return 2
+
     wake = threading.Event()
     pending: List[int] = []
 
@@ -177,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
                 stop = sig
     log.info("%s: stopping; requests in flight have %g s to finish",
              signal.Signals(stop).name, limits.drain_timeout)
+    if watcher is not None:
+        watcher.stop()
     drained = proxy.shutdown()
     host.close(timeout=1.0)
     log.info("stopped%s", "" if drained else " (some requests were cut short)")
