@@ -70,18 +70,41 @@ def environ_uri(environ: dict) -> str:
 def environ_headers(environ: dict) -> List[Header]:
     """The request's headers from ``HTTP_*``, ``CONTENT_TYPE`` and ``CONTENT_LENGTH``,
     with their names restored (``HTTP_X_FOO`` -> ``x-foo``)."""
+    names = _NAMES
     out = []
     for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            out.append((key[5:].replace("_", "-").lower(), value))
-        elif key in _SPECIAL and value:
-            out.append((_SPECIAL[key], value))
+        name = names.get(key)
+        if name is None:
+            if key[:5] != "HTTP_":
+                continue
+            name = key[5:].replace("_", "-").lower()
+            if len(names) < _NAMES_MAX:
+                names[key] = name
+        out.append((name, value))
+    ct, cl = environ.get("CONTENT_TYPE"), environ.get("CONTENT_LENGTH")
+    if ct:
+        out.append(("content-type", ct))
+    if cl:
+        out.append(("content-length", cl))
     return out
 
 
+# environ key -> header name and back, for the names seen (bounded: names are the
+# client's choice)
+_NAMES: dict = {}
+_KEYS: dict = {}
+_NAMES_MAX = 4096
+
+
 def _environ_key(name: str) -> str:
-    key = name.upper().replace("-", "_")
-    return key if key in _SPECIAL else "HTTP_" + key
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.upper().replace("-", "_")
+        if key not in _SPECIAL:
+            key = "HTTP_" + key
+        if len(_KEYS) < _NAMES_MAX:
+            _KEYS[name] = key
+    return key
 
 
 def _as_environ(headers: Iterable[Header]) -> dict:
