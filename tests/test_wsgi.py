@@ -35,6 +35,7 @@ function T:on_read_request(txn)
   if h["x-fail"] == "read_request" then error("boom in read_request") end
   if h["x-rewrite"] then h["x-echo"] = "rewritten:" .. h["x-rewrite"] end
   if h["x-drop"] then h["x-drop"] = nil end
+  if h["x-multi"] then h:add("x-multi", "two"); h:add("cookie", "b=2") end
   if h["x-uri"] then txn.req.uri = h["x-uri"] end
   if h["x-method"] then txn.req.method = h["x-method"] end
   if h["content-type"] then h["x-saw-ct"] = h["content-type"] end
@@ -267,6 +268,14 @@ def test_read_request_rewrites_uri_method_and_removes_header(mw_host):
     assert seen["REQUEST_METHOD"] == "POST"
     assert seen["RAW_URI"] == "/new%20path/x?q=1&r=%C3%A9"
     assert "HTTP_X_DROP" not in seen
+
+
+def test_repeated_headers_joined_as_a_server_does(mw_host):
+    calls = []
+    mw = Middleware(simple_app(calls), mw_host)
+    drive(mw, environ("/", headers=[("X-Multi", "one"), ("Cookie", "a=1")]))
+    assert calls[0]["HTTP_X_MULTI"] == "one, two"
+    assert calls[0]["HTTP_COOKIE"] == "a=1; b=2"
 
 
 def test_uri_rewrite_keeps_script_name(mw_host):
