@@ -589,8 +589,10 @@ def test_stats_count_fires_and_errors_per_hook(host):
     assert s["hooks"]["read_request"]["fires"] == 3
     assert s["hooks"]["read_request"]["errors"] == 2
     assert s["hooks"]["read_request"]["total_ns"] > 0
-    assert s["hooks"]["log"] == {"fires": 1, "errors": 0, "total_ns": s["hooks"]["log"]["total_ns"]}
-    assert s["hooks"]["send_response"] == {"fires": 0, "errors": 0, "total_ns": 0}
+    assert sum(s["hooks"]["read_request"]["buckets"]) == 3  # each fire in one latency bucket
+    log_ = s["hooks"]["log"]
+    assert log_ == {"fires": 1, "errors": 0, "total_ns": log_["total_ns"], "buckets": log_["buckets"]}
+    assert s["hooks"]["send_response"] == {"fires": 0, "errors": 0, "total_ns": 0, "buckets": [0] * 12}
     assert s["compilations"] == 1
 
 
