@@ -607,9 +607,22 @@ def serve(kind, tmp_path, script, engine):
         srv = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4,
                                             channel_timeout=30)
         port = srv.effective_port
-        t = threading.Thread(target=srv.run, daemon=True)
+        stopping = threading.Event()
+
+        def run_waitress():
+            try:
+                srv.run()
+            except OSError:  # close() from this thread raced its select(): EBADF, at the end only
+                if not stopping.is_set():
+                    raise
+
+        def stop_waitress():
+            stopping.set()
+            srv.close()
+
+        t = threading.Thread(target=run_waitress, daemon=True)
         t.start()
-        stop = srv.close
+        stop = stop_waitress
     elif kind == "cheroot":
         from cheroot import wsgi as cw
         srv = cw.Server(("127.0.0.1", 0), app, numthreads=4)
