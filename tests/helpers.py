@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,3 +55,34 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0) -> Any:
         if v or time.monotonic() > end:
             return v
         time.sleep(0.0005)
+
+
+class Heartbeat:
+    """A thread that wakes every INTERVAL seconds and records the gaps between its
+    wake-ups: a long gap means something held the GIL. Use as a context manager."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.gaps: List[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(self.interval)
+            now = time.monotonic()
+            self.gaps.append(now - last)
+            last = now
+
+    @property
+    def max_gap(self) -> float:
+        return max(self.gaps, default=0.0)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -275,10 +274,7 @@ def test_serve_admin_exposes_metrics(engine, origin, tmp_path):
               "--engine", engine, "--admin", "127.0.0.1:0", "--cache-size", "1M")
     try:
         s.started()
-        m = next(re.search(r"admin http://127\.0\.0\.1:(\d+)/-/stats", line) for line in s.lines
-                 if "listening on" in line)
-        assert m, s.lines
-        admin = int(m.group(1))
+        admin = s.admin_port()
         for _ in range(2):
             assert s.get("/m?cc=max-age=60").status == 200
         assert s.get("/missing?status=404").status == 404

@@ -54,6 +54,13 @@ class Serve:
         self.port = int(found.group(1))
         return self.port
 
+    def admin_port(self) -> int:
+        """The admin listener's port, from the start-up line (after started())."""
+        m = next((re.search(r"admin http://127\.0\.0\.1:(\d+)/-/stats", line) for line in self.lines
+                  if "listening on" in line), None)
+        assert m, self.lines
+        return int(m.group(1))
+
     def logged(self, text: str, timeout: float = 10) -> bool:
         return bool(wait_for(lambda: any(text in line for line in self.lines), timeout))
 
@@ -154,12 +161,10 @@ def test_admin_option_serves_stats(engine, origin, tmp_path):
               "--engine", engine, "--admin", "127.0.0.1:0", "--cache-size", "1M")
     try:
         s.started()
-        m = next(re.search(r"admin http://127\.0\.0\.1:(\d+)/-/stats", line) for line in s.lines
-                 if "listening on" in line)
-        assert m, s.lines
+        admin = s.admin_port()
         assert s.get("/a?cc=max-age=60").getheader("x-version") == "7"
         assert s.get("/a?cc=max-age=60").getheader("x-cache") == "HIT"
-        c = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=5)
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
         c.request("GET", "/-/stats")
         doc = json.loads(c.getresponse().read())
         assert doc["proxy"]["cache"]["hits"] == 1

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import wait_for
+from helpers import Heartbeat, wait_for
 from redis_server import RedisReplyError
 from test_shared import (
     RUNNER,
@@ -583,30 +583,17 @@ def test_waiting_on_redis_does_not_hold_the_gil(make_host, own_redis, via):
         assert out.status is Status.CONTINUE, out.error
         return txn.ctx["r"][1]["v"]
 
-    gaps, stop = [], threading.Event()
-
-    def heartbeat():
-        last = time.monotonic()
-        while not stop.is_set():
-            time.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
     own_redis.pause()
-    beat = threading.Thread(target=heartbeat)
-    beat.start()
     try:
-        time.sleep(0.05)
-        t0 = time.monotonic()
-        message = wait_on_redis()
-        waited = time.monotonic() - t0
+        with Heartbeat() as beat:
+            time.sleep(0.05)
+            t0 = time.monotonic()
+            message = wait_on_redis()
+            waited = time.monotonic() - t0
     finally:
-        stop.set()
-        beat.join()
         own_redis.resume()
     assert message == "redis: timeout" and 0.9 < waited < 1.6, (message, waited)
-    assert len(gaps) > 50 and max(gaps) < 0.1, f"the heartbeat stalled {max(gaps):.3f} s"
+    assert len(beat.gaps) > 50 and beat.max_gap < 0.1, f"the heartbeat stalled {beat.max_gap:.3f} s"
 
 
 def test_a_fires_time_limit_bounds_its_wait_on_redis(make_host, own_redis):

@@ -19,7 +19,7 @@ import time
 from urllib.parse import quote
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, Heartbeat
 from redis_server import REDIS_SERVER
 from test_shared import lua, lua_error, lua_typed
 
@@ -401,33 +401,20 @@ def test_a_chunk_waiting_on_redis_does_not_hold_the_gil(make_host, own_redis, wh
     local C = {} function C:on_read_request(txn) txn.ctx.warm = warm or false end return C"""
     host.load(src, name="warm.lua")
     host.fire("read_request", Transaction())  # this thread's state is built
-    gaps, stop = [], threading.Event()
-
-    def heartbeat():
-        last = time.monotonic()
-        while not stop.is_set():
-            time.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
     own_redis.pause()
-    beat = threading.Thread(target=heartbeat)
-    beat.start()
     try:
-        time.sleep(0.05)
-        if when == "after a load":
-            host.load(src, name="warm.lua")  # a new generation: rebuilt by the next fire
-            host.fire("read_request", Transaction())
-        else:
-            t = threading.Thread(target=host.fire, args=("read_request", Transaction()))
-            t.start()
-            t.join()
+        with Heartbeat() as beat:
+            time.sleep(0.05)
+            if when == "after a load":
+                host.load(src, name="warm.lua")  # a new generation: rebuilt by the next fire
+                host.fire("read_request", Transaction())
+            else:
+                t = threading.Thread(target=host.fire, args=("read_request", Transaction()))
+                t.start()
+                t.join()
     finally:
-        stop.set()
-        beat.join()
         own_redis.resume()
-    assert max(gaps) < 0.2, f"the heartbeat stalled {max(gaps):.3f} s"
+    assert beat.max_gap < 0.2, f"the heartbeat stalled {beat.max_gap:.3f} s"
 
 
 # ---- 9. incr on an integer stored with flags: silently wrong beyond 2^53 ----

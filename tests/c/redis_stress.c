@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "hostscript.h"
+#include "stress.h"
 
 #define THREADS 8
 #define BIG 4096 /* the value "small" is asked for: over its max_reply */
@@ -101,23 +102,9 @@ static long lua_increments(long n) { return 2 * n + 3 * (n / 4); }
 static long lua_too_large(long n) { return n / 8; }
 static long lua_timeouts(long n) { return n / 50; }
 
-static void fire_loop(int n) {
-    hs_txn *t = hs_txn_new();
-    for (int i = 0; i < n; i++) {
-        int r = hs_fire(H, 0, t);
-        if ((r & 3) == HS_ERROR) {
-            hs_error e;
-            hs_last_error(H, &e);
-            fprintf(stderr, "fire failed: %s\n", e.message);
-            atomic_fetch_add(&bad, 1);
-        }
-    }
-    hs_txn_free(t);
-}
-
 static void *lua_worker(void *arg) {
     (void)arg;
-    fire_loop(iterations);
+    stress_fire(H, iterations, &bad);
     return NULL;
 }
 
@@ -348,7 +335,7 @@ static int dead_iterations;
 
 static void *dead_lua_worker(void *arg) {
     (void)arg;
-    fire_loop(dead_iterations);
+    stress_fire(H, dead_iterations, &bad);
     return NULL;
 }
 
