@@ -32,7 +32,7 @@
 -- When Redis fails (down, slow past the URL's timeout: nil, err), the URL's Key or a
 -- generation id is unknown, and neither a lookup nor a store under the URL alone is
 -- safe: that entry would answer every request of the URL, whatever its headers.
--- Such a request bypasses the cache (BYPASS below): a warning is logged and the
+-- Such a request bypasses the cache (hs.bypass): a warning is logged and the
 -- origin answers it, as if there were no cache; it waits for Redis once at most (no
 -- call follows a failed one). Once Redis answers again (the connection comes back by
 -- itself), so does the cache.
@@ -41,12 +41,9 @@
 --   hostscript serve --shared 'meta=redis://127.0.0.1:6379/0?prefix=kh:&timeout=0.2' \
 --                    --script examples/key_header_redis.lua ...
 local key = require "hs.key"
+local bypass = require "hs.bypass"
 
 local KEY_TTL = 300 -- seconds a URL's Key is trusted before it is learnt again
-
--- The secondary cache key of a request that bypasses the cache: nothing is ever
--- stored under it (its response is kept out), so its lookup is always a miss.
-local BYPASS = "key-unavailable"
 
 local found, r = pcall(hs.redis, "meta")
 if not found then
@@ -64,13 +61,10 @@ local function resource(txn)
   return txn.req.uri
 end
 
--- The cache cannot be used for this request: look up under BYPASS, store nothing.
-local function bypass(txn, url, why)
-  if not txn.ctx.key_bypass then -- once a request
-    hs.log.warn("Key of " .. url .. ": cache bypassed: " .. tostring(why))
-    txn.ctx.key_bypass = true
-  end
-  txn:set_cache_key(BYPASS)
+-- The cache cannot be used for this request (hs.bypass: look up under a key nothing
+-- is stored under, keep the response out).
+local function skip(txn, url, why)
+  bypass.request(txn, "Key of " .. url, why)
 end
 
 -- The commands FN sends, in one round trip: their replies (a nil reply is false), or
@@ -122,18 +116,18 @@ local function generation(url, field, known)
   return nil, "the generation id vanished"
 end
 
--- Set the cache key of TXN to generation ID (BYPASS when there is none).
+-- Set the cache key of TXN to generation ID (bypassed when there is none).
 local function use(txn, url, id, err)
   if id then
     txn:set_cache_key("gen-" .. id)
   else
-    bypass(txn, url, "no generation id: " .. tostring(err))
+    skip(txn, url, "no generation id: " .. tostring(err))
   end
 end
 
 -- Set the cache key of TXN from the Key value KV; nothing when the Key cannot be
 -- processed (the cache then keys on the URL alone, as for a response without Key:
--- the draft says to fall back to Vary); BYPASS when Redis failed.
+-- the draft says to fall back to Vary); bypassed when Redis failed.
 local function apply(txn, url, kv)
   local parts, err = key.secondary_key(kv, txn.req.headers)
   if not parts then
@@ -150,20 +144,14 @@ function KeyHeader:on_read_request(txn)
   if kv then
     apply(txn, url, kv)
   elseif err then
-    bypass(txn, url, err)
+    skip(txn, url, err)
   end
 end
 
--- Keep the response out of the cache (Cache-Control: no-store, which the cache reads
--- after this hook) and remember the origin's Cache-Control for send_response.
-local function keep_out(txn)
-  local h = txn.resp.headers
-  txn.ctx.key_cc = h:get_all("cache-control")
-  h["cache-control"] = "no-store"
-end
-
 function KeyHeader:on_read_response(txn)
-  if txn.ctx.key_bypass then return keep_out(txn) end -- no second wait for a failing Redis
+  if bypass.active(txn) then -- no second wait for a failing Redis
+    return bypass.on_read_response(txn)
+  end
   local lines = txn.resp.headers:get_all("key")
   local url = txn.ctx.key_url or resource(txn)
   if #lines > 0 then
@@ -182,9 +170,9 @@ function KeyHeader:on_read_response(txn)
       if field then p:call("HGET", GENS .. url, field) end
     end)
     if not replies then
-      bypass(txn, url, err)
+      skip(txn, url, err)
     elseif not replies[3] then
-      bypass(txn, url, "the Key vanished")
+      skip(txn, url, "the Key vanished")
     else
       local won = replies[3]
       if won == kv and field then
@@ -194,16 +182,11 @@ function KeyHeader:on_read_response(txn)
       end
     end
   end
-  if txn.ctx.key_bypass then keep_out(txn) end
+  bypass.on_read_response(txn)
 end
 
 function KeyHeader:on_send_response(txn)
-  local cc = txn.ctx.key_cc
-  if cc then
-    local h = txn.resp.headers
-    h["cache-control"] = nil
-    for _, v in ipairs(cc) do h:add("cache-control", v) end
-  end
+  bypass.on_send_response(txn)
 end
 
 return KeyHeader
