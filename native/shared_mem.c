@@ -425,34 +425,28 @@ static int mem_incr(void *b, const char *key, size_t klen, const hs_value *delta
     return rc;
 }
 
-static int mem_ttl(void *b, const char *key, size_t klen, double *ttl) {
-    memdict *d = b;
+/* The TTL of a live KEY: read into *GET, or (GET NULL) set to SET seconds. */
+static int live_ttl(memdict *d, const char *key, size_t klen, double *get, double set) {
     uint64_t h = hash_key(d, key, klen);
     int rc = HS_SHARED_NOT_FOUND;
     pthread_mutex_lock(&d->mu);
     uint64_t now = now_ns();
     entry *e = find(d, key, klen, h);
     if (e && !expired(e, now)) {
-        *ttl = e->expires ? (double)(e->expires - now) * 1e-9 : 0;
+        if (get) *get = e->expires ? (double)(e->expires - now) * 1e-9 : 0;
+        else e->expires = expiry(now, set);
         rc = HS_SHARED_OK;
     }
     pthread_mutex_unlock(&d->mu);
     return rc;
 }
 
+static int mem_ttl(void *b, const char *key, size_t klen, double *ttl) {
+    return live_ttl(b, key, klen, ttl, 0);
+}
+
 static int mem_expire(void *b, const char *key, size_t klen, double ttl) {
-    memdict *d = b;
-    uint64_t h = hash_key(d, key, klen);
-    int rc = HS_SHARED_NOT_FOUND;
-    pthread_mutex_lock(&d->mu);
-    uint64_t now = now_ns();
-    entry *e = find(d, key, klen, h);
-    if (e && !expired(e, now)) {
-        e->expires = expiry(now, ttl);
-        rc = HS_SHARED_OK;
-    }
-    pthread_mutex_unlock(&d->mu);
-    return rc;
+    return live_ttl(b, key, klen, NULL, ttl);
 }
 
 static size_t mem_keys(void *b, int max, char *buf, size_t cap, int *count) {

@@ -21,6 +21,7 @@
  */
 #include <inttypes.h>
 #include <stdatomic.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,8 +132,9 @@ static int arg_key(cmd *c, hs_redis *r, const char *key, size_t klen) {
 static int run(hs_redis *r, cmd *cmds, int n, redisReply **out) {
     hs_buf buf = {0};
     int rc = HS_SHARED_OK;
+    hs_shared_redis_forget(); /* a reply kept for a get's retry is stale after any other call */
     for (int i = 0; i < n; i++)
-        if (!cmds[i].argc || hs_redis_format(&buf, cmds[i].argc, cmds[i].argv, cmds[i].len))
+        if (hs_redis_format(&buf, cmds[i].argc, cmds[i].argv, cmds[i].len))
             rc = backend_error("redis: out of memory");
     for (int i = 0; i < n; i++) free(cmds[i].keybuf);
     if (rc == HS_SHARED_OK) {
@@ -144,6 +146,14 @@ static int run(hs_redis *r, cmd *cmds, int n, redisReply **out) {
 }
 
 static int run1(hs_redis *r, cmd *c, redisReply **out) { return run(r, c, 1, out); }
+
+/* CMD KEY (the prefixed key), one round trip: HS_SHARED_OK with *REP, or the error. */
+static int on_key(hs_redis *r, const char *name, const char *key, size_t klen, redisReply **rep) {
+    cmd c = {0};
+    arg_s(&c, name);
+    if (arg_key(&c, r, key, klen)) return backend_error("redis: out of memory");
+    return run1(r, &c, rep);
+}
 
 /* An error reply as a result code: Redis's OOM refusal is "no memory". */
 static int reply_error(redisReply *rep) {
@@ -382,10 +392,7 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
     }
     drop_kept();
     if (!rep) {
-        cmd c = {0};
-        arg_s(&c, "GET");
-        if (arg_key(&c, d->r, key, klen)) return backend_error("redis: out of memory");
-        int rc = run1(d->r, &c, &rep);
+        int rc = on_key(d->r, "GET", key, klen, &rep);
         if (rc) return rc;
     }
     int rc;
@@ -410,12 +417,8 @@ static int r_get(void *b, const char *key, size_t klen, hs_value *out, char *buf
 
 static int r_del(void *b, const char *key, size_t klen) {
     rdict *d = b;
-    hs_shared_redis_forget();
-    cmd c = {0};
     redisReply *rep;
-    arg_s(&c, "DEL");
-    if (arg_key(&c, d->r, key, klen)) return backend_error("redis: out of memory");
-    int rc = run1(d->r, &c, &rep);
+    int rc = on_key(d->r, "DEL", key, klen, &rep);
     if (rc) return rc;
     if (rep->type == REDIS_REPLY_ERROR) rc = reply_error(rep);
     else rc = rep->type == REDIS_REPLY_INTEGER && rep->integer > 0 ? HS_SHARED_OK : HS_SHARED_NOT_FOUND;
@@ -427,7 +430,6 @@ static int r_store(void *b, int mode, const char *key, size_t klen, const hs_val
                    int *forcible) {
     rdict *d = b;
     *forcible = 0;
-    hs_shared_redis_forget();
     if (v->type == HS_VAL_NIL) {
         if (mode == HS_STORE_ADD || mode == HS_STORE_SAFE_ADD) return HS_SHARED_OK;
         int rc = r_del(b, key, klen);
@@ -508,7 +510,6 @@ static int r_incr(void *b, const char *key, size_t klen, const hs_value *delta, 
                   double init_ttl, hs_value *out, int *forcible) {
     rdict *d = b;
     *forcible = 0;
-    hs_shared_redis_forget();
     if (delta->type == HS_VAL_INTEGER && init && init->type == HS_VAL_INTEGER && init->i == 0 &&
         init_ttl == 0) {
         int rc = incr_plain(d, key, klen, delta, out);
@@ -602,12 +603,8 @@ static int r_incr(void *b, const char *key, size_t klen, const hs_value *delta, 
 
 static int r_ttl(void *b, const char *key, size_t klen, double *ttl) {
     rdict *d = b;
-    hs_shared_redis_forget();
-    cmd c = {0};
     redisReply *rep;
-    arg_s(&c, "PTTL");
-    if (arg_key(&c, d->r, key, klen)) return backend_error("redis: out of memory");
-    int rc = run1(d->r, &c, &rep);
+    int rc = on_key(d->r, "PTTL", key, klen, &rep);
     if (rc) return rc;
     if (rep->type == REDIS_REPLY_ERROR) rc = reply_error(rep);
     else if (rep->type != REDIS_REPLY_INTEGER) rc = backend_error("redis: unexpected reply to PTTL");
@@ -620,7 +617,6 @@ static int r_ttl(void *b, const char *key, size_t klen, double *ttl) {
 
 static int r_expire(void *b, const char *key, size_t klen, double ttl) {
     rdict *d = b;
-    hs_shared_redis_forget();
     cmd c[2] = {{0}, {0}};
     redisReply *reps[2];
     char ms[32];
@@ -738,33 +734,35 @@ static size_t r_keys(void *b, int max, char *buf, size_t cap, int *count) {
     return rc ? 0 : a.need;
 }
 
+/* UNLINK the keys of one SCAN batch, in one command. */
 static int visit_unlink(rdict *d, redisReply *batch, void *p) {
     (void)p;
-    if (!batch->elements) return 0;
+    size_t n = batch->elements + 1;
+    if (n == 1) return 0;
+    const char **argv = malloc(n * sizeof *argv);
+    size_t *lens = malloc(n * sizeof *lens);
     hs_buf buf = {0};
-    const char *unlink = "UNLINK";
-    size_t ulen = 6;
-    /* UNLINK key key ...: the batch's keys as arguments */
-    char head[32];
-    int ok = 1;
-    int n = snprintf(head, sizeof head, "*%zu\r\n", batch->elements + 1);
-    ok = !hs_buf_put(&buf, head, (size_t)n) &&
-         !hs_buf_put(&buf, "$6\r\n", 4) && !hs_buf_put(&buf, unlink, ulen) && !hs_buf_put(&buf, "\r\n", 2);
-    for (size_t i = 0; ok && i < batch->elements; i++) {
-        const redisReply *k = batch->element[i];
-        const char *s = k->type == REDIS_REPLY_STRING ? k->str : "";
-        size_t len = k->type == REDIS_REPLY_STRING ? k->len : 0;
-        n = snprintf(head, sizeof head, "$%zu\r\n", len);
-        ok = !hs_buf_put(&buf, head, (size_t)n) && !hs_buf_put(&buf, s, len) && !hs_buf_put(&buf, "\r\n", 2);
-    }
-    char err[sizeof tl_error];
     redisReply *rep = NULL;
+    char err[sizeof tl_error];
     int rc = 0;
-    if (!ok) rc = backend_error("redis: out of memory");
+    if (argv && lens) {
+        argv[0] = "UNLINK";
+        lens[0] = 6;
+        for (size_t i = 1; i < n; i++) { /* SCAN answers strings; anything else as "" */
+            const redisReply *k = batch->element[i - 1];
+            int str = k->type == REDIS_REPLY_STRING;
+            argv[i] = str ? k->str : "";
+            lens[i] = str ? k->len : 0;
+        }
+    }
+    if (!argv || !lens || n > INT_MAX || hs_redis_format(&buf, (int)n, argv, lens))
+        rc = backend_error("redis: out of memory");
     else if (hs_redis_exec(d->r, buf.p, buf.len, 1, &rep, err, sizeof err)) rc = backend_error(err);
     else if (rep->type == REDIS_REPLY_ERROR) rc = reply_error(rep);
     hs_redis_free_reply(rep);
     hs_buf_free(&buf);
+    free(argv);
+    free(lens);
     return rc ? -1 : 0;
 }
 
