@@ -12,14 +12,14 @@ The contestants, for N = 1, 2 and 8:
 
 - **C** — c/redis_bench.c, a C program firing from N pthreads (no Python, no GIL):
   the in-process dictionary ``hs.shared.mem``, the Redis one ``hs.shared.red``
-  (``incr`` is one EVALSHA of the backend's script, ``get`` one GET), a raw
+  (``incr("n", 1, 0)`` is one INCRBY, ``get`` one GET), a raw
   ``hs.redis("red"):call("INCR", k)``, and the C API without a fire
   (``hs_shared_incr`` / ``hs_shared_get``);
 - **Python** — N Python threads calling ``host.fire`` on the same handlers (the
   host releases the GIL before a handler waits on Redis);
 - **redis-benchmark** — ``-c N -P 1`` against the same server: ``INCR k``, ``GET``
-  of the same key the dictionaries read (the same bytes come back), and the exact
-  ``EVALSHA`` the backend sends for an incr. redis-benchmark drives its N
+  of the same key the dictionaries read (the same bytes come back). redis-benchmark
+  drives its N
   connections from one event-loop thread: its per-request latency at concurrency N
   is the floor for one connection per thread.
 - **pipelining** — a handler making 16 ``r:call("INCR", k)`` against one making
@@ -40,9 +40,7 @@ and D2 (get), measured by ``measured()`` with fewer contestants (Plan.for_rows).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -173,19 +171,6 @@ class RedisProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def incr_script_sha() -> str:
-    """SHA1 of the backend's incr script (the string literal incr_script of
-    native/shared_redis.c): what its EVALSHA names."""
-    src = (ROOT / "native" / "shared_redis.c").read_text()
-    # the string literals (and comments) from the declaration to its ';'
-    m = re.search(r'static const char incr_script\[\] =((?:\s|"(?:[^"\\]|\\.)*"|/\*.*?\*/)+);', src, re.S)
-    if not m:
-        raise Unavailable("cannot find incr_script in native/shared_redis.c")
-    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
-    text = "".join(ast.literal_eval('"' + part + '"') for part in re.findall(r'"((?:[^"\\]|\\.)*)"', body))
-    return hashlib.sha1(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- the contestants
@@ -358,10 +343,9 @@ class RedisBenchmark:
 
 
 # group -> contestant -> (what is timed, unit per operation)
-def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: Optional[str],
-                n: int, plan: Plan) -> Dict[str, Dict[str, Measure]]:
-    """The measurements of every contestant at N threads, by group; without SHA (the
-    backend's script not found) no redis-benchmark EVALSHA."""
+def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, n: int,
+                plan: Plan) -> Dict[str, Dict[str, Measure]]:
+    """The measurements of every contestant at N threads, by group."""
     groups = {
         "incr": {
             "C memory": c.measure("incr_mem", n),
@@ -371,8 +355,6 @@ def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: Optional
             "Python memory": py.measure("incr_mem", n),
             "Python redis": py.measure("incr_redis", n),
             "redis-benchmark INCR": rb.measure(["INCR", f"{PREFIX}rb"], n),
-            # what incr("n", 1, 0) sends (an integral increment is an integer on LuaJIT too)
-            "redis-benchmark EVALSHA": rb.measure(["EVALSHA", sha, "1", f"{PREFIX}n", "1", "i", "0", "0"], n),
         },
         "get": {
             "C memory": c.measure("get_mem", n),
@@ -392,8 +374,6 @@ def contestants(c: CDriver, py: PythonThreads, rb: RedisBenchmark, sha: Optional
             # 16 INCRs in flight per client: an operation is 16 of them
             "redis-benchmark -P 16": rb.measure(["INCR", f"{PREFIX}rbp"], n, 16),
         }
-    if not sha:
-        del groups["incr"]["redis-benchmark EVALSHA"]
     if not plan.extras:
         for members in groups.values():
             for name in EXTRAS:
@@ -409,9 +389,8 @@ EXTRAS = ("C hs.redis INCR", "C API redis (no fire)", "Python memory", "Python 1
 # ratio of per-request latencies (= the inverse ratio of operations per second)
 RATIOS: List[Tuple[str, str, str, str, Optional[float]]] = [
     ("incr: C redis / redis-benchmark INCR", "incr", "C redis", "redis-benchmark INCR", TARGET),
-    ("incr: C redis / redis-benchmark EVALSHA", "incr", "C redis", "redis-benchmark EVALSHA", None),
     ("incr: C hs.redis INCR / redis-benchmark INCR", "incr", "C hs.redis INCR", "redis-benchmark INCR", None),
-    ("incr: C API / redis-benchmark EVALSHA", "incr", "C API redis (no fire)", "redis-benchmark EVALSHA", None),
+    ("incr: C API / redis-benchmark INCR", "incr", "C API redis (no fire)", "redis-benchmark INCR", None),
     ("incr: Python redis / redis-benchmark INCR", "incr", "Python redis", "redis-benchmark INCR", None),
     ("incr: C redis / C memory", "incr", "C redis", "C memory", None),
     ("get: C redis / redis-benchmark GET", "get", "C redis", "redis-benchmark GET", TARGET),
@@ -434,14 +413,7 @@ def run_engine(engine: str, plan: Plan, server: RedisProcess,
     py = PythonThreads(engine, server.url(), plan)
     rb = RedisBenchmark(server, plan)
     try:
-        c.run("incr_redis", 1, 0.01, warmup=1)  # the backend's script is loaded: EVALSHA finds it
-        try:  # information only: a script this cannot find (the source changed) goes without it
-            sha: Optional[str] = incr_script_sha()
-        except Unavailable:
-            sha = None
-        if sha and server.cli("SCRIPT", "EXISTS", sha) != "1":
-            sha = None
-        groups = {n: contestants(c, py, rb, sha, n, plan) for n in plan.threads}
+        groups = {n: contestants(c, py, rb, n, plan) for n in plan.threads}
         figures: Dict[int, Dict[str, Dict[str, List[Dict[str, float]]]]] = {
             n: {g: {name: [] for name in members} for g, members in gs.items()} for n, gs in groups.items()}
         for r in range(plan.rounds):

@@ -404,8 +404,7 @@ def _redis_measurement(engine: str, counts: Counts) -> "Dict | str":
         return str(exc)[-600:]
 
 
-def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, floor: str,
-               extra_floor: str = "") -> Row:
+def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, floor: str) -> Row:
     """D1/D2: per-request latency of a fire whose handler makes one call on a
     Redis-backed dictionary, from C threads, against redis-benchmark's at the same
     concurrency (-c N); the in-process dictionary and Python threads for scale."""
@@ -419,17 +418,12 @@ def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, fl
                     for n in threads], f"n/a: {m}")
     lat = functools.partial(redis_ops.latency_ns, m)
     n1 = threads[0]
-    if extra_floor not in m["figures"][n1][group]:  # information only; may be missing
-        extra_floor = ""
     baselines = {f"{name} ({n1} thr.)": lat(n1, group, name)
-                 for name in (floor, extra_floor, "C memory", "Python redis") if name}
+                 for name in (floor, "C memory", "Python redis")}
     checks = []
     for n in threads:
         checks.append(Check(label.format(floor.split()[-1], n), ratio(lat(n, group, "C redis"), lat(n, group, floor)),
                             "<=", redis_ops.TARGET))
-        if extra_floor:
-            checks.append(Check(f"C redis / redis-benchmark {extra_floor.split()[-1]} ({n} thr.)",
-                                ratio(lat(n, group, "C redis"), lat(n, group, extra_floor))))
         checks.append(Check(f"Python redis / {floor} ({n} thr.)",
                             ratio(lat(n, group, "Python redis"), lat(n, group, floor))))
     pipe = m["figures"].get(n1, {}).get("16 INCRs")
@@ -445,10 +439,9 @@ def _redis_row(engine: str, counts: Counts, key: str, title: str, group: str, fl
 
 
 def redis_incr_row(engine: str, counts: Counts) -> Row:
-    """D1: hs.shared.red:incr (one EVALSHA of the backend's script) against
-    redis-benchmark's INCR, and its EVALSHA of the same script."""
+    """D1: hs.shared.red:incr("n", 1, 0) (one INCRBY) against redis-benchmark's INCR."""
     return _redis_row(engine, counts, "redis-incr", "D1 shared incr in Redis (per request)", "incr",
-                      "redis-benchmark INCR", "redis-benchmark EVALSHA")
+                      "redis-benchmark INCR")
 
 
 def redis_get_row(engine: str, counts: Counts) -> Row:
