@@ -736,7 +736,7 @@ def test_incr_survives_script_flush(rhost, redis_server, redis_prefix):
     got = lua(rhost, """
         local r = hs.redis("meta")
         local a = d:incr("n", 1, 0)
-        r:call("SCRIPT", "FLUSH")    -- the cached SHA is gone: NOSCRIPT, then EVAL
+        r:call("SCRIPT", "FLUSH")    -- the server forgets its scripts: incr sends its own
         local b = d:incr("n", 1, 0)
         return a, b, (d:incr("n", 1))""")
     assert got == [1, 2, 3]
