@@ -120,7 +120,7 @@ static PyObject *HostCore_fire(PyObject *op, PyObject *const *args, size_t nargs
         PyEval_RestoreThread(released);
         released = NULL;
     }
-    if (!(r & (HS_ERROR | HS_CH_LOGS << 2))) {
+    if (!(r & (HS_ERROR | (HS_CH_LOGS | HS_CH_PROGRAM) << 2))) {
         self->inflight--;
         PyObject *o = self->out[r & HS_DONE];
         Py_INCREF(o);

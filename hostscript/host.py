@@ -100,13 +100,19 @@ class Host(_bridge.HostCore):
     shared by every process naming the URL (docs/redis.md); ``hs.redis("keys")``
     is then a Redis client on the same server. ``{"capacity": bytes}`` and
     ``{"url": ...}`` are the long forms.
+
+    A handler may register handler classes at run time (``hs.register(Class,
+    {name = ...})`` inside a fire, docs/register.md): every thread runs them from
+    its next fire on. *max_registrations* bounds how many such classes the host
+    holds at once; ``runtime_register=False`` refuses them.
     """
 
     def __init__(self, hooks: Sequence[str] = DEFAULT_HOOKS, *, engine: Optional[str] = None,
                  time_limit: Optional[float] = None, memory_limit: Optional[int] = None,
                  sandbox: bool = True, lua_path: Iterable[Union[str, os.PathLike]] = (),
                  on_error: str = "return", state_pool: int = 16,
-                 shared: Optional[Mapping[str, Any]] = None) -> None:
+                 shared: Optional[Mapping[str, Any]] = None, runtime_register: bool = True,
+                 max_registrations: int = 64) -> None:
         if isinstance(hooks, str):
             raise ArgumentTypeError("hooks must be a sequence of hook names, not a string")
         if on_error not in ("return", "raise"):
@@ -117,6 +123,10 @@ class Host(_bridge.HostCore):
                 or not 0 <= state_pool <= 0x7FFFFFFF):
             raise UsageError(f"state_pool must be a non-negative int (idle states kept; 0 turns "
                              f"the pool off), not {state_pool!r}")
+        if (not isinstance(max_registrations, int) or isinstance(max_registrations, bool)
+                or not 1 <= max_registrations <= 0x7FFFFFFF):
+            raise UsageError(f"max_registrations must be a positive int (classes handlers may "
+                             f"register at run time), not {max_registrations!r}")
         self.engine = engine or _engine.default()
         self._eng = _engine.load(self.engine)
         ffi, lib = self._ffi, self._lib = self._eng.ffi, self._eng.lib
@@ -144,6 +154,9 @@ class Host(_bridge.HostCore):
         cfg.sandbox = int(self.sandbox)
         cfg.lua_path, cfg.nlua_path = path_arr, len(paths)
         cfg.state_pool = state_pool
+        self.runtime_register = bool(runtime_register)
+        self.max_registrations = max_registrations
+        cfg.max_registrations = max_registrations if self.runtime_register else -1
         specs = _shared_specs(shared)
         spec_keep = []
         if specs:
@@ -224,17 +237,26 @@ class Host(_bridge.HostCore):
         return Watcher(self, paths, debounce=debounce)
 
     def unload(self, name: str) -> None:
-        """Remove script *name*; handlers stop running at each thread's next fire."""
+        """Remove script *name* (and the classes its handlers registered at run time),
+        or one class registered at run time, ``"<script>#<name>"``; handlers stop
+        running at each thread's next fire."""
         with self._lock:
             h = self._live()
             if self._lib.hs_unload(h, _encode(name, "a script name")) != 0:
+                script = name.partition("#")[0]
+                if "#" in name and name in self.scripts:
+                    raise UsageError(f"{name!r} is registered by {script!r} when it loads: unload "
+                                     f"{script!r} or edit it")
                 raise UsageError(f"no script named {name!r} is loaded")
             self._handled_now = None
             self._paths.pop(name, None)
 
     @property
     def scripts(self) -> List[str]:
-        """Names of the loaded scripts, in load order (the order handlers run in)."""
+        """Names of the loaded scripts in load order, each followed by the classes its
+        chunk registers (``"<script>#<name>"``), and the classes handlers registered
+        at run time. Handlers of a hook run in this order, unless a class was
+        registered with an ``order``."""
         ffi, lib = self._ffi, self._lib
         with self._lock:  # close() may not free the host meanwhile
             h = self._live()
@@ -248,7 +270,7 @@ class Host(_bridge.HostCore):
     def handled_hooks(self) -> FrozenSet[str]:
         """The declared hooks some loaded script handles (``on_<hook>``): a server
         fires only these; firing another does nothing. Cheap: a server asks per request."""
-        got = self._handled_now  # only this host's load/unload change the program
+        got = self._handled_now  # loads, unloads and fires that register reset it
         if got is not None and self._h is not None:
             return got
         with self._lock:  # close() may not free the host meanwhile
@@ -290,6 +312,8 @@ class Host(_bridge.HostCore):
 
     def _finish(self, r: int, hook: str, txn: Transaction) -> Outcome:
         """fire()'s C code hands over here when the fire left log records or failed."""
+        if (r >> 2) & self._lib.HS_CH_PROGRAM:
+            self._handled_now = None  # a handler registered or unregistered a class
         if (r >> 2) & self._lib.HS_CH_LOGS:
             n = self._ffi.new("size_t *")
             p = self._lib.hs_logs(self._h, n)
@@ -333,7 +357,9 @@ class Host(_bridge.HostCore):
         rehydrations, releases (fires that ran long and let go of the GIL),
         compilations, states (live, pooled ones included), heap_bytes, heap_max,
         generation, pooled (idle states in the pool now), pool_hits (new threads that
-        took a pooled state), ``hooks``: {name: {fires, errors, total_ns, buckets}}
+        took a pooled state), registered (classes registered at run time in the
+        program now), registrations, unregistrations and registrations_refused (past
+        max_registrations) since the host began, ``hooks``: {name: {fires, errors, total_ns, buckets}}
         (buckets: fires by latency, ``LATENCY_BOUNDS`` seconds then one more), and
         ``shared``: {name: {backend, capacity, free_space, keys, evictions, calls,
         errors, timeouts, reconnects, seconds}} per shared dictionary (keys counts
@@ -357,7 +383,8 @@ class Host(_bridge.HostCore):
                     "seconds": info.wait_ns / 1e9}
         out: Dict[str, Any] = {k: int(getattr(st, k)) for k in (
             "fires", "errors", "timeouts", "memory_errors", "rehydrations", "releases", "compilations",
-            "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits")}
+            "states", "heap_bytes", "heap_max", "generation", "pooled", "pool_hits", "registered",
+            "registrations", "unregistrations", "registrations_refused")}
         out["hooks"] = {name: {"fires": int(hk[i].fires), "errors": int(hk[i].errors),
                                "total_ns": int(hk[i].total_ns), "buckets": list(hk[i].buckets)}
                         for i, name in enumerate(self.hooks)}

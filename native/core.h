@@ -52,12 +52,26 @@ enum { HS_STACK_ERRH = 1, HS_STACK_TXN = 2 };
 int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud); /* lua_dump into an hs_buf (program.c) */
 
 /* ---- program (program.c) ---- */
+/* What a script entry of a program holds: a script's chunk, or a class a handler
+ * registered at run time (hs.register inside a fire), serialized by class_codec.c. */
+enum { HS_SCRIPT_CHUNK = 0, HS_SCRIPT_CLASS = 1 };
+
+typedef struct hs_class {
+    char *name;        /* the script's name for the class its chunk returns, else "<script>#<name>" */
+    int order;         /* handlers of a hook run by ascending order, then program order */
+    uint64_t hookmask; /* bit h: the class has on_<hooks[h]> */
+} hs_class;
+
 typedef struct hs_script {
     atomic_int refs;
-    char *name;
-    char *bc;
+    int kind;    /* HS_SCRIPT_* */
+    char *name;  /* CHUNK: as loaded; CLASS: "<origin>#<name>" */
+    char *origin; /* the chunk script the entry comes from (CHUNK: its own name) */
+    char *bc;    /* CHUNK: bytecode of the chunk; CLASS: the serialized class */
     size_t bclen;
-    uint64_t hookmask; /* bit h: the class has on_<hooks[h]> */
+    uint64_t hookmask; /* union of the classes' masks */
+    int nclasses;      /* CLASS: 1 */
+    hs_class *classes; /* in registration order, the returned class last */
 } hs_script;
 
 typedef struct hs_module {
@@ -73,12 +87,31 @@ typedef struct hs_prog {
     hs_script **scripts;
     int nmodules;
     hs_module **modules;
+    int nregistered; /* CLASS entries */
 } hs_prog;
 
+/* One change to the program: set script NAME (replacing the entry of that name in
+ * place, or appending), or remove it (SCRIPT NULL; removing a chunk script removes
+ * the classes it registered at run time too). */
+typedef struct hs_prog_op {
+    const char *name;
+    hs_script *script;
+    int result; /* out: HS_OP_* */
+} hs_prog_op;
+enum { HS_OP_DONE = 0, HS_OP_MISSING, HS_OP_LIMIT };
+
 void hs_prog_release(hs_prog *p);
-/* Publish OLD with script S at IDX (old->nscripts: appended; S NULL: IDX removed) and NEWMODS. */
-int hs_prog_publish(hs_host *h, hs_prog *old, int idx, hs_script *s, hs_module **newmods, int nnew);
+/* Apply OPS, in order, to the program published now and publish the result with
+ * NEWMODS, under host->mu: a change made meanwhile by another thread is kept. A
+ * new CLASS entry beyond REG_MAX CLASS entries (REG_MAX < 0: no bound) is not
+ * added (HS_OP_LIMIT). 0: published, the program owns the references of the set
+ * ops' scripts (released for an op not done); -1: out of memory, nothing changed. */
+int hs_prog_publish(hs_host *h, hs_prog_op *ops, int nops, hs_module **newmods, int nnew, int reg_max);
 int hs_prog_find(const hs_prog *p, const char *name); /* index of script NAME, -1 when absent */
+/* A new script entry with one reference, no classes yet; NULL when out of memory. */
+hs_script *hs_script_new(int kind, const char *name, const char *origin);
+/* Add a class to S (names copied); 0, or -1 when out of memory. */
+int hs_script_add_class(hs_script *s, const char *name, int order, uint64_t hookmask);
 void hs_script_release(hs_script *s);
 hs_prog *hs_prog_acquire(hs_host *h); /* current program, +1 reference */
 const hs_module *hs_prog_module(const hs_prog *p, const char *name);
@@ -86,11 +119,11 @@ const hs_module *hs_prog_module(const hs_prog *p, const char *name);
 /* ---- per-thread state (state.c) ---- */
 typedef struct hs_slot {
     hs_script *script; /* reference held */
-    int class_ref, self_ref;
+    int *refs;         /* per class of the script: class ref, instance ref (2 * nclasses) */
 } hs_slot;
 
 typedef struct hs_handler {
-    int fn_ref, self_ref, slot;
+    int fn_ref, self_ref, slot, cls;
 } hs_handler;
 
 typedef struct hs_hookcache {
@@ -130,6 +163,10 @@ struct hs_state {
     hs_txn *txn;
     int hook, ctx_live;
     const char *cur_name; /* script whose code runs now (for logs) */
+    const hs_script *cur_script; /* the program entry whose handler runs now (hs.register) */
+    int collecting;       /* while a chunk runs: registry ref of its hs.register list, else 0 */
+    hs_buf regs;          /* hs_reg: run-time (un)registrations of this fire (lapi_register.c) */
+    hs_buf codec;         /* scratch: a class being serialized (freed with the state) */
     uint64_t deadline_ns; /* 0: no deadline */
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
     int released;           /* the host's lock was released during this fire */
@@ -166,8 +203,17 @@ hs_state *hs_thread_state(hs_host *h, hs_error **err);
 /* Run BODY in protected mode: a raised error (memory...) becomes -1 with ERR set. */
 int hs_protected(hs_state *S, int (*body)(hs_state *, void *), void *arg, hs_error *err,
                  const char *script);
-/* Run the chunk on top of the stack in the state's environment; leaves the class. */
-int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err);
+/* Run script NAME's chunk, on top of the stack, in a new environment; push an array
+ * of its classes and their instances {class1, self1, class2, self2...} (those it
+ * registered with hs.register in order, then the one it returned) and append an
+ * hs_class for each to CLASSES (free them with hs_classes_free). 0, or -1 with ERR
+ * set and nothing pushed. */
+int hs_state_run_chunk(hs_state *S, const char *name, hs_buf *classes, hs_error *err);
+void hs_classes_free(hs_buf *classes);
+/* The class on top of the stack, named NAME: check it (hs_class_check) and make its
+ * instance with new(); replaces it by class and instance (0), or pops it (-1, ERR
+ * set; *MASK untouched). */
+int hs_state_instantiate(hs_state *S, const char *name, uint64_t *mask, hs_error *err);
 int hs_state_load(hs_state *S, const char *name, const char *buf, size_t len, int binary);
 /* A fresh Lua state in place of S's (its program, classes and module data dropped);
  * 0, or -1 with ERR set and S without a Lua state. */
@@ -210,12 +256,39 @@ extern const char hs_readonly_key; /* in a metatable: rawset refuses the table (
 /* ---- Lua API: hs.shared (lapi_shared.c) ---- */
 void hs_lapi_shared_open(hs_state *S); /* sets hs.shared in the hs table on top */
 
+/* ---- Lua API: hs.register, hs.unregister (lapi_register.c) ---- */
+void hs_lapi_register_open(hs_state *S); /* sets them in the hs table on top */
+/* The (un)registrations pending in this fire; a handler that failed drops its own
+ * with hs_register_truncate(S, the count before it ran). */
+size_t hs_register_count(const hs_state *S);
+void hs_register_truncate(hs_state *S, size_t n);
+/* The fire is over: publish what its handlers registered and unregistered, as one
+ * new program, and log each change; 1 when a program was published. */
+int hs_register_publish(hs_state *S);
+void hs_register_discard(hs_state *S); /* drop all pending ones (state teardown) */
+/* Check that the table at IDX is a handler class of host H (every on_<x> a declared
+ * hook, each a function): 0 with its hook mask in *MASK, or -1 with a message in
+ * MSG. Runs metamethods (protected context, under a deadline). */
+int hs_class_check(lua_State *L, hs_host *h, int idx, const char *name, uint64_t *mask, char *msg,
+                   size_t msglen);
+
+/* ---- serialized classes (class_codec.c) ---- */
+/* Serialize the class at IDX (protected context, inside a fire of S): functions as
+ * bytecode, their upvalues and the class's fields as data, library values and
+ * required modules by name. 0, or -1 with a message naming the offending path in
+ * MSG. Time and memory count against the fire; raises on their limits. */
+int hs_class_encode(hs_state *S, int idx, const char *name, hs_buf *out, char *msg, size_t msglen);
+/* Rebuild a serialized class in S's Lua state and push it (protected context). */
+void hs_class_decode(hs_state *S, const char *name, const char *p, size_t len);
+
 /* ---- Lua API: hs.redis (lapi_redis.c) ---- */
 void hs_lapi_redis_open(hs_state *S); /* sets hs.redis in the hs table on top */
 
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
 int hs_lapi_errh(lua_State *L);
+/* Append a log record of SCRIPT to this fire's logs (dropped past HS_LOGS_MAX). */
+void hs_lapi_log_as(hs_state *S, int level, const char *script, const char *msg, size_t len);
 void hs_lapi_log_dropped(hs_state *S); /* one warning record for what hs_lapi_log dropped */
 extern const char hs_done_sentinel;
 
@@ -262,6 +335,8 @@ struct hs_host {
     int wrap_tried; /* that first state tried (written before the host is shared) */
     hs_buf load_logs;
     hs_buf modules; /* hs_module*: every module compiled for this host, freed with it */
+    int reg_max; /* CLASS entries hs.register may add at run time; -1: run-time registration off */
+    uint64_t registrations, unregistrations, registrations_refused; /* counters (mu) */
     hs_shared **shared; /* the shared dictionaries (shared.c), freed with the host */
     int nshared;
 };

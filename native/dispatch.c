@@ -13,6 +13,9 @@
  *
  * A transaction is marked busy for the length of a fire (txn.h): a second fire on
  * it, from another thread, is refused instead of racing the first.
+ *
+ * Classes a handler registers (hs.register) are published when the fire is over,
+ * if that handler returned without error: the fire itself runs on one program.
  */
 #include <stdio.h>
 #include <string.h>
@@ -83,12 +86,15 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     }
     for (int i = 0; i < hc->n; i++) {
         hs_handler *it = &hc->items[i];
-        S->cur_name = S->slots[it->slot].script->name;
+        S->cur_script = S->slots[it->slot].script;
+        S->cur_name = S->cur_script->classes[it->cls].name;
+        size_t regs = S->regs.len ? hs_register_count(S) : 0;
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->fn_ref);
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->self_ref);
         lua_pushvalue(L, HS_STACK_TXN);
         int rc = lua_pcall(L, 2, 1, HS_STACK_ERRH);
         if (rc != 0) {
+            hs_register_truncate(S, regs); /* a failed handler registers nothing */
             hs_error_from_lua(S, &S->err, rc, S->cur_name, 1);
             snprintf(S->err.hook, sizeof S->err.hook, "%s", S->host->hooks[hook]);
             if (S->err.kind == HS_ERR_TIMEOUT) BUMP(S->c.timeouts);
@@ -115,6 +121,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     S->txn = NULL;
     S->hook = -1;
     S->cur_name = NULL;
+    S->cur_script = NULL;
     return status;
 }
 
@@ -179,6 +186,8 @@ int hs_fire(hs_host *h, int hook, hs_txn *t) {
     if (!start) start = hs_now_ns();
     status = run_handlers(S, hook, t, start);
 done:;
+    if (S->regs.len && hs_register_publish(S)) /* what its handlers (un)registered, now it is over */
+        t->changed |= HS_CH_PROGRAM;
     S->release_at_ns = 0; /* (a failed rehydration leaves it set) */
     if (S->logs_dropped) hs_lapi_log_dropped(S);
     uint64_t took = hs_now_ns() - start;

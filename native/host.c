@@ -82,6 +82,8 @@ hs_host *hs_host_new(const hs_config *cfg, hs_error *err) {
     h->memory_limit = cfg->memory_limit;
     h->sandbox = cfg->sandbox;
     h->pool_max = cfg->state_pool > 0 ? cfg->state_pool : 0;
+    h->reg_max = cfg->max_registrations < 0 ? -1
+               : cfg->max_registrations ? cfg->max_registrations : HS_REGISTRATIONS_DEFAULT;
     if (cfg->nlua_path > 0) {
         h->lua_path = calloc(cfg->nlua_path, sizeof *h->lua_path);
         if (!h->lua_path) goto nomem;
@@ -319,6 +321,10 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
     out->generation = LOAD(h->gen);
     out->pooled = h->npooled;
     out->pool_hits = h->pool_hits;
+    out->registered = h->prog->nregistered;
+    out->registrations = h->registrations;
+    out->unregistrations = h->unregistrations;
+    out->registrations_refused = h->registrations_refused;
     pthread_mutex_unlock(&h->mu);
     out->fires = sum->fires;
     out->errors = sum->errors;
@@ -336,17 +342,26 @@ void hs_host_stats(hs_host *h, hs_stats *out, hs_hook_stats *hooks) {
     free(sum);
 }
 
+static void put_name(const char *name, char *buf, size_t cap, size_t *need) {
+    size_t n = strlen(name) + 1;
+    if (buf && *need + n <= cap) memcpy(buf + *need, name, n);
+    *need += n;
+}
+
 size_t hs_scripts(hs_host *h, char *buf, size_t cap) {
     hs_prog *p = hs_prog_acquire(h);
     size_t need = 0;
     for (int i = 0; i < p->nscripts; i++) {
-        size_t n = strlen(p->scripts[i]->name) + 1;
-        if (buf && need + n <= cap) memcpy(buf + need, p->scripts[i]->name, n);
-        need += n;
+        hs_script *s = p->scripts[i];
+        put_name(s->name, buf, cap, &need);
+        for (int k = 0; s->kind == HS_SCRIPT_CHUNK && k < s->nclasses; k++)
+            if (strcmp(s->classes[k].name, s->name)) put_name(s->classes[k].name, buf, cap, &need);
     }
     hs_prog_release(p);
     return need;
 }
+
+uint64_t hs_generation(hs_host *h) { return atomic_load_explicit(&h->gen, memory_order_acquire); }
 
 uint64_t hs_hooks_handled(hs_host *h) {
     hs_prog *p = hs_prog_acquire(h);

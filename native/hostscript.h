@@ -35,7 +35,8 @@ enum {
     HS_CH_BODY = 1 << 5,
     HS_CH_CTX = 1 << 6,
     HS_CH_LOGS = 1 << 7, /* log records are waiting: hs_logs() */
-    HS_CH_CACHE_KEY = 1 << 8
+    HS_CH_CACHE_KEY = 1 << 8,
+    HS_CH_PROGRAM = 1 << 9 /* the fire published a new program (hs.register, hs.unregister) */
 };
 
 /* Kinds of error reported in hs_error.kind. */
@@ -77,7 +78,11 @@ typedef struct hs_config {
     int state_pool;             /* idle states kept for new threads when theirs end; 0: none */
     const hs_shared_spec *shared; /* shared dictionaries (hs.shared.NAME) */
     int nshared;
+    int max_registrations;      /* classes handlers may register at run time (hs.register in a
+                                   fire) that a program holds at once: 0 means
+                                   HS_REGISTRATIONS_DEFAULT; < 0 turns run-time registration off */
 } hs_config;
+enum { HS_REGISTRATIONS_DEFAULT = 64 };
 
 /* Per-hook latency: buckets[i] counts the fires whose handlers ran in at most
  * hs_latency_bounds_ns()[i] and more than the bound before (i < 11), buckets[11]
@@ -102,6 +107,9 @@ typedef struct hs_stats {
     uint64_t generation;    /* program version */
     uint64_t pooled;        /* idle states in the pool now (hs_config.state_pool) */
     uint64_t pool_hits;     /* new threads that took a pooled state instead of creating one */
+    uint64_t registered;    /* classes registered at run time in the published program */
+    uint64_t registrations, unregistrations; /* run-time ones published since the host began */
+    uint64_t registrations_refused; /* past max_registrations when published */
 } hs_stats;
 
 /* Host: create with a config (copied), free when no fire is running. NULL + err on bad config. */
@@ -116,10 +124,16 @@ const char *hs_engine_version(void);
 /* Load (or replace) script NAME from Lua source text; 0 ok, -1 with err filled.
  * A failure leaves the published program unchanged. */
 int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error *err);
-/* Remove script NAME; 0 ok, -1 when it is not loaded. */
+/* Remove script NAME (with the classes its handlers registered at run time), or
+ * one class registered at run time, "<script>#<name>"; 0 ok, -1 when there is none. */
 int hs_unload(hs_host *h, const char *name);
-/* Script names in load order, NUL-separated, into buf; returns the bytes needed. */
+/* Names in program order, NUL-separated, into buf; returns the bytes needed: each
+ * script, followed by the classes its chunk registers ("<script>#<name>"), and
+ * the classes handlers registered at run time. */
 size_t hs_scripts(hs_host *h, char *buf, size_t cap);
+/* The program's version: it changes with every load, unload and run-time
+ * registration (one atomic read). */
+uint64_t hs_generation(hs_host *h);
 /* The hooks some script of the published program handles: bit i for hook index i.
  * A host skips firing the others (a fire of an unhandled hook does nothing). */
 uint64_t hs_hooks_handled(hs_host *h);

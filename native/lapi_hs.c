@@ -77,7 +77,10 @@ static void put_log(hs_state *S, int level, const char *script, const char *msg,
 }
 
 static void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
-    const char *script = S->cur_name ? S->cur_name : "";
+    hs_lapi_log_as(S, level, S->cur_name ? S->cur_name : "", msg, len);
+}
+
+void hs_lapi_log_as(hs_state *S, int level, const char *script, const char *msg, size_t len) {
     if (S->logs.len + len + strlen(script) + 7 > HS_LOGS_MAX) {
         S->logs_dropped++; /* counted, and said once at the end of the fire */
         return;
@@ -608,5 +611,6 @@ int hs_lapi_open(hs_state *S) {
     lua_setfield(L, -2, "log");
     hs_lapi_shared_open(S); /* hs.shared (lapi_shared.c) */
     hs_lapi_redis_open(S);  /* hs.redis (lapi_redis.c) */
+    hs_lapi_register_open(S); /* hs.register, hs.unregister (lapi_register.c) */
     return 0;
 }

@@ -3,8 +3,9 @@
  *
  * The source is loaded as text on the calling thread, on a throw-away "scratch"
  * state (state.c), dumped to bytecode, and its chunk is run there — under one time
- * limit for the chunk, the class's fields and new() — to prove that it returns a
- * valid handler class and to learn which hooks it handles. Only then is a new
+ * limit for the chunk, the classes' fields and new() — to prove that it returns
+ * or registers (hs.register) valid handler classes and to learn which hooks each
+ * handles. Only then is a new
  * program published (program.c), with any module the chunk required for the first
  * time. A failure at any step publishes nothing. Loads are serialized by
  * host->load_mu, so compiling never blocks a worker that is rehydrating.
@@ -18,18 +19,17 @@ typedef struct compilation {
     const char *name, *src;
     size_t len;
     hs_buf *bc;
-    uint64_t *mask;
+    hs_buf *classes;
     hs_error *err;
 } compilation;
 
-/* Compile NAME on a scratch state: bytecode into BC, the class's hook mask into MASK.
+/* Compile NAME on a scratch state: bytecode into BC, its classes into CLASSES.
  * Runs protected (compile below): any Lua call here may run out of memory. */
 static int compile_body(hs_state *S, void *arg) {
     compilation *c = arg;
     const char *name = c->name;
     hs_error *err = c->err;
     hs_buf *bc = c->bc;
-    uint64_t *mask = c->mask;
     const char *src = c->src;
     size_t len = c->len;
     lua_State *L = S->L;
@@ -43,22 +43,14 @@ static int compile_body(hs_state *S, void *arg) {
         hs_error_set(err, HS_ERR_MEMORY, name, "", "%s: out of memory dumping bytecode", name);
         return -1;
     }
-    if (hs_state_run_chunk(S, name, err) != 0) return -1;
-    /* class and self are on top; hs_state_run_chunk validated them. Collect the hooks. */
-    *mask = 0;
-    for (int i = 0; i < S->host->nhooks; i++) {
-        lua_pushfstring(L, "on_%s", S->host->hooks[i]);
-        lua_gettable(L, -3);
-        if (lua_isfunction(L, -1)) *mask |= (uint64_t)1 << i;
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 2);
+    if (hs_state_run_chunk(S, name, c->classes, err) != 0) return -1;
+    lua_pop(L, 1);
     return 0;
 }
 
 static int compile(hs_state *S, const char *name, const char *src, size_t len, hs_buf *bc,
-                   uint64_t *mask, hs_error *err) {
-    compilation c = {name, src, len, bc, mask, err};
+                   hs_buf *classes, hs_error *err) {
+    compilation c = {name, src, len, bc, classes, err};
     hs_state_deadline(S, hs_now_ns()); /* chunk, class fields and new(): one time limit */
     int rc = hs_protected(S, compile_body, &c, err, name);
     hs_state_end_deadline(S);
@@ -72,6 +64,11 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
                      (int)sizeof err->script - 1);
         return -1;
     }
+    if (strchr(name, '#')) {
+        hs_error_set(err, HS_ERR_USAGE, name, "", "%s: a script name may not contain '#' (it names the "
+                     "classes a script registers: <script>#<name>)", name);
+        return -1;
+    }
     if (len > 0 && src[0] == LUA_SIGNATURE[0]) {
         hs_error_set(err, HS_ERR_SYNTAX, name, "", "%s: bytecode is not accepted; load Lua source text",
                      name);
@@ -79,30 +76,27 @@ int hs_load(hs_host *h, const char *name, const char *src, size_t len, hs_error 
     }
     pthread_mutex_lock(&h->load_mu);
     int ret = -1;
-    hs_buf bc = {0};
+    hs_buf bc = {0}, classes = {0};
     hs_script *s = NULL;
     hs_state *S = hs_state_new(h, 1, err);
     if (!S || hs_limits_enter(S, err) != 0) goto done;
-    uint64_t mask = 0;
-    if (compile(S, name, src, len, &bc, &mask, err) != 0) goto done;
+    if (compile(S, name, src, len, &bc, &classes, err) != 0) goto done;
 
-    s = calloc(1, sizeof *s);
-    if (!s || !(s->name = strdup(name))) goto nomem;
-    atomic_init(&s->refs, 1);
+    if (!(s = hs_script_new(HS_SCRIPT_CHUNK, name, name))) goto nomem;
     s->bc = bc.p;
     s->bclen = bc.len;
     bc.p = NULL;
-    s->hookmask = mask;
+    hs_class *cl = (hs_class *)classes.p;
+    for (size_t i = 0; i < classes.len / sizeof *cl; i++)
+        if (hs_script_add_class(s, cl[i].name, cl[i].order, cl[i].hookmask) != 0) goto nomem;
 
-    hs_prog *old = S->prog; /* the scratch state holds a reference to the current program */
-    int idx = hs_prog_find(old, name);
-    if (idx < 0) idx = old->nscripts;
     pthread_mutex_lock(&h->mu);
     h->compilations++;
     pthread_mutex_unlock(&h->mu);
     hs_module **mods = (hs_module **)S->pending.p;
     int nmods = (int)(S->pending.len / sizeof *mods);
-    if (hs_prog_publish(h, old, idx, s, mods, nmods) != 0) goto nomem;
+    hs_prog_op op = {name, s, 0};
+    if (hs_prog_publish(h, &op, 1, mods, nmods, -1) != 0) goto nomem;
     S->pending.len = 0; /* now owned by the host */
     s = NULL;
     ret = 0;
@@ -112,6 +106,7 @@ nomem:
 done:
     if (s) hs_script_release(s);
     hs_buf_free(&bc);
+    hs_classes_free(&classes);
     h->load_logs.len = 0;
     if (S) {
         hs_buf_put(&h->load_logs, S->logs.p, S->logs.len);

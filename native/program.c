@@ -1,10 +1,12 @@
 /*
  * program.c — compiled scripts and the immutable, versioned program.
  *
- * A new program is the old one's scripts with one added, replaced (load.c) or
- * removed (hs_unload), plus any module compiled for the first time; it is
- * published with one pointer swap and a generation bump under host->mu. No Lua
- * state is involved here.
+ * A new program is the published one with script entries added, replaced or
+ * removed — a script loaded (load.c) or unloaded, classes registered or
+ * unregistered by handlers at run time (lapi_register.c) — plus any module
+ * compiled for the first time. It is built from the program published at that
+ * moment and swapped in with a generation bump, both under host->mu, so changes
+ * made at once from several threads all land. No Lua state is involved here.
  *
  * Programs and scripts are refcounted: the host holds the current program, each
  * thread state holds the one it last rehydrated, and a program holds its scripts.
@@ -21,9 +23,38 @@ int hs_buf_writer(lua_State *L, const void *p, size_t sz, void *ud) {
     return hs_buf_put(ud, p, sz);
 }
 
+hs_script *hs_script_new(int kind, const char *name, const char *origin) {
+    hs_script *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    atomic_init(&s->refs, 1);
+    s->kind = kind;
+    s->name = strdup(name);
+    s->origin = strdup(origin);
+    if (!s->name || !s->origin) {
+        hs_script_release(s);
+        return NULL;
+    }
+    return s;
+}
+
+int hs_script_add_class(hs_script *s, const char *name, int order, uint64_t hookmask) {
+    hs_class *c = realloc(s->classes, (s->nclasses + 1) * sizeof *c);
+    if (!c) return -1;
+    s->classes = c;
+    if (!(c[s->nclasses].name = strdup(name))) return -1;
+    c[s->nclasses].order = order;
+    c[s->nclasses].hookmask = hookmask;
+    s->nclasses++;
+    s->hookmask |= hookmask;
+    return 0;
+}
+
 void hs_script_release(hs_script *s) {
     if (s && atomic_fetch_sub(&s->refs, 1) == 1) {
+        for (int i = 0; i < s->nclasses; i++) free(s->classes[i].name);
+        free(s->classes);
         free(s->name);
+        free(s->origin);
         free(s->bc);
         free(s);
     }
@@ -51,44 +82,88 @@ const hs_module *hs_prog_module(const hs_prog *p, const char *name) {
     return NULL;
 }
 
-/* Publish a program made of OLD with script slot IDX replaced by S (IDX == nscripts:
- * appended; S == NULL: removed) plus the modules in NEWMODS. Caller holds load_mu. */
-int hs_prog_publish(hs_host *h, hs_prog *old, int idx, hs_script *s, hs_module **newmods, int nnew) {
+/* Remove entry I of P (its reference is released). */
+static void drop_entry(hs_prog *p, int i) {
+    if (p->scripts[i]->kind == HS_SCRIPT_CLASS) p->nregistered--;
+    hs_script_release(p->scripts[i]);
+    memmove(p->scripts + i, p->scripts + i + 1, (p->nscripts - i - 1) * sizeof *p->scripts);
+    p->nscripts--;
+}
+
+static int apply_op(hs_prog *p, hs_prog_op *op, int reg_max) {
+    int i = hs_prog_find(p, op->name);
+    hs_script *s = op->script;
+    if (!s) {
+        if (i < 0) return HS_OP_MISSING;
+        int chunk = p->scripts[i]->kind == HS_SCRIPT_CHUNK;
+        drop_entry(p, i);
+        for (int j = p->nscripts - 1; chunk && j >= 0; j--) /* what it registered at run time */
+            if (p->scripts[j]->kind == HS_SCRIPT_CLASS && !strcmp(p->scripts[j]->origin, op->name))
+                drop_entry(p, j);
+        return HS_OP_DONE;
+    }
+    if (s->kind == HS_SCRIPT_CHUNK) /* a class the chunk registers wins over a run-time one */
+        for (int c = 0; c < s->nclasses; c++) {
+            int j = hs_prog_find(p, s->classes[c].name);
+            if (j >= 0 && p->scripts[j]->kind == HS_SCRIPT_CLASS) {
+                drop_entry(p, j);
+                if (j < i) i--;
+            }
+        }
+    if (i >= 0) {
+        if (p->scripts[i]->kind == HS_SCRIPT_CLASS) p->nregistered--;
+        hs_script_release(p->scripts[i]);
+        p->scripts[i] = s;
+    } else {
+        if (s->kind == HS_SCRIPT_CLASS && reg_max >= 0 && p->nregistered >= reg_max) {
+            hs_script_release(s);
+            return HS_OP_LIMIT;
+        }
+        p->scripts[p->nscripts++] = s;
+    }
+    if (s->kind == HS_SCRIPT_CLASS) p->nregistered++;
+    return HS_OP_DONE;
+}
+
+int hs_prog_publish(hs_host *h, hs_prog_op *ops, int nops, hs_module **newmods, int nnew, int reg_max) {
     hs_prog *p = calloc(1, sizeof *p);
     if (!p) return -1;
-    int n = old->nscripts + (idx == old->nscripts) - (s == NULL);
-    p->scripts = calloc(n > 0 ? n : 1, sizeof *p->scripts);
+    pthread_mutex_lock(&h->mu); /* from the program published now: nothing made meanwhile is lost */
+    hs_prog *old = h->prog;
+    int cap = old->nscripts + nops;
+    p->scripts = calloc(cap > 0 ? cap : 1, sizeof *p->scripts);
     p->modules = calloc(old->nmodules + nnew + 1, sizeof *p->modules);
     if (!p->scripts || !p->modules) {
+        pthread_mutex_unlock(&h->mu);
         free(p->scripts);
         free(p->modules);
         free(p);
         return -1;
     }
+    for (int i = 0; i < nnew; i++) /* the host frees every module it ever had */
+        if (hs_buf_put(&h->modules, &newmods[i], sizeof newmods[i]) != 0) {
+            h->modules.len -= i * sizeof *newmods;
+            pthread_mutex_unlock(&h->mu);
+            free(p->scripts);
+            free(p->modules);
+            free(p);
+            return -1;
+        }
     atomic_init(&p->refs, 1);
     for (int i = 0; i < old->nscripts; i++) {
-        hs_script *e = old->scripts[i];
-        if (i == idx) {
-            if (!s) continue;
-            e = s;
-        } else {
-            atomic_fetch_add(&e->refs, 1);
-        }
-        p->scripts[p->nscripts++] = e;
+        atomic_fetch_add(&old->scripts[i]->refs, 1);
+        p->scripts[p->nscripts++] = old->scripts[i];
     }
-    if (idx == old->nscripts) p->scripts[p->nscripts++] = s;
+    p->nregistered = old->nregistered;
+    for (int i = 0; i < nops; i++) ops[i].result = apply_op(p, &ops[i], reg_max);
     if (old->nmodules) memcpy(p->modules, old->modules, old->nmodules * sizeof *p->modules);
     p->nmodules = old->nmodules;
     for (int i = 0; i < nnew; i++) p->modules[p->nmodules++] = newmods[i];
-
-    pthread_mutex_lock(&h->mu);
-    for (int i = 0; i < nnew; i++) hs_buf_put(&h->modules, &newmods[i], sizeof newmods[i]);
-    hs_prog *prev = h->prog;
-    p->gen = prev->gen + 1;
+    p->gen = old->gen + 1;
     h->prog = p;
     atomic_store_explicit(&h->gen, p->gen, memory_order_release);
     pthread_mutex_unlock(&h->mu);
-    hs_prog_release(prev);
+    hs_prog_release(old);
     return 0;
 }
 
@@ -100,10 +175,8 @@ int hs_prog_find(const hs_prog *p, const char *name) {
 
 int hs_unload(hs_host *h, const char *name) {
     pthread_mutex_lock(&h->load_mu);
-    hs_prog *old = hs_prog_acquire(h);
-    int idx = hs_prog_find(old, name), ret = -1;
-    if (idx >= 0) ret = hs_prog_publish(h, old, idx, NULL, NULL, 0);
-    hs_prog_release(old);
+    hs_prog_op op = {name, NULL, 0};
+    int ret = hs_prog_publish(h, &op, 1, NULL, 0, -1) == 0 && op.result == HS_OP_DONE ? 0 : -1;
     pthread_mutex_unlock(&h->load_mu);
     return ret;
 }

@@ -2,8 +2,11 @@
  * rehydrate.c — bringing a thread state up to the published program.
  *
  * Rehydration (on the first fire after the program generation changed) loads the
- * bytecode of new or changed scripts only — unchanged scripts keep their class,
- * instance and module-level locals — then rebuilds the per-hook handler cache.
+ * bytecode of new or changed scripts only, running their chunks again (and
+ * rebuilds classes registered at run time from their serialized form, once per
+ * program version) — unchanged scripts keep their classes, instances and
+ * module-level locals — then rebuilds the per-hook handler cache, handlers sorted
+ * by their class's order, then program order.
  * It is two-phase: everything new is built first; only if all of it succeeded is
  * it swapped in, so a thread never runs half of a program. When the new versions
  * do not fit in the memory limit next to the old ones, the state is reopened and
@@ -18,19 +21,23 @@
 
 typedef struct rehydration {
     hs_prog *p;
-    hs_slot *slots;         /* p->nscripts; class_ref/self_ref >= 0 */
+    hs_slot *slots;         /* p->nscripts; refs set */
     char *fresh;            /* slots[i] made here (not shared with the old ones) */
     hs_hookcache *hooks;    /* nhooks */
     int nloaded;
 } rehydration;
 
+static void slot_drop(lua_State *L, hs_slot *sl) {
+    for (int k = 0; sl->refs && k < 2 * sl->script->nclasses; k++) /* 0 is no reference */
+        luaL_unref(L, LUA_REGISTRYINDEX, sl->refs[k]);
+    free(sl->refs);
+    sl->refs = NULL;
+}
+
 static void rehydration_undo(hs_state *S, rehydration *r) {
     lua_State *L = S->L;
     for (int i = 0; r->slots && i < r->p->nscripts; i++)
-        if (r->fresh[i]) { /* luaL_unref ignores a ref that was never made (0 is none) */
-            if (r->slots[i].class_ref) luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
-            luaL_unref(L, LUA_REGISTRYINDEX, r->slots[i].self_ref);
-        }
+        if (r->fresh[i]) slot_drop(L, &r->slots[i]);
     for (int hk = 0; r->hooks && hk < S->host->nhooks; hk++) {
         for (int j = 0; j < r->hooks[hk].n; j++) luaL_unref(L, LUA_REGISTRYINDEX, r->hooks[hk].items[j].fn_ref);
         free(r->hooks[hk].items);
@@ -38,6 +45,46 @@ static void rehydration_undo(hs_state *S, rehydration *r) {
     free(r->slots);
     free(r->fresh);
     free(r->hooks);
+}
+
+/* Run script S's chunk (or rebuild its serialized class) into SL's references. */
+static int load_script(hs_state *S, hs_script *s, hs_slot *sl) {
+    lua_State *L = S->L;
+    hs_state_deadline(S, hs_now_ns()); /* each script's chunk and new() get a time limit */
+    if (!(sl->refs = calloc(2 * s->nclasses, sizeof *sl->refs))) return luaL_error(L, "not enough memory");
+    if (s->kind == HS_SCRIPT_CLASS) {
+        S->cur_name = s->name;
+        hs_class_decode(S, s->name, s->bc, s->bclen);
+        if (hs_state_instantiate(S, s->name, NULL, &S->err) != 0) return -1;
+        sl->refs[1] = luaL_ref(L, LUA_REGISTRYINDEX);
+        sl->refs[0] = luaL_ref(L, LUA_REGISTRYINDEX);
+        return 0;
+    }
+    int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
+    if (rc != 0) {
+        hs_error_from_lua(S, &S->err, rc, s->name, 0);
+        return -1;
+    }
+    hs_buf classes = {0};
+    if (hs_state_run_chunk(S, s->name, &classes, &S->err) != 0) return -1;
+    hs_class *c = (hs_class *)classes.p;
+    int n = (int)(classes.len / sizeof *c), same = n == s->nclasses;
+    for (int k = 0; same && k < n; k++) same = !strcmp(c[k].name, s->classes[k].name);
+    hs_classes_free(&classes);
+    if (!same) {
+        hs_error_set(&S->err, HS_ERR_SCRIPT, s->name, "",
+                     "%s: the chunk made %d handler class(es) here but %d when it was loaded: a "
+                     "script must return and register the same classes on every thread",
+                     s->name, n, s->nclasses);
+        lua_pop(L, 1);
+        return -1;
+    }
+    for (int k = 0; k < 2 * n; k++) {
+        lua_rawgeti(L, -1, k + 1);
+        sl->refs[k] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_pop(L, 1);
+    return 0;
 }
 
 static int rehydrate_body(hs_state *S, void *arg) {
@@ -52,41 +99,40 @@ static int rehydrate_body(hs_state *S, void *arg) {
             if (S->slots[j].script == s) old = j;
         r->slots[i].script = s;
         if (old >= 0) {
-            r->slots[i].class_ref = S->slots[old].class_ref;
-            r->slots[i].self_ref = S->slots[old].self_ref;
+            r->slots[i].refs = S->slots[old].refs;
             continue;
         }
-        hs_state_deadline(S, hs_now_ns()); /* each script's chunk and new() get a time limit */
-        int rc = hs_state_load(S, s->name, s->bc, s->bclen, 1);
-        if (rc != 0) {
-            hs_error_from_lua(S, &S->err, rc, s->name, 0);
-            return -1;
-        }
-        if (hs_state_run_chunk(S, s->name, &S->err) != 0) return -1;
-        r->slots[i].self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        r->fresh[i] = 1; /* from here undo drops what is set (a ref of 0 is none) */
-        r->slots[i].class_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        r->fresh[i] = 1; /* from here undo drops what is set */
+        if (load_script(S, s, &r->slots[i]) != 0) return -1;
         r->nloaded++;
     }
     hs_state_deadline(S, hs_now_ns()); /* reading on_<hook> may run a class's __index */
     for (int hk = 0; hk < h->nhooks; hk++) {
         int n = 0;
-        for (int i = 0; i < p->nscripts; i++) n += (p->scripts[i]->hookmask >> hk) & 1;
+        for (int i = 0; i < p->nscripts; i++)
+            for (int k = 0; k < p->scripts[i]->nclasses; k++) n += (p->scripts[i]->classes[k].hookmask >> hk) & 1;
         if (!n) continue;
-        r->hooks[hk].items = calloc(n, sizeof *r->hooks[hk].items);
-        if (!r->hooks[hk].items) return luaL_error(L, "not enough memory");
-        for (int i = 0; i < p->nscripts; i++) {
-            if (!((p->scripts[i]->hookmask >> hk) & 1)) continue;
-            lua_rawgeti(L, LUA_REGISTRYINDEX, r->slots[i].class_ref);
-            lua_pushfstring(L, "on_%s", h->hooks[hk]);
-            lua_gettable(L, -2);
-            hs_handler *it = &r->hooks[hk].items[r->hooks[hk].n];
-            it->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-            it->self_ref = r->slots[i].self_ref;
-            it->slot = i;
-            r->hooks[hk].n++;
-            lua_pop(L, 1);
-        }
+        hs_hookcache *hc = &r->hooks[hk];
+        if (!(hc->items = calloc(n, sizeof *hc->items))) return luaL_error(L, "not enough memory");
+        for (int i = 0; i < p->nscripts; i++)
+            for (int k = 0; k < p->scripts[i]->nclasses; k++) {
+                const hs_class *c = &p->scripts[i]->classes[k];
+                if (!((c->hookmask >> hk) & 1)) continue;
+                lua_rawgeti(L, LUA_REGISTRYINDEX, r->slots[i].refs[2 * k]);
+                lua_pushfstring(L, "on_%s", h->hooks[hk]);
+                lua_gettable(L, -2);
+                int at = hc->n; /* by order, then program order: a stable insertion */
+                while (at > 0 && p->scripts[hc->items[at - 1].slot]->classes[hc->items[at - 1].cls].order > c->order)
+                    at--;
+                memmove(hc->items + at + 1, hc->items + at, (hc->n - at) * sizeof *hc->items);
+                hs_handler *it = &hc->items[at];
+                it->self_ref = r->slots[i].refs[2 * k + 1];
+                it->slot = i;
+                it->cls = k;
+                hc->n++;
+                it->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+                lua_pop(L, 1);
+            }
     }
     return 0;
 }
@@ -142,10 +188,7 @@ int hs_state_rehydrate(hs_state *S) {
         int kept = 0;
         for (int i = 0; i < r.p->nscripts; i++)
             if (!r.fresh[i] && r.slots[i].script == S->slots[j].script) kept = 1;
-        if (!kept) {
-            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].class_ref);
-            luaL_unref(L, LUA_REGISTRYINDEX, S->slots[j].self_ref);
-        }
+        if (!kept) slot_drop(L, &S->slots[j]);
     }
     for (int hk = 0; hk < h->nhooks; hk++) {
         for (int j = 0; j < S->hooks[hk].n; j++)

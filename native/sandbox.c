@@ -352,9 +352,12 @@ static int sb_require(lua_State *L) {
     hs_sandbox_push_env(S, L);
     hs_setenv(L, chunk);
     const char *outer = S->cur_name;
+    int collecting = S->collecting; /* a module is loaded once per state: its chunk may not */
+    S->collecting = 0;              /* register classes for whichever script required it first */
     lua_pushvalue(L, 1);
     lua_call(L, 1, 1);
     S->cur_name = outer;
+    S->collecting = collecting;
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
         lua_pushboolean(L, 1);

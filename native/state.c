@@ -124,8 +124,10 @@ static void close_lua(hs_state *S) {
     if (S->L) lua_close(S->L);
     S->L = NULL;
     S->env_ref = S->txn_ref = S->errh_ref = S->loaded_ref = S->trampoline_ref = 0;
-    for (int i = 0; i < S->nslots; i++)
+    for (int i = 0; i < S->nslots; i++) {
+        free(S->slots[i].refs);
         hs_script_release(S->slots[i].script);
+    }
     free(S->slots);
     S->slots = NULL;
     S->nslots = 0;
@@ -179,6 +181,8 @@ void hs_state_teardown(hs_state *S) {
         free(mods[i]);
     }
     hs_buf_free(&S->pending);
+    hs_register_discard(S);
+    hs_buf_free(&S->codec);
     hs_buf_free(&S->logs);
 }
 
@@ -228,51 +232,49 @@ static void declared_hooks(hs_host *h, char *buf, size_t cap) {
         off += snprintf(buf + off, cap - off, "%s%s", i ? ", " : "", h->hooks[i]);
 }
 
-/* The function on top is a script's main chunk: give it the script environment,
- * run it, check that it returned a handler class, make the instance. Leaves
- * class and self on the stack (0) or nothing (-1, ERR set). Protected context,
- * under a deadline the caller started: reading "new" may run an __index. */
-int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
-    lua_State *L = S->L;
-    hs_host *h = S->host;
-    hs_sandbox_push_env(S, L);
-    hs_setenv(L, lua_gettop(L) - 1);
-    S->cur_name = name;
-    int rc = call_user(S, 0, 1);
-    if (rc != 0) {
-        hs_error_from_lua(S, err, rc, name, 1); /* before the deadline ends: it tells a timeout */
-        if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
-        lua_pop(L, 1);
-        return -1;
-    }
-    if (!lua_istable(L, -1)) {
-        hs_error_set(err, HS_ERR_SCRIPT, name, "",
-                     "%s: the script must return a handler class (a table), not %s", name,
-                     luaL_typename(L, -1));
-        lua_pop(L, 1);
-        return -1;
-    }
-    int cls = lua_gettop(L);
+int hs_class_check(lua_State *L, hs_host *h, int idx, const char *name, uint64_t *maskp, char *msg,
+                   size_t msglen) {
+    int cls = hs_absindex(L, idx);
     lua_pushnil(L);
     while (lua_next(L, cls)) {
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
         if (k && !strncmp(k, "on_", 3) && !is_declared_hook(h, k + 3)) {
             char hooks[512];
             declared_hooks(h, hooks, sizeof hooks);
-            hs_error_set(err, HS_ERR_SCRIPT, name, "",
-                         "%s: %s handles an undeclared hook '%s' (declared hooks: %s)", name, k,
-                         k + 3, hooks);
-            lua_settop(L, cls - 1);
+            snprintf(msg, msglen, "%s: %s handles an undeclared hook '%s' (declared hooks: %s)", name, k,
+                     k + 3, hooks);
+            lua_pop(L, 2);
             return -1;
         }
         if (k && !strncmp(k, "on_", 3) && !lua_isfunction(L, -1)) {
-            hs_error_set(err, HS_ERR_SCRIPT, name, "", "%s: %s must be a function, not %s", name, k,
-                         luaL_typename(L, -1));
-            lua_settop(L, cls - 1);
+            snprintf(msg, msglen, "%s: %s must be a function, not %s", name, k, luaL_typename(L, -1));
+            lua_pop(L, 2);
             return -1;
         }
         lua_pop(L, 1);
     }
+    uint64_t mask = 0; /* read as a fire will (a metatable's __index may supply methods) */
+    for (int i = 0; i < h->nhooks; i++) {
+        lua_pushfstring(L, "on_%s", h->hooks[i]);
+        lua_gettable(L, cls);
+        if (lua_isfunction(L, -1)) mask |= (uint64_t)1 << i;
+        lua_pop(L, 1);
+    }
+    *maskp = mask;
+    return 0;
+}
+
+int hs_state_instantiate(hs_state *S, const char *name, uint64_t *mask, hs_error *err) {
+    lua_State *L = S->L;
+    int cls = lua_gettop(L);
+    char msg[1024];
+    uint64_t m = 0;
+    if (hs_class_check(L, S->host, cls, name, &m, msg, sizeof msg) != 0) {
+        hs_error_set(err, HS_ERR_SCRIPT, name, "", "%s", msg);
+        lua_settop(L, cls - 1);
+        return -1;
+    }
+    if (mask) *mask = m;
     lua_getfield(L, cls, "new");
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
@@ -285,7 +287,7 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
         lua_settop(L, cls - 1);
         return -1;
     }
-    rc = call_user(S, 0, 1);
+    int rc = call_user(S, 0, 1);
     if (rc != 0) {
         hs_error_from_lua(S, err, rc, name, 1);
         if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
@@ -301,3 +303,89 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_error *err) {
     return 0;
 }
 
+void hs_classes_free(hs_buf *classes) {
+    hs_class *c = (hs_class *)classes->p;
+    for (size_t i = 0; i < classes->len / sizeof *c; i++) free(c[i].name);
+    hs_buf_free(classes);
+}
+
+/* Instantiate the class on top (named NAME) into the list at LIST and record it. */
+static int add_class(hs_state *S, int list, const char *name, int order, hs_buf *classes,
+                     hs_error *err) {
+    lua_State *L = S->L;
+    uint64_t mask = 0;
+    if (hs_state_instantiate(S, name, &mask, err) != 0) return -1;
+    int n = (int)hs_rawlen(L, list);
+    lua_rawseti(L, list, n + 2); /* self */
+    lua_rawseti(L, list, n + 1); /* class */
+    hs_class c = {strdup(name), order, mask};
+    if (!c.name || hs_buf_put(classes, &c, sizeof c) != 0) {
+        free(c.name);
+        luaL_error(L, "not enough memory");
+    }
+    return 0;
+}
+
+/* The function on top is a script's main chunk: give it the script environment,
+ * run it while hs.register collects classes, check every class it registered or
+ * returned and make their instances. Protected context, under a deadline the
+ * caller started: reading "new" may run an __index. */
+int hs_state_run_chunk(hs_state *S, const char *name, hs_buf *classes, hs_error *err) {
+    lua_State *L = S->L;
+    hs_sandbox_push_env(S, L);
+    hs_setenv(L, lua_gettop(L) - 1);
+    S->cur_name = name;
+    int fn = lua_gettop(L);
+    lua_newtable(L); /* what hs.register collects: {class, name, order} entries */
+    int outer = S->collecting;
+    lua_pushvalue(L, -1);
+    S->collecting = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_insert(L, fn); /* below the chunk: stays after the call */
+    int rc = call_user(S, 0, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, S->collecting);
+    S->collecting = outer;
+    int regs = fn, ret = fn + 1;
+    size_t first = classes->len;
+    if (rc != 0) {
+        hs_error_from_lua(S, err, rc, name, 1); /* before the deadline ends: it tells a timeout */
+        if (err->kind == HS_ERR_RUNTIME) err->kind = HS_ERR_SCRIPT;
+        lua_settop(L, fn - 1);
+        return -1;
+    }
+    int nregs = (int)hs_rawlen(L, regs);
+    if (!lua_istable(L, ret) && !(nregs > 0 && lua_isnil(L, ret))) {
+        hs_error_set(err, HS_ERR_SCRIPT, name, "",
+                     "%s: the script must return a handler class (a table)%s, not %s", name,
+                     nregs ? "" : " or register one with hs.register", luaL_typename(L, ret));
+        lua_settop(L, fn - 1);
+        return -1;
+    }
+    lua_newtable(L);
+    int list = lua_gettop(L);
+    for (int i = 1; i <= nregs; i++) {
+        lua_rawgeti(L, regs, i);
+        int e = lua_gettop(L);
+        lua_getfield(L, e, "name");
+        const char *cname = lua_tostring(L, -1);
+        lua_getfield(L, e, "order");
+        int order = (int)lua_tointeger(L, -1);
+        lua_getfield(L, e, "class");
+        if (lua_rawequal(L, -1, ret)) lua_pushnil(L), lua_replace(L, ret); /* returned too: once */
+        if (add_class(S, list, cname, order, classes, err) != 0) goto fail;
+        lua_settop(L, list);
+    }
+    if (lua_istable(L, ret)) {
+        lua_pushvalue(L, ret);
+        if (add_class(S, list, name, 0, classes, err) != 0) goto fail;
+    }
+    lua_replace(L, fn);
+    lua_settop(L, fn);
+    return 0;
+fail: {
+        hs_class *c = (hs_class *)classes->p; /* drop the ones recorded here */
+        for (size_t i = first / sizeof *c; i < classes->len / sizeof *c; i++) free(c[i].name);
+        classes->len = first;
+        lua_settop(L, fn - 1);
+        return -1;
+    }
+}

@@ -67,7 +67,7 @@ SCRIPTS = {
 
 EXPECTED = {
     "syntax.lua": ["3: unexpected symbol near 'then'"],
-    "noclass.lua": ["3: the script must return a handler class (a table), not number"],
+    "noclass.lua": ["3: the script must return a handler class (a table) or register one with hs.register, not number"],
     "hooks.lua": [f"3: on_foo handles an undeclared hook 'foo' {DECLARED}",
                   "4: on_log must be a function, not string",
                   f"5: on_bar handles an undeclared hook 'bar' {DECLARED}"],
