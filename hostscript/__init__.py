@@ -20,4 +20,4 @@ __all__ = [
     "SharedDictError", "SharedDictFullError", "SharedDictKeyError", "Status", "Transaction",
     "UsageError", "engines",
 ]
-__version__ = "0.5.0"
+__version__ = "0.6.0"

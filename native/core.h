@@ -287,9 +287,11 @@ void hs_lapi_redis_open(hs_state *S); /* sets hs.redis in the hs table on top */
 /* ---- Lua API: hs.*, txn (lapi_hs.c) ---- */
 int hs_lapi_open(hs_state *S); /* leaves the hs table on the stack */
 int hs_lapi_errh(lua_State *L);
-/* Append a log record of SCRIPT to this fire's logs (dropped past HS_LOGS_MAX). */
-void hs_lapi_log_as(hs_state *S, int level, const char *script, const char *msg, size_t len);
-void hs_lapi_log_dropped(hs_state *S); /* one warning record for what hs_lapi_log dropped */
+
+/* ---- the fire's log records (logs.c) ---- */
+/* Append a record of SCRIPT (levels as Python logging); dropped past HS_LOGS_MAX. */
+void hs_log_put(hs_state *S, int level, const char *script, const char *msg, size_t len);
+void hs_log_dropped(hs_state *S); /* one warning record for what hs_log_put dropped */
 extern const char hs_done_sentinel;
 
 /* ---- the embedded Lua library (generated from src/lua at build time) ---- */

@@ -102,6 +102,14 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
             status = HS_ERROR;
             break;
         }
+        if (S->mem_over) { /* LuaJIT went past its limit and returned before a safe point */
+            hs_register_truncate(S, regs);
+            hs_error_set(&S->err, HS_ERR_MEMORY, S->cur_name, S->host->hooks[hook],
+                         "%s: memory limit exceeded (when the handler returned)", S->cur_name);
+            BUMP(S->c.memory_errors);
+            status = HS_ERROR;
+            break;
+        }
         int done = t->responded || lua_touserdata(L, -1) == (void *)&hs_done_sentinel;
         lua_pop(L, 1);
         if (done) {
@@ -116,6 +124,8 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
         status = HS_ERROR;
     }
     lua_settop(L, base);
+    if (status == HS_ERROR && S->err.kind == HS_ERR_MEMORY) /* back under the limit for the next */
+        lua_gc(L, LUA_GCCOLLECT, 0);
     hs_state_end_deadline(S);
     S->release_at_ns = 0;
     S->txn = NULL;
@@ -189,7 +199,7 @@ done:;
     if (S->regs.len && hs_register_publish(S)) /* what its handlers (un)registered, now it is over */
         t->changed |= HS_CH_PROGRAM;
     S->release_at_ns = 0; /* (a failed rehydration leaves it set) */
-    if (S->logs_dropped) hs_lapi_log_dropped(S);
+    if (S->logs_dropped) hs_log_dropped(S);
     uint64_t took = hs_now_ns() - start;
     if (h->release) /* what the next fire of this hook expects (run_handlers) */
         S->recent_ns[hook] += ((int64_t)took - (int64_t)S->recent_ns[hook]) / 8;

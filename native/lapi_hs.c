@@ -63,39 +63,6 @@ int hs_lapi_errh(lua_State *L) {
 
 /* ---- hs.log ---- */
 
-static void put_log(hs_state *S, int level, const char *script, const char *msg, size_t len) {
-    size_t slen = strlen(script);
-    if (slen > UINT16_MAX) slen = UINT16_MAX;
-    uint8_t lv = (uint8_t)level;
-    uint16_t sl = (uint16_t)slen;
-    uint32_t ml = (uint32_t)len;
-    hs_buf_put(&S->logs, &lv, 1);
-    hs_buf_put(&S->logs, &sl, 2);
-    hs_buf_put(&S->logs, script, slen);
-    hs_buf_put(&S->logs, &ml, 4);
-    hs_buf_put(&S->logs, msg, len);
-}
-
-static void hs_lapi_log(hs_state *S, int level, const char *msg, size_t len) {
-    hs_lapi_log_as(S, level, S->cur_name ? S->cur_name : "", msg, len);
-}
-
-void hs_lapi_log_as(hs_state *S, int level, const char *script, const char *msg, size_t len) {
-    if (S->logs.len + len + strlen(script) + 7 > HS_LOGS_MAX) {
-        S->logs_dropped++; /* counted, and said once at the end of the fire */
-        return;
-    }
-    put_log(S, level, script, msg, len);
-}
-
-void hs_lapi_log_dropped(hs_state *S) {
-    char msg[160];
-    int n = snprintf(msg, sizeof msg, "%d log messages dropped: over %d KiB of logs in one call",
-                     S->logs_dropped, HS_LOGS_MAX >> 10);
-    put_log(S, 30, "", msg, (size_t)n);
-    S->logs_dropped = 0;
-}
-
 static int l_log(lua_State *L) {
     hs_state *S = STATE(L);
     int level = (int)lua_tointeger(L, lua_upvalueindex(2));
@@ -111,7 +78,7 @@ static int l_log(lua_State *L) {
     if (n > 1) lua_concat(L, 2 * n - 1);
     size_t len = 0;
     const char *msg = n ? lua_tolstring(L, -1, &len) : "";
-    hs_lapi_log(S, level, msg, len);
+    hs_log_put(S, level, S->cur_name ? S->cur_name : "", msg, len);
     return 0;
 }
 

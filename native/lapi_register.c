@@ -15,6 +15,9 @@
  * registering script: a script can replace or remove only its own classes. The
  * host bounds how many run-time classes a program holds (hs_config.max_registrations),
  * or refuses run-time registration altogether.
+ *
+ * It also owns what makes a table a handler class (hs_class_check), for the
+ * classes a chunk returns as much as for registered ones.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +55,51 @@ static const char *opt_name(lua_State *L, int idx, const char *api) {
         luaL_error(L, "%s: a name is 1 to %d letters, digits or _-.: (got %s)", api, NAME_MAX_LEN,
                    lua_type(L, idx) == LUA_TSTRING ? s : luaL_typename(L, idx));
     return s;
+}
+
+static int is_declared_hook(hs_host *h, const char *s) {
+    for (int i = 0; i < h->nhooks; i++)
+        if (!strcmp(h->hooks[i], s)) return 1;
+    return 0;
+}
+
+static void declared_hooks(hs_host *h, char *buf, size_t cap) {
+    size_t off = 0;
+    buf[0] = 0;
+    for (int i = 0; i < h->nhooks && off < cap; i++)
+        off += snprintf(buf + off, cap - off, "%s%s", i ? ", " : "", h->hooks[i]);
+}
+
+int hs_class_check(lua_State *L, hs_host *h, int idx, const char *name, uint64_t *maskp, char *msg,
+                   size_t msglen) {
+    int cls = hs_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, cls)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        if (k && !strncmp(k, "on_", 3) && !is_declared_hook(h, k + 3)) {
+            char hooks[512];
+            declared_hooks(h, hooks, sizeof hooks);
+            snprintf(msg, msglen, "%s: %s handles an undeclared hook '%s' (declared hooks: %s)", name, k,
+                     k + 3, hooks);
+            lua_pop(L, 2);
+            return -1;
+        }
+        if (k && !strncmp(k, "on_", 3) && !lua_isfunction(L, -1)) {
+            snprintf(msg, msglen, "%s: %s must be a function, not %s", name, k, luaL_typename(L, -1));
+            lua_pop(L, 2);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    uint64_t mask = 0; /* read as a fire will (a metatable's __index may supply methods) */
+    for (int i = 0; i < h->nhooks; i++) {
+        lua_pushfstring(L, "on_%s", h->hooks[i]);
+        lua_gettable(L, cls);
+        if (lua_isfunction(L, -1)) mask |= (uint64_t)1 << i;
+        lua_pop(L, 1);
+    }
+    *maskp = mask;
+    return 0;
 }
 
 void hs_register_discard(hs_state *S) {
@@ -278,7 +326,7 @@ int hs_register_publish(hs_state *S) {
             len = snprintf(msg, sizeof msg, "unregistered %s from %s in %s", r[i].name, r[i].by, hook);
         }
         if (len >= (int)sizeof msg) len = (int)sizeof msg - 1;
-        hs_lapi_log_as(S, level, r[i].by, msg, (size_t)len);
+        hs_log_put(S, level, r[i].by, msg, (size_t)len);
     }
     if (rc == 0)
         for (size_t i = 0; i < n; i++) r[i].script = NULL; /* the program took them */

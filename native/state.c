@@ -219,51 +219,6 @@ static int call_user(hs_state *S, int nargs, int nres) {
     return rc;
 }
 
-static int is_declared_hook(hs_host *h, const char *s) {
-    for (int i = 0; i < h->nhooks; i++)
-        if (!strcmp(h->hooks[i], s)) return 1;
-    return 0;
-}
-
-static void declared_hooks(hs_host *h, char *buf, size_t cap) {
-    size_t off = 0;
-    buf[0] = 0;
-    for (int i = 0; i < h->nhooks && off < cap; i++)
-        off += snprintf(buf + off, cap - off, "%s%s", i ? ", " : "", h->hooks[i]);
-}
-
-int hs_class_check(lua_State *L, hs_host *h, int idx, const char *name, uint64_t *maskp, char *msg,
-                   size_t msglen) {
-    int cls = hs_absindex(L, idx);
-    lua_pushnil(L);
-    while (lua_next(L, cls)) {
-        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-        if (k && !strncmp(k, "on_", 3) && !is_declared_hook(h, k + 3)) {
-            char hooks[512];
-            declared_hooks(h, hooks, sizeof hooks);
-            snprintf(msg, msglen, "%s: %s handles an undeclared hook '%s' (declared hooks: %s)", name, k,
-                     k + 3, hooks);
-            lua_pop(L, 2);
-            return -1;
-        }
-        if (k && !strncmp(k, "on_", 3) && !lua_isfunction(L, -1)) {
-            snprintf(msg, msglen, "%s: %s must be a function, not %s", name, k, luaL_typename(L, -1));
-            lua_pop(L, 2);
-            return -1;
-        }
-        lua_pop(L, 1);
-    }
-    uint64_t mask = 0; /* read as a fire will (a metatable's __index may supply methods) */
-    for (int i = 0; i < h->nhooks; i++) {
-        lua_pushfstring(L, "on_%s", h->hooks[i]);
-        lua_gettable(L, cls);
-        if (lua_isfunction(L, -1)) mask |= (uint64_t)1 << i;
-        lua_pop(L, 1);
-    }
-    *maskp = mask;
-    return 0;
-}
-
 int hs_state_instantiate(hs_state *S, const char *name, uint64_t *mask, hs_error *err) {
     lua_State *L = S->L;
     int cls = lua_gettop(L);

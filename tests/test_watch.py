@@ -78,7 +78,7 @@ def test_a_broken_edit_keeps_the_running_program_and_logs_file_and_line(script, 
         assert wait_for(lambda: sum(r.levelno == logging.ERROR for r in caplog.records) == 2, 3)
         assert caplog.records[-1].getMessage() == (
             f"reload failed, keeping the running version: {p}:3: the script must return a "
-            "handler class (a table), not number")
+            "handler class (a table) or register one with hs.register, not number")
         assert answer(host) == b"1"
         edit(p, VERSION.format(v=2))
         assert live(host, b"2")
