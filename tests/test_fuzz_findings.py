@@ -236,3 +236,35 @@ def test_many_loads_inside_a_coroutine_do_not_corrupt_the_heap(request, engine):
     assert rc == 0, f"the process died with {rc}: {err[-2000:]}"
     assert res["status"] == "CONTINUE", res
     assert res["next"] == "CONTINUE" and res["next_ctx"] == {"probe": True}, res
+
+
+# ---- soft-limit-at-return ----
+
+SOFT_LIMIT_AT_RETURN = known(
+    "soft-limit-at-return",
+    "LuaJIT's memory limit is soft (allocations past it are granted within a headroom and "
+    "refused at the next safe point); a handler that allocated past the limit in fewer "
+    "instructions than the count hook's period returned CONTINUE and left the state 10 MB "
+    "large under an 8 MiB limit", engines=("luajit",))
+
+
+def test_a_handler_that_returns_past_the_memory_limit_fails_and_the_state_shrinks_back(
+        request, engine, make_host):
+    limit = 8 << 20
+    host = make_host(("read_request",), memory_limit=limit)
+    host.load("""local C = {}
+    function C:on_read_request(txn)
+      if txn.req.headers['x-big'] then
+        local t = {} for i = 1, 100 do t[i] = string.rep('y', 1e5) .. i end
+        txn.resp.headers['x-kept'] = tostring(#t)
+      else
+        txn.ctx.ok = true
+      end
+    end
+    return C""", name="big.lua")
+    out = host.fire("read_request", Transaction(headers=[("x-big", "1")]))
+    assert out.status is Outcome.ERROR and out.error.kind == "memory", out
+    assert host.stats()["heap_max"] <= limit + (1 << 20)
+    other = Transaction()
+    assert host.fire("read_request", other).status is Outcome.CONTINUE
+    assert other.ctx == {"ok": True}
