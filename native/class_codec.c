@@ -18,8 +18,8 @@
  *   - the script environment: the class gets a fresh one in each state.
  * Anything else is a registration error naming its path ("counter.on_x upvalue
  * 'co' is a coroutine"). Bounded: HS_CLASS_DEPTH levels, HS_CLASS_MAX bytes, the
- * fire's time limit (checked every few values) and memory limit (the bytes are
- * charged to the state's heap once done).
+ * fire's time limit (checked every few values); the caller charges the bytes to
+ * the state's heap.
  *
  * Format (host byte order: the bytes never leave the process):
  *   'n' | 'f' | 't'              nil, false, true
@@ -443,8 +443,6 @@ int hs_class_encode(hs_state *S, int idx, const char *name, hs_buf *out, char *m
     mark_own(&e, idx, 0);
     int rc = enc_value(&e, idx, 0, 0);
     lua_settop(L, top);
-    if (rc == 0 && S->heap_limit) /* the bytes live outside the Lua heap: charge them once */
-        lua_newuserdata(L, out->len), lua_pop(L, 1);
     return rc;
 }
 

@@ -91,8 +91,9 @@ typedef struct hs_prog {
 } hs_prog;
 
 /* One change to the program: set script NAME (replacing the entry of that name in
- * place, or appending), or remove it (SCRIPT NULL; removing a chunk script removes
- * the classes it registered at run time too). */
+ * place, or appending; a CLASS entry only while its origin script is there), or
+ * remove it (SCRIPT NULL; removing a chunk script removes the classes it
+ * registered at run time too). */
 typedef struct hs_prog_op {
     const char *name;
     hs_script *script;

@@ -119,7 +119,17 @@ void hs_register_truncate(hs_state *S, size_t n) {
     if (n < hs_register_count(S)) S->regs.len = n * sizeof *r;
 }
 
+/* Keep the change S (NULL: removal) of NAME for the end of the fire; an earlier one
+ * of the same name in this fire is replaced: only the last counts. */
 static void queue(lua_State *L, hs_state *S, hs_script *s, const char *name) {
+    hs_reg *q = (hs_reg *)S->regs.p;
+    for (size_t i = 0; i < hs_register_count(S); i++)
+        if (!strcmp(q[i].name, name)) {
+            hs_script_release(q[i].script);
+            q[i].script = s;
+            q[i].hook = S->hook;
+            return;
+        }
     hs_reg r = {s, strdup(name), strdup(S->cur_name ? S->cur_name : ""), S->hook};
     if (!r.name || !r.by || hs_buf_put(&S->regs, &r, sizeof r) != 0) {
         free(r.name);
@@ -148,19 +158,13 @@ static int pending_state(const hs_state *S, const char *name) {
     return st;
 }
 
-/* Run-time classes the program will hold once this fire's changes land. */
+/* Run-time classes the program will hold once this fire's changes land (a name is
+ * pending once at most: queue replaces). */
 static int registered_after(const hs_state *S) {
     int n = S->prog ? S->prog->nregistered : 0;
     const hs_reg *r = (const hs_reg *)S->regs.p;
-    for (size_t i = 0; i < hs_register_count(S); i++) {
-        int before = 0;
-        for (size_t j = 0; j < i; j++)
-            if (!strcmp(r[j].name, r[i].name)) before = 1;
-        if (before) continue; /* counted at its first mention */
-        int now = program_kind(S->prog, r[i].name) == HS_SCRIPT_CLASS;
-        int after = pending_state(S, r[i].name) == 1;
-        n += after - now;
-    }
+    for (size_t i = 0; i < hs_register_count(S); i++)
+        n += (r[i].script != NULL) - (program_kind(S->prog, r[i].name) == HS_SCRIPT_CLASS);
     return n;
 }
 
@@ -241,19 +245,28 @@ static int l_register(lua_State *L) {
     if (!mask)
         return luaL_error(L, "hs.register: %s has no on_<hook> method for a declared hook", name);
     S->codec.len = 0;
-    if (hs_class_encode(S, 1, shortname, &S->codec, msg, sizeof msg) != 0) {
-        if (S->codec.cap > (64 << 10)) hs_buf_free(&S->codec);
-        return luaL_error(L, "hs.register: cannot register %s: %s", name, msg);
-    }
+    int rc = hs_class_encode(S, 1, shortname, &S->codec, msg, sizeof msg);
+    if (rc == 0) /* the bytes as a Lua string: charged to this state's heap, freed if we raise */
+        lua_pushlstring(L, S->codec.p ? S->codec.p : "", S->codec.len);
+    if (S->codec.cap > (64 << 10)) hs_buf_free(&S->codec);
+    if (rc != 0) return luaL_error(L, "hs.register: cannot register %s: %s", name, msg);
+    size_t len;
+    const char *bytes = lua_tolstring(L, -1, &len);
+    /* rebuild it here once, under this fire's limits: what would fail on every other
+     * thread (a library value missing, a module that does not load) fails now */
+    hs_class_decode(S, name, bytes, len);
+    uint64_t again = 0;
+    int bad = hs_class_check(L, S->host, -1, name, &again, msg, sizeof msg) != 0;
+    if (bad || again != mask)
+        return luaL_error(L, "hs.register: %s does not rebuild the same on other threads: %s", name,
+                          bad ? msg : "its on_<hook> methods differ");
     hs_script *s = hs_script_new(HS_SCRIPT_CLASS, name, S->cur_script->origin);
-    if (!s || !(s->bc = malloc(S->codec.len ? S->codec.len : 1)) ||
-        hs_script_add_class(s, name, (int)order, mask) != 0) {
+    if (!s || !(s->bc = malloc(len ? len : 1)) || hs_script_add_class(s, name, (int)order, mask) != 0) {
         hs_script_release(s);
         return luaL_error(L, "not enough memory");
     }
-    memcpy(s->bc, S->codec.p, S->codec.len);
-    s->bclen = S->codec.len;
-    if (S->codec.cap > (64 << 10)) hs_buf_free(&S->codec);
+    memcpy(s->bc, bytes, len);
+    s->bclen = len;
     queue(L, S, s, name);
     lua_pushstring(L, name);
     return 1;
@@ -311,7 +324,10 @@ int hs_register_publish(hs_state *S) {
             len = snprintf(msg, sizeof msg, "registration of %s refused: the host allows %d classes "
                                             "registered at run time", r[i].name, h->reg_max);
         } else if (ops[i].result == HS_OP_MISSING) {
-            continue; /* unregistered meanwhile by another thread */
+            if (!r[i].script) continue; /* unregistered meanwhile by another thread */
+            level = 30;
+            len = snprintf(msg, sizeof msg, "registration of %s dropped: its script was unloaded",
+                           r[i].name);
         } else if (r[i].script) {
             char hooks[512] = "";
             size_t off = 0;

@@ -110,6 +110,10 @@ static int apply_op(hs_prog *p, hs_prog_op *op, int reg_max) {
                 if (j < i) i--;
             }
         }
+    if (s->kind == HS_SCRIPT_CLASS && hs_prog_find(p, s->origin) < 0) { /* its script is gone */
+        hs_script_release(s);
+        return HS_OP_MISSING;
+    }
     if (i >= 0) {
         if (p->scripts[i]->kind == HS_SCRIPT_CLASS) p->nregistered--;
         hs_script_release(p->scripts[i]);
