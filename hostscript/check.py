@@ -202,6 +202,8 @@ def engine_problems(host_factory, path: str, source: bytes, lst: Optional[Listin
         return [Problem(path, line or 1, msg)]
     if first.kind in ("timeout", "memory"):  # running it again would only take as long
         return [Problem(path, line or 1, msg)]
+    if line is not None and re.match(r"\S+#\S+: ", msg):  # a class hs.register added, at its call
+        return [Problem(path, line, msg)]
     hook_error = " handles an undeclared hook " in msg or re.match(r"on_\w+ must be a function", msg)
     chunk_error = line is not None
     if not hook_error:

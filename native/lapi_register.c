@@ -217,7 +217,11 @@ static int l_register(lua_State *L) {
                                   lua_tostring(L, -2));
             lua_pop(L, 3);
         }
-        lua_createtable(L, 0, 3);
+        lua_Debug ar; /* the line of the call, for the class's load errors */
+        int line = lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar) ? ar.currentline : 0;
+        lua_createtable(L, 0, 4);
+        lua_pushinteger(L, line);
+        lua_setfield(L, -2, "line");
         lua_pushvalue(L, 1);
         lua_setfield(L, -2, "class");
         lua_pushstring(L, name);

@@ -264,12 +264,21 @@ void hs_classes_free(hs_buf *classes) {
     hs_buf_free(classes);
 }
 
-/* Instantiate the class on top (named NAME) into the list at LIST and record it. */
-static int add_class(hs_state *S, int list, const char *name, int order, hs_buf *classes,
-                     hs_error *err) {
+/* Instantiate the class on top (named NAME; registered on LINE of SCRIPT, or 0) into
+ * the list at LIST and record it. */
+static int add_class(hs_state *S, int list, const char *script, const char *name, int line, int order,
+                     hs_buf *classes, hs_error *err) {
     lua_State *L = S->L;
     uint64_t mask = 0;
-    if (hs_state_instantiate(S, name, &mask, err) != 0) return -1;
+    if (hs_state_instantiate(S, name, &mask, err) != 0) {
+        if (line > 0 && !err->line) { /* where it was registered: a position for the message */
+            char msg[sizeof err->message];
+            snprintf(msg, sizeof msg, "%s", err->message);
+            snprintf(err->message, sizeof err->message, "%s:%d: %.900s", script, line, msg);
+            err->line = line;
+        }
+        return -1;
+    }
     int n = (int)hs_rawlen(L, list);
     lua_rawseti(L, list, n + 2); /* self */
     lua_rawseti(L, list, n + 1); /* class */
@@ -324,14 +333,16 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_buf *classes, hs_error 
         const char *cname = lua_tostring(L, -1);
         lua_getfield(L, e, "order");
         int order = (int)lua_tointeger(L, -1);
+        lua_getfield(L, e, "line");
+        int line = (int)lua_tointeger(L, -1);
         lua_getfield(L, e, "class");
         if (lua_rawequal(L, -1, ret)) lua_pushnil(L), lua_replace(L, ret); /* returned too: once */
-        if (add_class(S, list, cname, order, classes, err) != 0) goto fail;
+        if (add_class(S, list, name, cname, line, order, classes, err) != 0) goto fail;
         lua_settop(L, list);
     }
     if (lua_istable(L, ret)) {
         lua_pushvalue(L, ret);
-        if (add_class(S, list, name, 0, classes, err) != 0) goto fail;
+        if (add_class(S, list, name, name, 0, 0, classes, err) != 0) goto fail;
     }
     lua_replace(L, fn);
     lua_settop(L, fn);

@@ -58,6 +58,13 @@ SCRIPTS = {
         "  print(string.format('%d', #txn.req.uri), os.time(), pairs, ipairs)\n"
         "end\n"
         "return C\n"),
+    "registers.lua": (
+        "local A = {}\n"
+        "function A:on_log(txn) end\n"
+        "hs.register(A, {name = 'a'})\n"
+        "local B = {}\n"
+        "function B:on_zip(txn) end\n"
+        "hs.register(B, {name = 'b'})\n"),
     "sub/dir/chunk.lua": (
         "local C = {}\n"
         "total = 0\n"
@@ -67,6 +74,7 @@ SCRIPTS = {
 
 EXPECTED = {
     "syntax.lua": ["3: unexpected symbol near 'then'"],
+    "registers.lua": [f"6: {{dir}}/registers.lua#b: on_zip handles an undeclared hook 'zip' {DECLARED}"],
     "noclass.lua": ["3: the script must return a handler class (a table) or register one with hs.register, not number"],
     "hooks.lua": [f"3: on_foo handles an undeclared hook 'foo' {DECLARED}",
                   "4: on_log must be a function, not string",
@@ -93,7 +101,8 @@ def run(capsys, *args: str):
 
 
 def expected_lines(root: pathlib.Path, expected: dict) -> list:
-    return sorted(f"{root / name}:{msg}" for name, msgs in expected.items() for msg in msgs)
+    return sorted(f"{root / name}:{msg}".replace("{dir}", str(root))
+                  for name, msgs in expected.items() for msg in msgs)
 
 
 @pytest.mark.parametrize("engine_arg", ["luajit", "lua54"])
