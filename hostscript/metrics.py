@@ -68,14 +68,22 @@ _HOST_COUNTERS = (
     ("releases", "Fires that ran long and released the GIL", "releases"),
     ("compilations", "Scripts compiled (loads)", "compilations"),
     ("pool_hits", "New threads that took over a pooled state", "pool_hits"),
+    ("registrations", "Handler classes registered from inside a fire (hs.register)",
+     "registrations"),
+    ("unregistrations", "Handler classes unregistered from inside a fire (hs.unregister)",
+     "unregistrations"),
+    ("registrations_refused", "Run-time registrations refused past max_registrations",
+     "registrations_refused"),
 )
 _HOST_GAUGES = (
     ("states", "Live Lua states, pooled ones included", "states"),
     ("pooled_states", "Idle Lua states waiting in the pool", "pooled"),
     ("heap_bytes", "Lua heap over all live states", "heap_bytes"),
     ("heap_max_bytes", "Largest Lua heap of one live state", "heap_max"),
-    ("program_generation", "Generation of the published program (bumped by each load/unload)",
-     "generation"),
+    ("program_generation", "Generation of the published program (bumped by each load, unload "
+     "and run-time registration)", "generation"),
+    ("registered_classes", "Handler classes registered at run time in the published program",
+     "registered"),
 )
 _SHARED_GAUGES = (
     ("shared_capacity_bytes", "Capacity of an in-memory shared dictionary", "capacity"),
