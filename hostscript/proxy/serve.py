@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="NAME=SIZE|NAME=URL",
                    help="a shared dictionary for the scripts: in this process (NAME=16M) or in "
                         "Redis (NAME=redis://127.0.0.1:6379/0?prefix=hs:NAME:); repeatable")
+    p.add_argument("--max-registrations", type=int, default=64, metavar="N",
+                   help="handler classes scripts may register at run time (hs.register inside a "
+                        "hook) at once (default %(default)s)")
+    p.add_argument("--no-runtime-register", action="store_true",
+                   help="refuse hs.register inside a hook (load-time registration still works)")
     p.add_argument("--cache-size", type=size, default=64 << 20, metavar="BYTES",
                    help="response cache size (0: no cache; default 64M)")
     p.add_argument("--max-body", type=size, default=d.max_body, metavar="BYTES",
@@ -98,7 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_host(args: argparse.Namespace) -> Host:
     kw: Dict[str, object] = dict(engine=args.engine, time_limit=args.time_limit,
-                                 memory_limit=args.memory_limit)
+                                 memory_limit=args.memory_limit,
+                                 runtime_register=not args.no_runtime_register,
+                                 max_registrations=args.max_registrations)
     if args.shared:
         kw["shared"] = dict(args.shared)
     return Host(DEFAULT_HOOKS, **kw)  # type: ignore[arg-type]
@@ -185,8 +192,9 @@ def run(args: argparse.Namespace) -> int:
         while pending:
             sig = pending.pop(0)
             if sig == signal.SIGHUP:
-                log.info("SIGHUP: reloading %d script(s)", len(host.scripts))
-                reload_scripts(host, host.scripts)
+                files = [n for n in host.scripts if "#" not in n]  # not the classes they register
+                log.info("SIGHUP: reloading %d script(s)", len(files))
+                reload_scripts(host, files)
             else:
                 stop = sig
     log.info("%s: stopping; requests in flight have %g s to finish",
