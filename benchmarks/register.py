@@ -207,8 +207,9 @@ class Propagation:
 
 
 def propagation(engine: str, registrations: int, gap_s: float = 0.001) -> Propagation:
-    """Thread A (this one) replaces registrar.lua#c REGISTRATIONS times; thread B
-    serves requests in a loop and notes the first that returns each new version."""
+    """Thread A (this one) replaces registrar.lua#c until REGISTRATIONS first requests
+    began after A's fire returned (at most 4 × REGISTRATIONS times); thread B serves
+    requests in a loop and notes the first that returns each new version."""
     c = Contestant(engine, True)
     want: List[Optional[str]] = [None]            # the version A registers now
     seen_at: List[Tuple[int, int]] = []           # B: (start, end) of that first request
@@ -245,8 +246,10 @@ def propagation(engine: str, registrations: int, gap_s: float = 0.001) -> Propag
     before = c.host.stats()["rehydrations"]
     b.start()
     try:
-        for i in range(registrations):
-            version = f"v{i + 2}"
+        i = 0
+        while len(first) < registrations and i < 4 * registrations:
+            i += 1
+            version = f"v{i + 1}"
             c.register(None)                      # A's state catches up (the last version)
             t0 = time.perf_counter_ns()
             c.register(None)                      # unchanged program: an admin fire
@@ -275,8 +278,9 @@ def propagation(engine: str, registrations: int, gap_s: float = 0.001) -> Propag
         c.close()
     if errors:
         raise errors[0]
-    return Propagation(latency, first, nexts, registering, plain, straddled,
-                       rebuilds / max(1, registrations))
+    if not first:
+        raise RuntimeError(f"register benchmark: every one of {i} first requests straddled a registration")
+    return Propagation(latency, first, nexts, registering, plain, straddled, rebuilds / i)
 
 
 # ---------------------------------------------------------------- G4 per request
