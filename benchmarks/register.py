@@ -390,18 +390,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     rounds, round_ns, regs = (2, 2e6, 5) if args.quick else (args.rounds, 100e6, args.registrations)
     for engine in args.engine or hostscript.engines():
         gc.collect()
-        st = steady(engine, rounds, round_ns)
+        st = steady(engine, 2 * rounds + 1, round_ns)  # as the G1 row
         p = propagation(engine, regs)
         pr = per_request(engine, rounds, round_ns)
         per = pr.samples
         reg, load = st["registered"].median, st["loaded"].median
         print(f"== {engine} ==")
         print(f"G1 steady: registered {_us(reg)}, loaded {_us(load)}: {reg / load:.3f}x "
-              f"(rounds {[round(x) for x in st['registered'].rounds]} / {[round(x) for x in st['loaded'].rounds]})")
+              f"(rounds {[round(x) for x in st['registered'].rounds]} / "
+              f"{[round(x) for x in st['loaded'].rounds]})")
         print(f"G2 first request on B {_us(p.median('first'))} (p90 {_us(p.p('first', .9))}), next "
               f"{_us(p.median('next'))}: {p.median('first') / p.median('next'):.2f}x; registering fire "
               f"{_us(p.median('registering'))}, plain admin fire {_us(p.median('plain'))}; straddled "
-              f"{p.straddled}/{regs}; classes rebuilt per registration, A and B: {p.rebuilds_per_registration:.2f}")
+              f"{p.straddled}/{len(p.latency)}; classes rebuilt per registration, A and B: "
+              f"{p.rebuilds_per_registration:.2f}")
         print(f"G3 latency A's fire start -> B's first request end: median {_us(p.median('latency'))}, "
               f"p90 {_us(p.p('latency', .9))}, max {_us(max(p.latency))}")
         a, b = per["rehydrate per request"].median, per["once per version"].median
