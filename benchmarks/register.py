@@ -30,7 +30,8 @@ the response.
   both: A's serializing and publishing (ts_mruby's dump) is reported separately
   (G2's registering fire).
 
-    python benchmarks/register.py [--quick] [--engine E] [--markdown]
+    python benchmarks/register.py [--quick] [--engine E] [--rounds 7] [--registrations 300]
+    python benchmarks/register.py --by-heap    # G2's first request as the heap grows
 """
 from __future__ import annotations
 
@@ -372,6 +373,36 @@ def per_request(engine: str, rounds: int, round_ns: float, collects: int = 101) 
             alt.close()
 
 
+# ---------------------------------------------------------------- by heap size
+
+def first_request_by_heap(engine: str, entries: int, registrations: int = 30) -> Tuple[float, float, int]:
+    """B's first request after a registration on another thread, and its next one
+    (medians, ns), with a script holding a module-level table of ENTRIES small tables
+    (the thread's heap: the third value, bytes). Rehydration ends with a full
+    collection of the state, so the first request grows with the heap."""
+    c = Contestant(engine, True)
+    try:
+        c.host.load(f"local data = {{}}\nfor i = 1, {int(entries)} do data[i] = {{i}} end\n"
+                    "return {on_admin = function() return data end}\n", name="data.lua")
+        c.serve()
+        heap = c.host.stats()["heap_max"]
+        first: List[float] = []
+        nexts: List[float] = []
+        for i in range(registrations):
+            a = threading.Thread(target=c.register, args=(f"v{i + 2}",))
+            a.start()
+            a.join()
+            t0 = time.perf_counter_ns()
+            c.serve()
+            t1 = time.perf_counter_ns()
+            c.serve()
+            nexts.append(time.perf_counter_ns() - t1)
+            first.append(t1 - t0)
+        return statistics.median(first), statistics.median(nexts), heap
+    finally:
+        c.close()
+
+
 # ---------------------------------------------------------------- on its own
 
 def _us(ns: float) -> str:
@@ -386,7 +417,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--engine", action="append", choices=hostscript.engines())
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--registrations", type=int, default=300)
+    ap.add_argument("--by-heap", action="store_true",
+                    help="only: the first request after a registration as the heap grows")
     args = ap.parse_args(argv)
+    if args.by_heap:
+        for engine in args.engine or hostscript.engines():
+            for entries in (0, 10_000, 100_000, 400_000):
+                first, nxt, heap = first_request_by_heap(engine, entries)
+                print(f"{engine}: heap {heap / 1024:8,.0f} KiB: first request after a registration "
+                      f"{_us(first)}, next {_us(nxt)}")
+        return 0
     rounds, round_ns, regs = (2, 2e6, 5) if args.quick else (args.rounds, 100e6, args.registrations)
     for engine in args.engine or hostscript.engines():
         gc.collect()
