@@ -5,7 +5,7 @@ R1 request flow, R1b the request object alone, R2 a no-op fire on a reused reque
 R3 a ThreadingHTTPServer, R4 the first fire on a new thread; C: hs_fire against a
 bare lua_pcall; T1/T2 thread scaling; M1/M2 memory; P1-P3 ``hostscript serve``
 under wrk (proxy_wrk.py); D1/D2 shared dictionaries in Redis against redis-benchmark
-(redis_ops.py).
+(redis_ops.py); G1-G4 handler classes registered at run time (register.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 from . import contestants as cs
-from . import http_server, native, new_threads, proxy_wrk, redis_ops, scaling
+from . import http_server, native, new_threads, proxy_wrk, redis_ops, register, scaling
 from .report import Check, Row, ratio
 from .timing import Call, Samples, interleave, interleaved_calls, per_call_ns
 from .workloads import EMPTY, FLOW, METHOD, REQUEST_HEADERS, URI, big_workload, cpu_workload
@@ -42,6 +42,7 @@ class Counts:
     churn_warmup: int
     proxy: proxy_wrk.Plan    # P1-P3: wrk runs
     redis: redis_ops.Plan    # D1-D2: the Redis contestants
+    registrations: int       # G2-G3: replacements of a run-time class
 
     @classmethod
     def full(cls) -> "Counts":
@@ -49,7 +50,7 @@ class Counts:
                    c_iterations=1_000_000, c_rounds=7, phase_ns=150e6, scaling_rounds=5,
                    first_fire_rounds=21, churn_threads=10_000, churn_warmup=300,
                    proxy=proxy_wrk.Plan(seconds=5, rounds=3, warmup=1, concurrent=False),
-                   redis=redis_ops.Plan(rounds=5))
+                   redis=redis_ops.Plan(rounds=5), registrations=300)
 
     @classmethod
     def quick(cls) -> "Counts":
@@ -58,7 +59,7 @@ class Counts:
                    first_fire_rounds=3, churn_threads=200, churn_warmup=20,
                    proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True,
                                         connections=4),
-                   redis=redis_ops.Plan.quick())
+                   redis=redis_ops.Plan.quick(), registrations=5)
 
 
 def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
@@ -450,8 +451,87 @@ def redis_get_row(engine: str, counts: Counts) -> Row:
                       "redis-benchmark GET")
 
 
+# ---------------------------------------------------------------- G1-G4
+
+REGISTER_FIRST_TARGET = 3.0   # first request after a registration / a request, other thread
+REGISTER_TAIL_TARGET = 2.0    # latency p90 / median
+REGISTER_PER_CALL_TARGET = 1.5  # ts_mruby's per-call rebuild / ours
+
+
+def register_steady_row(engine: str, counts: Counts) -> Row:
+    """G1: a request whose three hooks a class registered at run time handles,
+    against the same class loaded by host.load; 2 × rounds + 1 rounds (a ≤ 5 %
+    target on a shared machine wants more than the other rows' 7)."""
+    samples = register.steady(engine, 2 * counts.rounds + 1, counts.round_ns)
+    med = medians(samples)
+    reg, load = med["registered"], med["loaded"]
+    return Row(engine, "register-steady", "G1 run-time class: request flow (per request)", "ns", reg,
+               {"same class by host.load": load},
+               [Check("registered / host.load", ratio(reg, load), "<=", 1.05)],
+               "read_request, send_request, send_response handled by the class; a response header read back",
+               all_rounds(samples))
+
+
+_propagations: Dict[tuple, register.Propagation] = {}
+
+
+def _propagation(engine: str, counts: Counts) -> register.Propagation:
+    """The engine's propagation measurement (one for G2 and G3)."""
+    key = (engine, counts.registrations)
+    if key not in _propagations:
+        _propagations[key] = register.propagation(engine, counts.registrations)
+    return _propagations[key]
+
+
+def register_first_row(engine: str, counts: Counts) -> Row:
+    """G2: thread B's first request after thread A replaced the class (B rebuilds it:
+    decode, new(), the hook cache), against B's next request (unchanged program)."""
+    p = _propagation(engine, counts)
+    first, unchanged = p.median("first"), p.median("next")
+    reg, plain = p.median("registering"), p.median("plain")
+    return Row(engine, "register-first", "G2 first request after a registration, other thread", "ns", first,
+               {"next request (unchanged program)": unchanged, "registering fire (A)": reg,
+                "same fire, no registration (A)": plain},
+               [Check("first / next request", ratio(first, unchanged), "<=", REGISTER_FIRST_TARGET),
+                Check("registering fire / same fire without", ratio(reg, plain))],
+               f"medians over {len(p.first)} of {len(p.latency)} registrations (the other "
+               f"{p.straddled} began before A's fire returned); classes rebuilt per registration, "
+               f"A and B: {p.rebuilds_per_registration:.2f}",
+               {"first": p.first, "next": p.next, "registering": p.registering, "plain": p.plain})
+
+
+def register_latency_row(engine: str, counts: Counts) -> Row:
+    """G3: from the start of A's registering fire to the end of B's first request that
+    ran the new class, B serving requests in a loop; median and p90."""
+    p = _propagation(engine, counts)
+    med, p90 = p.median("latency"), p.p("latency", 0.9)
+    return Row(engine, "register-latency", "G3 registration to first run on another thread", "ns", med,
+               {"p90": p90, "registering fire (A)": p.median("registering"),
+                "first request (B)": p.median("first")},
+               [Check("p90 / median", ratio(p90, med), "<=", REGISTER_TAIL_TARGET)],
+               f"{len(p.latency)} replacements of one name, B polling with requests "
+               "(Python threads: the GIL's hand-over is in the figure)",
+               {"latency": p.latency})
+
+
+def register_per_request_row(engine: str, counts: Counts) -> Row:
+    """G4: ts_mruby's design emulated — the class rebuilt from its serialized form
+    before every request — against ours (rebuilt once per version)."""
+    r = register.per_request(engine, counts.rounds, counts.round_ns)
+    med = medians(r.samples)
+    ours, per_call = med["once per version"], med["rehydrate per request"]
+    return Row(engine, "register-per-request", "G4 rebuild per request (ts_mruby) vs once per version",
+               "ns", ours, {"rebuilt every request": per_call, "full collection of the state": r.collect_ns},
+               [Check("rebuilt every request / once per version", ratio(per_call, ours), ">=",
+                      REGISTER_PER_CALL_TARGET)],
+               "thread A re-registers the class (or fires without registering) before each request "
+               f"of thread B, which alone is timed; classes rebuilt per request, A and B: {r.rebuilds:.2f}",
+               all_rounds(r.samples))
+
+
 # In the order they run and are reported.
 ROWS: List[Callable[[str, Counts], Row]] = [
     request_flow_row, build_request_row, noop_fire_row, http_server_row, first_fire_row, c_row,
     scaling_short_row, scaling_cpu_row, heap_row, rss_row, proxy_miss_row, proxy_hit_row,
-    proxy_hit_miss_row, redis_incr_row, redis_get_row]
+    proxy_hit_miss_row, redis_incr_row, redis_get_row, register_steady_row, register_first_row,
+    register_latency_row, register_per_request_row]

@@ -19,7 +19,8 @@ from hostscript import cli
 
 EXPECTED_ROWS = {"request-flow", "build-request", "noop-fire", "http-server", "first-fire", "c-fire",
                  "scaling-short", "scaling-cpu", "heap-per-state", "rss-churn",
-                 "proxy-miss", "proxy-hit", "proxy-hit-miss", "redis-incr", "redis-get"}
+                 "proxy-miss", "proxy-hit", "proxy-hit-miss", "redis-incr", "redis-get",
+                 "register-steady", "register-first", "register-latency", "register-per-request"}
 MAY_BE_NA = {("first-fire", "with state pool")}  # (row, baseline) a build without a pool lacks
 PROXY_ROWS = {"proxy-miss", "proxy-hit", "proxy-hit-miss"}  # n/a, and saying so, without wrk
 HAVE_WRK = shutil.which("wrk") is not None
