@@ -163,8 +163,24 @@ static void name_fields(lua_State *L, int names, int idx, const char *prefix, in
     }
 }
 
-/* The library values and loaded modules of S, by name: pushes the names table. */
+static int count_modules(lua_State *L, hs_state *S) {
+    int n = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, S->loaded_ref);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) lua_pop(L, 1), n++;
+    lua_pop(L, 1);
+    return n;
+}
+
+/* The library values and loaded modules of S, by name: pushes the names table. In
+ * the sandbox the libraries are read-only, so the table is kept in the state until
+ * a module is loaded; without it, globals may change and it is made each time. */
 static void push_names(lua_State *L, hs_state *S) {
+    int nmods = count_modules(L, S);
+    if (S->host->sandbox && S->names_ref && S->names_nmods == nmods) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, S->names_ref);
+        return;
+    }
     lua_newtable(L);
     int names = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, S->loaded_ref); /* modules first: "@mod", "@mod:field" */
@@ -201,6 +217,15 @@ static void push_names(lua_State *L, hs_state *S) {
     }
     name_fields(L, names, -1, "", 3);
     lua_pop(L, 1);
+    if (!S->host->sandbox) return;
+    if (!S->names_ref) {
+        lua_pushvalue(L, names);
+        S->names_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_pushvalue(L, names);
+        lua_rawseti(L, LUA_REGISTRYINDEX, S->names_ref);
+    }
+    S->names_nmods = nmods;
 }
 
 /* Mark in OWN the tables and functions reachable from the value at IDX through

@@ -168,6 +168,7 @@ struct hs_state {
     int collecting;       /* while a chunk runs: registry ref of its hs.register list, else 0 */
     hs_buf regs;          /* hs_reg: run-time (un)registrations of this fire (lapi_register.c) */
     hs_buf codec;         /* scratch: a class being serialized (freed with the state) */
+    int names_ref, names_nmods; /* class_codec.c's library names, and the modules then loaded */
     uint64_t deadline_ns; /* 0: no deadline */
     uint64_t release_at_ns; /* 0: nothing to release (any more) during this fire */
     int released;           /* the host's lock was released during this fire */

@@ -124,6 +124,7 @@ static void close_lua(hs_state *S) {
     if (S->L) lua_close(S->L);
     S->L = NULL;
     S->env_ref = S->txn_ref = S->errh_ref = S->loaded_ref = S->trampoline_ref = 0;
+    S->names_ref = S->names_nmods = 0;
     for (int i = 0; i < S->nslots; i++) {
         free(S->slots[i].refs);
         hs_script_release(S->slots[i].script);
