@@ -209,12 +209,11 @@ int hs_state_rehydrate(hs_state *S) {
     S->prog = r.p;
     S->gen = r.p->gen;
     atomic_fetch_add_explicit(&S->c.rehydrations, r.nloaded, memory_order_relaxed);
-    if (had_program) { /* the old classes are garbage now: collect them at once only when the
-                          * state is short of room (a full collection takes time in proportion
-                          * to the heap, on every thread, after every registration) */
-        size_t heap = atomic_load_explicit(&S->heap, memory_order_relaxed);
-        if (S->heap_limit && heap > S->heap_limit / 2) lua_gc(L, LUA_GCCOLLECT, 0);
-        else lua_gc(L, LUA_GCSTEP, 0);
-    }
+    /* The old classes are garbage now: the collector's own pace takes them, unless the
+     * state is short of room (a full collection takes time in proportion to the heap,
+     * on every thread, after every registration). */
+    if (had_program && S->heap_limit &&
+        atomic_load_explicit(&S->heap, memory_order_relaxed) > S->heap_limit / 2)
+        lua_gc(L, LUA_GCCOLLECT, 0);
     return 0;
 }
