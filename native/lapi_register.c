@@ -311,8 +311,13 @@ int hs_register_publish(hs_state *S) {
         for (size_t i = 0; i < n; i++) {
             ops[i].name = r[i].name;
             ops[i].script = r[i].script;
+            /* ours until logged: once published, another thread may replace it at once */
+            if (r[i].script) atomic_fetch_add(&r[i].script->refs, 1);
         }
         rc = hs_prog_publish(h, ops, (int)n, NULL, 0, h->reg_max);
+        if (rc != 0)
+            for (size_t i = 0; i < n; i++)
+                if (r[i].script) atomic_fetch_sub(&r[i].script->refs, 1);
     }
     uint64_t reg = 0, unreg = 0, refused = 0;
     for (size_t i = 0; i < n; i++) {
@@ -348,8 +353,6 @@ int hs_register_publish(hs_state *S) {
         if (len >= (int)sizeof msg) len = (int)sizeof msg - 1;
         hs_log_put(S, level, r[i].by, msg, (size_t)len);
     }
-    if (rc == 0)
-        for (size_t i = 0; i < n; i++) r[i].script = NULL; /* the program took them */
     free(ops);
     hs_register_truncate(S, 0);
     pthread_mutex_lock(&h->mu);
