@@ -54,8 +54,27 @@ def test_demo_runs_the_key_header_scenario_through_the_proxy(engine_arg):
     lines = [ln for ln in p.stdout.splitlines() if "GET /article" in ln]
     statuses = [ln.split("X-Cache: ")[1].split()[0] for ln in lines]
     assert statuses == ["MISS", "HIT", "HIT", "MISS", "HIT", "HIT", "MISS", "HIT"]
-    assert "origin saw 3 requests" in p.stdout
-    assert "ok: every cache status as expected" in p.stdout
+    assert "origin saw 3 requests for /article" in p.stdout
+    assert "ok: every cache status and x-on_* header as expected" in p.stdout
+
+
+@pytest.mark.parametrize("engine_arg", ["luajit", "lua54"])
+def test_demo_registers_the_event_system_class_for_every_thread(engine_arg):
+    p = run("demo", "--engine", engine_arg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if "GET /events" in ln]
+    assert len(lines) == 6, p.stdout
+    hooks = ("send_request", "read_response", "send_response")
+    # before the trigger: none of the three; the trigger and the 4 requests served
+    # at once (4 proxy threads) after it: all three, x-on_send_request at the origin
+    assert all(f"{h}: -" in lines[0] for h in hooks), lines[0]
+    assert "x-event-system: on" in lines[1]
+    for ln in lines[1:]:
+        assert all(f"{h}: events-1.0" in ln for h in hooks) and "<--" not in ln, ln
+    assert "examples/event_system.lua#events" in p.stdout.split("scripts now:")[1].splitlines()[0]
+    assert "registered=1 registrations=1" in p.stdout
+    assert "origin saw 3 requests for /article, 6 for /events" in p.stdout
+    assert "did not get the 4 requests together" not in p.stdout
 
 
 def test_check_takes_a_redis_dictionary_without_connecting(engine):
