@@ -10,7 +10,9 @@ redis_stress.c does the same to a Redis-backed one (hs.shared, hs.redis calls an
 pipelines, connections dropped for a reply too large and a timeout), against a
 redis-server of its own, then to one whose Redis is unreachable (every call fails
 cleanly); redis_thread_end.c ends threads right after hs.redis calls and after a
-get left without its retry (nothing may be left behind).
+get left without its retry (nothing may be left behind); register_stress.c fires
+from 8 threads while 4 of them register and unregister classes (hs.register in a
+fire) and the script is reloaded and unloaded.
 `make test-sanitize` runs this file; `make test` skips it in CI."""
 from __future__ import annotations
 
@@ -37,7 +39,11 @@ PROGRAMS = {
     "shared_stress": ("5000", "ok hits="),
     "redis_stress": ("600", "ok hits="),
     "redis_thread_end": ("2", "ok"),
+    "register_stress": ("1500", "ok fires="),
+    # the same program, every thread replacing one class: the race below, at once
+    "register_replace": ("4000 replace", "ok fires="),
 }
+SOURCES = {"register_replace": "register_stress"}  # programs built from another's source
 # programs given a Redis, a redis-server of the test's own (URL: under a prefix of
 # the test's own; DEAD_URL: a closed port): the arguments after the first
 REDIS_PROGRAMS = {
@@ -45,7 +51,27 @@ REDIS_PROGRAMS = {
     "redis_thread_end": lambda url, dead_url: [url],
 }
 
-MATRIX = [(p, v) for p in PROGRAMS for v in VARIANTS]
+# Core bugs the programs run into: program -> (strict, reason)
+USE_AFTER_FREE = ("core bug: hs_register_publish (native/lapi_register.c:271) reads "
+                  "r[i].script->hookmask for its log line after hs_prog_publish handed the script "
+                  "to the program; a registration or unload on another thread replaces the class "
+                  "and frees it meanwhile (TSan: data race with the free in hs_script_release; "
+                  "ASan: heap-use-after-free)")
+KNOWN_BUGS = {
+    # every thread replacing one class: the sanitizers catch it within a second or two
+    "register_replace": (True, USE_AFTER_FREE),
+    # the full stress hits it in most TSan runs and some ASan runs: not strict
+    "register_stress": (False, USE_AFTER_FREE),
+}
+
+
+def _case(program: str, variant: str):
+    known = KNOWN_BUGS.get(program)
+    marks = [pytest.mark.xfail(strict=known[0], reason=known[1])] if known else []
+    return pytest.param(program, variant, marks=marks, id=f"{program}-{variant}")
+
+
+MATRIX = [_case(p, v) for p in PROGRAMS for v in VARIANTS]
 
 
 def closed_port() -> int:
@@ -55,15 +81,15 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("program,variant", MATRIX, ids=[f"{p}-{v}" for p, v in MATRIX])
+@pytest.mark.parametrize("program,variant", MATRIX)
 def test_c_threads_and_limits_are_clean_under_sanitizers(engine, program, variant, tmp_path, request):
-    exe = build_c_program(engine, f"{program}.c", tmp_path / f"{program}_{engine}",
+    exe = build_c_program(engine, f"{SOURCES.get(program, program)}.c", tmp_path / f"{program}_{engine}",
                           "-g", "-O1", "-fno-omit-frame-pointer", *VARIANTS[variant])
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66",
                ASAN_OPTIONS="detect_leaks=1 exitcode=66",
                UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1")
     arg, ok = PROGRAMS[program]
-    argv = [str(exe), arg]
+    argv = [str(exe), *arg.split()]
     if program in REDIS_PROGRAMS:
         redis = request.getfixturevalue("own_redis")  # skips without redis-server
         argv += REDIS_PROGRAMS[program](redis.url(prefix=request.getfixturevalue("redis_prefix")),
