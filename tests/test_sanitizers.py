@@ -40,8 +40,10 @@ PROGRAMS = {
     "redis_stress": ("600", "ok hits="),
     "redis_thread_end": ("2", "ok"),
     "register_stress": ("1500", "ok fires="),
-    # the same program, every thread replacing one class: the race below, at once
-    "register_replace": ("4000 replace", "ok fires="),
+    # the same program, every thread replacing one class in every fire: a published
+    # class freed by another thread's replacement while its registering fire still
+    # used it (hs_register_publish, fixed in 81f4241) showed within a second or two
+    "register_replace": ("1500 replace", "ok fires="),
 }
 SOURCES = {"register_replace": "register_stress"}  # programs built from another's source
 # programs given a Redis, a redis-server of the test's own (URL: under a prefix of
@@ -51,27 +53,7 @@ REDIS_PROGRAMS = {
     "redis_thread_end": lambda url, dead_url: [url],
 }
 
-# Core bugs the programs run into: program -> (strict, reason)
-USE_AFTER_FREE = ("core bug: hs_register_publish (native/lapi_register.c:271) reads "
-                  "r[i].script->hookmask for its log line after hs_prog_publish handed the script "
-                  "to the program; a registration or unload on another thread replaces the class "
-                  "and frees it meanwhile (TSan: data race with the free in hs_script_release; "
-                  "ASan: heap-use-after-free)")
-KNOWN_BUGS = {
-    # every thread replacing one class: the sanitizers catch it within a second or two
-    "register_replace": (True, USE_AFTER_FREE),
-    # the full stress hits it in most TSan runs and some ASan runs: not strict
-    "register_stress": (False, USE_AFTER_FREE),
-}
-
-
-def _case(program: str, variant: str):
-    known = KNOWN_BUGS.get(program)
-    marks = [pytest.mark.xfail(strict=known[0], reason=known[1])] if known else []
-    return pytest.param(program, variant, marks=marks, id=f"{program}-{variant}")
-
-
-MATRIX = [_case(p, v) for p in PROGRAMS for v in VARIANTS]
+MATRIX = [(p, v) for p in PROGRAMS for v in VARIANTS]
 
 
 def closed_port() -> int:
@@ -81,7 +63,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("program,variant", MATRIX)
+@pytest.mark.parametrize("program,variant", MATRIX, ids=[f"{p}-{v}" for p, v in MATRIX])
 def test_c_threads_and_limits_are_clean_under_sanitizers(engine, program, variant, tmp_path, request):
     exe = build_c_program(engine, f"{SOURCES.get(program, program)}.c", tmp_path / f"{program}_{engine}",
                           "-g", "-O1", "-fno-omit-frame-pointer", *VARIANTS[variant])
