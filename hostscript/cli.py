@@ -106,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(prog="hostscript", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the reference proxy caching by the Key header (make run)")
+    d = sub.add_parser("demo", help="the reference proxy: caching by the Key header, then a class registered from a hook (make run)")
     d.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     d.add_argument("--examples", default=EXAMPLES)
     d.set_defaults(func=demo)
