@@ -229,7 +229,8 @@ def test_a_required_module_cannot_register_at_load_time(make_host, tmp_path):
     (tmp_path / "regmod.lua").write_text(
         'hs.register({on_log = function() end}, {name = "frommod"}) return {}')
     host = make_host(lua_path=[tmp_path])
-    with pytest.raises(hostscript.ScriptError, match="hs.register"):
+    with pytest.raises(hostscript.ScriptError, match=r"regmod:1: hs.register: call it while a "
+                       r"script's chunk runs"):
         host.load('local m = require("regmod") return {on_log = function() end}', name="l.lua")
     assert host.scripts == []
 
@@ -272,6 +273,26 @@ def test_load_time_classes_are_rebuilt_on_every_thread(host, workers):
     a, b = workers(), workers()
     assert [a.call(ok, host, "log")["x-n"] for _ in range(3)] == ["1", "2", "3"]
     assert b.call(ok, host, "log")["x-n"] == "1"  # its own state, its own chunk run
+
+
+def test_a_chunk_that_registers_differently_on_another_thread_fails_there(make_host):
+    host = make_host(shared={"d": 1 << 16})
+    host.load(lua("""
+    local runs = hs.shared.d:incr("runs", 1, 0)
+    if runs == 1 then        -- only where it ran first: the load's scratch state
+      hs.register({on_log = function() end}, {name = "once"})
+    end
+    return {on_log = function() end}
+    """), name="rnd.lua")
+    assert host.scripts == ["rnd.lua", "rnd.lua#once"]
+    err = failed(host, "log")
+    assert "rnd.lua: the chunk made 1 handler class(es) here but 2 when it was loaded" in err.message
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "3"])
+def test_max_registrations_must_be_a_positive_int(engine, bad):
+    with pytest.raises(hostscript.UsageError, match="max_registrations must be a positive int"):
+        hostscript.Host(engine=engine, max_registrations=bad)
 
 
 # ==== 2. run time: the class crosses threads ====
@@ -856,7 +877,7 @@ def test_max_registrations_counts_the_changes_pending_in_the_fire(make_host):
     assert host.stats()["registered"] == 2
 
 
-def test_max_registrations_is_checked_again_when_publishing(make_host):
+def test_max_registrations_is_checked_again_when_publishing(make_host, caplog):
     host = make_host(max_registrations=1, time_limit=5)
     host.load(lua("""
     local C = {on_log = function() end}
@@ -874,9 +895,15 @@ def test_max_registrations_is_checked_again_when_publishing(make_host):
         barrier.wait()
         return ok(host, "read_request", [("x-n", n)])
 
-    with concurrent.futures.ThreadPoolExecutor(2) as ex:
-        list(ex.map(go, ["a", "b"]))
-    # both checked against a program with none; the second to publish is refused then
+    with caplog.at_level(logging.INFO, logger="hostscript"):
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            list(ex.map(go, ["a", "b"]))
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert re.search(r"registration of p\.lua#[ab] refused: the host allows 1 classes",
+                     refused[0].getMessage())
+    # both checked against a program with none; the second to publish is refused then,
+    # and says so in the log
     st = host.stats()
     assert st["registered"] == 1 and len(host.scripts) == 2
     assert (st["registrations"], st["registrations_refused"]) == (1, 1)
