@@ -14,10 +14,10 @@ import textwrap
 import time
 
 import pytest
+from helpers import ROOT, run_in_thread
 
 import hostscript
 from hostscript import Outcome, Transaction
-from helpers import ROOT, run_in_thread
 
 OTHER = "return {on_send_response = function(self, txn) txn.resp.headers['x-other'] = 'ok' end}"
 
@@ -97,7 +97,7 @@ def run_child(engine, src, hooks, **cfg):
     """Load SRC as s.lua (and other.lua) in a new process, fire HOOKS ([hook, headers]...)
     in a thread there; what each fire ended with, the scripts and stats after."""
     proc = subprocess.run([sys.executable, "-c", CHILD, engine, json.dumps(cfg), src, json.dumps(hooks)],
-                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+                          check=False, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not res["hung"], res
@@ -510,7 +510,7 @@ def test_registering_thousands_of_times_in_one_fire_leaves_one_class(host):
 def test_registering_the_same_name_in_a_loop_keeps_memory_bounded(engine):
     res = run_child(engine, LOOP, [["read_request", [["x-n", "10"]]], ["read_request", [["x-n", "3000"]]],
                                    ["log", []]], memory_limit=32 << 20)
-    small, many, log = res["fires"]
+    _, many, log = res["fires"]
     assert log["headers"].get("x-len") == "100000"
     # either refused (a memory error) or only the last pending copy of a name kept
     assert many["kind"] == "memory" or many["grew"] < 64 << 20, many["grew"]
@@ -547,7 +547,10 @@ def test_a_hostile_script_cannot_reach_another_scripts_classes(host):
     ok(host, "read_request", [("x-victim", "1")])
     host.load(lua("""
     local Evil = {on_log = function(self, txn) txn.resp.headers["x-victim-rt"] = "evil" end}
-    local function try(f, ...) local ok, err = pcall(f, ...) return ok and ("DONE " .. tostring(err)) or err end
+    local function try(f, ...)
+      local ok, err = pcall(f, ...)
+      return ok and ("DONE " .. tostring(err)) or err
+    end
     return {on_send_request = function(self, txn)
       local h = txn.resp.headers
       h["x-1"] = try(hs.unregister, "victim.lua#rt")
