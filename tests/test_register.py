@@ -17,11 +17,10 @@ import threading
 import time
 
 import pytest
-from helpers import ROOT, run_in_thread
+from helpers import ROOT, run_in_thread, wait_for
 
 import hostscript
 from hostscript import Outcome, Transaction
-
 
 # ---- helpers ----
 
@@ -756,35 +755,40 @@ def test_run_time_classes_run_after_scripts_loaded_later(host):
 
 
 SLOW_REGISTER = lua("""
+local d = hs.shared.d
 local C = {on_log = function(self, txn) txn.resp.headers["x-c"] = "runtime" end}
 return {on_read_request = function(self, txn)
   if txn.req.headers["x-slow"] then
     hs.register(C, {name = "x"})
-    local t0 = os.clock()
-    while os.clock() - t0 < 0.3 do end     -- the host meanwhile changes the script
+    d:set("registered", 1)
+    while not d:get("go") do end     -- the host meanwhile changes the script
   end
 end}
 """)
 
 
 def _while_registering(host, change):
-    """Start a fire that registers s.lua#x and spins; run CHANGE during it."""
+    """Start a fire that registers s.lua#x and waits; run CHANGE before it ends."""
+    d = host.shared["d"]
     ok(host, "read_request")  # the thread state exists; the GIL goes once a fire runs long
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("out", fire(host, "read_request",
                                                                    [("x-slow", "1")])[0]))
     t.start()
-    time.sleep(0.1)
-    change()
-    t.join(30)
-    return box["out"]
+    try:
+        assert wait_for(lambda: d.get("registered"), 20), "the handler did not register"
+        change()
+    finally:
+        d.set("go", 1)
+        t.join(30)
+    assert box["out"].status is Outcome.CONTINUE, box["out"].error
 
 
 @pytest.mark.xfail(strict=True, reason="core bug: a run-time class registered by a fire still "
                    "running when its script is unloaded is published afterwards, orphaned (apply_op "
                    "adds it though no script of its origin is left); docs: unloading removes them")
 def test_unloading_the_script_while_its_handler_registers_leaves_no_orphan_class(make_host):
-    host = make_host(time_limit=5)
+    host = make_host(time_limit=30, shared={"d": 1 << 16})
     host.load(SLOW_REGISTER, name="s.lua")
     _while_registering(host, lambda: host.unload("s.lua"))
     assert host.scripts == []
@@ -796,7 +800,7 @@ def test_unloading_the_script_while_its_handler_registers_leaves_no_orphan_class
                    "entries, not chunk classes): host.scripts lists s.lua#x twice and the run-time "
                    "class runs; docs: a class its chunk registers wins")
 def test_a_chunk_class_loaded_while_a_handler_registers_the_same_name_wins(make_host):
-    host = make_host(time_limit=5)
+    host = make_host(time_limit=30, shared={"d": 1 << 16})
     host.load(SLOW_REGISTER, name="s.lua")
     _while_registering(host, lambda: host.load(SLOW_REGISTER.replace(
         "return {", 'hs.register({on_log = function(self, txn) txn.resp.headers["x-c"] = "chunk" '
@@ -877,14 +881,15 @@ def test_max_registrations_counts_the_changes_pending_in_the_fire(make_host):
 
 
 def test_max_registrations_is_checked_again_when_publishing(make_host, caplog):
-    host = make_host(max_registrations=1, time_limit=5)
+    host = make_host(max_registrations=1, time_limit=30, shared={"d": 1 << 16})
     host.load(lua("""
+    local d = hs.shared.d
     local C = {on_log = function() end}
     return {on_read_request = function(self, txn)
       if not txn.req.headers["x-n"] then return end
       hs.register(C, {name = txn.req.headers["x-n"]})
-      local t0 = os.clock()
-      while os.clock() - t0 < 0.2 do end
+      d:incr("in", 1, 0)
+      while d:get("in") < 2 do end     -- both registered before either publishes
     end}
     """), name="p.lua")
     barrier = threading.Barrier(2)
