@@ -690,6 +690,30 @@ def test_unloading_a_missing_or_load_time_class_is_a_usage_error(engine):
     assert lines[2] == "['s.lua', 's.lua#keep']"
 
 
+def test_a_run_time_class_registers_under_its_script_and_may_unregister_itself(host, workers, caplog):
+    host.load(lua("""
+    local Second = {on_log = function(self, txn) txn.resp.headers["x-second"] = "1" end}
+    local First = {Second = Second}      -- a field: part of the class, crosses with it
+    function First:on_send_response(txn)
+      txn.resp.headers["x-name"] = hs.register(self.Second, {name = "second"})
+      txn.resp.headers["x-gone"] = tostring(hs.unregister("first"))
+    end
+    return {on_read_request = function(self, txn) hs.register(First, {name = "first"}) end}
+    """), name="s.lua")
+    ok(host, "read_request")
+    assert host.scripts == ["s.lua", "s.lua#first"]
+    with caplog.at_level(logging.INFO, logger="hostscript"):
+        got = workers().call(ok, host, "send_response")
+    assert got == {"x-name": "s.lua#second", "x-gone": "true"}
+    assert host.scripts == ["s.lua", "s.lua#second"]
+    assert ok(host, "log")["x-second"] == "1"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "[s.lua#first] registered s.lua#second (hooks: log) from s.lua#first in send_response" in msgs
+    assert "[s.lua#first] unregistered s.lua#first from s.lua#first in send_response" in msgs
+    host.unload("s.lua")  # its classes go with it, whichever class registered them
+    assert host.scripts == []
+
+
 def test_host_unload_of_one_run_time_class(host, workers):
     host.load(STAMP, name="s.lua")
     ok(host, "read_request", [("x-enable", "1")])
