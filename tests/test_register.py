@@ -980,6 +980,22 @@ def test_an_error_in_a_later_handler_does_not_undo_an_earlier_handlers_registrat
     assert ok(host, "log")["x-c"] == "1"
 
 
+@pytest.mark.parametrize("ending", ['return txn:respond(403, "denied")', "return hs.DONE"],
+                         ids=["respond", "done"])
+def test_a_handler_that_answers_after_registering_publishes(host, ending):
+    host.load(lua("""
+    local C = {on_log = function(self, txn) txn.resp.headers["x-c"] = "1" end}
+    return {on_read_request = function(self, txn)
+      hs.register(C, {name = "c"})
+      %s
+    end}
+    """) % ending, name="a.lua")
+    out, _ = fire(host, "read_request")
+    assert out.status is Outcome.DONE
+    assert host.scripts == ["a.lua", "a.lua#c"]
+    assert run_in_thread(ok, host, "log")["x-c"] == "1"
+
+
 def test_a_registration_a_pcall_inside_the_handler_survives(host):
     host.load(lua("""
     local C = {on_log = function(self, txn) txn.resp.headers["x-c"] = "1" end}
