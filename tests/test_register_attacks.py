@@ -366,8 +366,8 @@ NEW_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: hs.register does not run or check new() of a class "
-                   "registered at run time; when new() fails on the other threads (errors, is not a "
+@pytest.mark.xfail(strict=True, reason="core bug: hs.register rebuilds the class once but does not "
+                   "run or check its new(); when new() fails on the other threads (errors, is not a "
                    "function, returns nil, calls hs.register) every thread's rehydration fails and "
                    "every fire of every hook of every script errors from then on ('cannot prepare the "
                    "program on this thread') until the class is unloaded")
@@ -504,10 +504,9 @@ def test_registering_thousands_of_times_in_one_fire_leaves_one_class(host):
     assert run_in_thread(ok, host, "log")["x-len"] == "100"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: every hs.register of a fire keeps its serialized "
-                   "copy until the fire ends, even for the same name, outside the Lua heap: 3000 "
-                   "registrations of a 100 kB class hold ~290 MiB under a 32 MiB memory_limit")
 def test_registering_the_same_name_in_a_loop_keeps_memory_bounded(engine):
+    # (a fire used to keep every pending copy: 3000 registrations of a 100 kB class
+    # held ~290 MiB under a 32 MiB memory_limit)
     res = run_child(engine, LOOP, [["read_request", [["x-n", "10"]]], ["read_request", [["x-n", "3000"]]],
                                    ["log", []]], memory_limit=32 << 20)
     _, many, log = res["fires"]
