@@ -242,14 +242,16 @@ class Host(_bridge.HostCore):
         running at each thread's next fire."""
         with self._lock:
             h = self._live()
-            if self._lib.hs_unload(h, _encode(name, "a script name")) != 0:
-                script = name.partition("#")[0]
-                if "#" in name and name in self.scripts:
-                    raise UsageError(f"{name!r} is registered by {script!r} when it loads: unload "
-                                     f"{script!r} or edit it")
-                raise UsageError(f"no script named {name!r} is loaded")
-            self._handled_now = None
-            self._paths.pop(name, None)
+            done = self._lib.hs_unload(h, _encode(name, "a script name")) == 0
+            if done:
+                self._handled_now = None
+                self._paths.pop(name, None)
+        if not done:
+            script = name.partition("#")[0]
+            if "#" in name and name in self.scripts:
+                raise UsageError(f"{name!r} is registered by {script!r} when it loads: unload "
+                                 f"{script!r} or edit it")
+            raise UsageError(f"no script named {name!r} is loaded")
 
     @property
     def scripts(self) -> List[str]:

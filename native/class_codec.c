@@ -233,6 +233,7 @@ static void push_names(lua_State *L, hs_state *S) {
 static void mark_own(enc *e, int idx, int depth) {
     lua_State *L = e->L;
     idx = hs_absindex(L, idx);
+    if (++e->steps % CHECK_EVERY == 0) hs_engine_checkin(L); /* per key and value: a wide table too */
     int t = lua_type(L, idx);
     if ((t != LUA_TTABLE && t != LUA_TFUNCTION) || depth > HS_CLASS_DEPTH) return;
     lua_pushvalue(L, idx);
@@ -247,7 +248,6 @@ static void mark_own(enc *e, int idx, int depth) {
     lua_pushboolean(L, 1);
     lua_rawset(L, e->own);
     if (t != LUA_TTABLE) return;
-    if (++e->steps % CHECK_EVERY == 0) hs_engine_checkin(L);
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         mark_own(e, -2, depth + 1);
@@ -387,7 +387,7 @@ static int enc_value(enc *e, int idx, int depth, int plain) {
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
-        if (n > HS_CLASS_MAX) return fail(e, "makes the class larger than 4 MiB");
+        if (n > HS_CLASS_MAX - e->out->len) return fail(e, "makes the class larger than 4 MiB");
         put_tag(e, 's');
         put_u32(e, (uint32_t)n);
         put(e, s, n);
@@ -444,8 +444,8 @@ static int enc_value(enc *e, int idx, int depth, int plain) {
     }
 }
 
-int hs_class_encode(hs_state *S, int idx, const char *name, hs_buf *out, char *msg, size_t msglen) {
-    lua_State *L = S->L;
+int hs_class_encode(hs_state *S, lua_State *L, int idx, const char *name, hs_buf *out, char *msg,
+                    size_t msglen) {
     idx = hs_absindex(L, idx);
     int top = lua_gettop(L);
     luaL_checkstack(L, 6 * HS_CLASS_DEPTH + 32, "class nests too deep");
@@ -468,6 +468,11 @@ int hs_class_encode(hs_state *S, int idx, const char *name, hs_buf *out, char *m
     mark_own(&e, idx, 0);
     int rc = enc_value(&e, idx, 0, 0);
     lua_settop(L, top);
+    if (rc == 0 && out->len > HS_CLASS_MAX) { /* the last value may have taken it past */
+        e.plen = 0;
+        path_push(&e, "%s", name);
+        return fail(&e, "makes the class larger than 4 MiB");
+    }
     return rc;
 }
 
@@ -631,8 +636,7 @@ static void dec_value(dec *d) {
     }
 }
 
-void hs_class_decode(hs_state *S, const char *name, const char *p, size_t len) {
-    lua_State *L = S->L;
+void hs_class_decode(hs_state *S, lua_State *L, const char *name, const char *p, size_t len) {
     dec d = {S, L, p, p + len, name, 0, 0, 0, 0};
     lua_newtable(L);
     d.objs = lua_gettop(L);

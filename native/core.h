@@ -99,7 +99,7 @@ typedef struct hs_prog_op {
     hs_script *script;
     int result; /* out: HS_OP_* */
 } hs_prog_op;
-enum { HS_OP_DONE = 0, HS_OP_MISSING, HS_OP_LIMIT };
+enum { HS_OP_DONE = 0, HS_OP_MISSING, HS_OP_LIMIT, HS_OP_TAKEN /* a class its script's chunk makes */ };
 
 void hs_prog_release(hs_prog *p);
 /* Apply OPS, in order, to the program published now and publish the result with
@@ -166,6 +166,7 @@ struct hs_state {
     const char *cur_name; /* script whose code runs now (for logs) */
     const hs_script *cur_script; /* the program entry whose handler runs now (hs.register) */
     int collecting;       /* while a chunk runs: registry ref of its hs.register list, else 0 */
+    int in_module, in_new; /* a module's chunk / a registered class's trial new() runs */
     hs_buf regs;          /* hs_reg: run-time (un)registrations of this fire (lapi_register.c) */
     hs_buf codec;         /* scratch: a class being serialized (freed with the state) */
     int names_ref, names_nmods; /* class_codec.c's library names, and the modules then loaded */
@@ -279,9 +280,11 @@ int hs_class_check(lua_State *L, hs_host *h, int idx, const char *name, uint64_t
  * bytecode, their upvalues and the class's fields as data, library values and
  * required modules by name. 0, or -1 with a message naming the offending path in
  * MSG. Time and memory count against the fire; raises on their limits. */
-int hs_class_encode(hs_state *S, int idx, const char *name, hs_buf *out, char *msg, size_t msglen);
-/* Rebuild a serialized class in S's Lua state and push it (protected context). */
-void hs_class_decode(hs_state *S, const char *name, const char *p, size_t len);
+int hs_class_encode(hs_state *S, lua_State *L, int idx, const char *name, hs_buf *out, char *msg,
+                    size_t msglen);
+/* Rebuild a serialized class on L (S's state or one of its coroutines) and push it
+ * (protected context). */
+void hs_class_decode(hs_state *S, lua_State *L, const char *name, const char *p, size_t len);
 
 /* ---- Lua API: hs.redis (lapi_redis.c) ---- */
 void hs_lapi_redis_open(hs_state *S); /* sets hs.redis in the hs table on top */

@@ -78,6 +78,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
     S->txn = t;
     S->hook = hook;
     S->in_errh = 0; /* a handler error inside the message handler may have left it set */
+    S->in_module = S->in_new = 0; /* (as may an error in a module's chunk or a trial new()) */
     t->responded = 0;
     hs_state_deadline(S, start);
     if (S->host->release && !S->released) { /* not yet (rehydration may have) */

@@ -49,9 +49,9 @@ static int valid_name(const char *s, size_t n) {
 /* The short name in argument IDX (a string, or the name field of a table), or NULL. */
 static const char *opt_name(lua_State *L, int idx, const char *api) {
     if (lua_isnoneornil(L, idx)) return NULL;
-    size_t n;
-    const char *s = lua_tolstring(L, idx, &n);
-    if (lua_type(L, idx) != LUA_TSTRING || !valid_name(s, n))
+    size_t n = 0;
+    const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
+    if (!s || !valid_name(s, n))
         luaL_error(L, "%s: a name is 1 to %d letters, digits or _-.: (got %s)", api, NAME_MAX_LEN,
                    lua_type(L, idx) == LUA_TSTRING ? s : luaL_typename(L, idx));
     return s;
@@ -179,6 +179,29 @@ static void full_name(lua_State *L, hs_state *S, const char *shortname, char *ou
         luaL_error(L, "%s: the name is too long", api);
 }
 
+/* Call the rebuilt class's new() (on top) as each thread will; raise if it fails. */
+static void trial_new(lua_State *L, hs_state *S, const char *name) {
+    lua_getfield(L, -1, "new");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (!lua_isfunction(L, -1))
+        luaL_error(L, "hs.register: %s: the class's 'new' must be a function, not %s", name,
+                   luaL_typename(L, -1));
+    S->in_new++; /* hs.register from new() fails on other threads: here too */
+    int rc = lua_pcall(L, 0, 1, 0);
+    S->in_new--;
+    if (rc != 0) {
+        const char *e = lua_tostring(L, -1);
+        luaL_error(L, "hs.register: %s: new() failed here, as it would on every thread: %s", name,
+                   e ? e : luaL_typename(L, -1));
+    }
+    if (lua_isnil(L, -1))
+        luaL_error(L, "hs.register: %s: new() returned nil, not the handler instance", name);
+    lua_pop(L, 1);
+}
+
 /* hs.register(Class [, {name = "...", order = n}]) -> the class's full name */
 static int l_register(lua_State *L) {
     hs_state *S = STATE(L);
@@ -199,6 +222,9 @@ static int l_register(lua_State *L) {
         }
     }
     char name[sizeof S->err.script + NAME_MAX_LEN + 2];
+    if (S->in_new) return luaL_error(L, "hs.register: not from a class's new()");
+    if (S->in_module) return luaL_error(L, "hs.register: not while a module loads (register from "
+                                           "the script that requires it)");
     if (S->collecting) { /* a script's chunk: the class goes with the script */
         lua_rawgeti(L, LUA_REGISTRYINDEX, S->collecting);
         int list = lua_gettop(L);
@@ -249,7 +275,7 @@ static int l_register(lua_State *L) {
     if (!mask)
         return luaL_error(L, "hs.register: %s has no on_<hook> method for a declared hook", name);
     S->codec.len = 0;
-    int rc = hs_class_encode(S, 1, shortname, &S->codec, msg, sizeof msg);
+    int rc = hs_class_encode(S, L, 1, shortname, &S->codec, msg, sizeof msg);
     if (rc == 0) /* the bytes as a Lua string: charged to this state's heap, freed if we raise */
         lua_pushlstring(L, S->codec.p ? S->codec.p : "", S->codec.len);
     if (S->codec.cap > (64 << 10)) hs_buf_free(&S->codec);
@@ -258,12 +284,13 @@ static int l_register(lua_State *L) {
     const char *bytes = lua_tolstring(L, -1, &len);
     /* rebuild it here once, under this fire's limits: what would fail on every other
      * thread (a library value missing, a module that does not load) fails now */
-    hs_class_decode(S, name, bytes, len);
+    hs_class_decode(S, L, name, bytes, len);
     uint64_t again = 0;
     int bad = hs_class_check(L, S->host, -1, name, &again, msg, sizeof msg) != 0;
     if (bad || again != mask)
         return luaL_error(L, "hs.register: %s does not rebuild the same on other threads: %s", name,
                           bad ? msg : "its on_<hook> methods differ");
+    trial_new(L, S, name); /* every thread makes an instance: one that fails would stop them all */
     hs_script *s = hs_script_new(HS_SCRIPT_CLASS, name, S->cur_script->origin);
     if (!s || !(s->bc = malloc(len ? len : 1)) || hs_script_add_class(s, name, (int)order, mask) != 0) {
         hs_script_release(s);
@@ -332,6 +359,10 @@ int hs_register_publish(hs_state *S) {
             refused++;
             len = snprintf(msg, sizeof msg, "registration of %s refused: the host allows %d classes "
                                             "registered at run time", r[i].name, h->reg_max);
+        } else if (ops[i].result == HS_OP_TAKEN) {
+            level = 30;
+            len = snprintf(msg, sizeof msg, "registration of %s dropped: its script now registers "
+                                            "that name when it loads", r[i].name);
         } else if (ops[i].result == HS_OP_MISSING) {
             if (!r[i].script) continue; /* unregistered meanwhile by another thread */
             level = 30;

@@ -110,9 +110,17 @@ static int apply_op(hs_prog *p, hs_prog_op *op, int reg_max) {
                 if (j < i) i--;
             }
         }
-    if (s->kind == HS_SCRIPT_CLASS && hs_prog_find(p, s->origin) < 0) { /* its script is gone */
-        hs_script_release(s);
-        return HS_OP_MISSING;
+    if (s->kind == HS_SCRIPT_CLASS) {
+        int at = hs_prog_find(p, s->origin);
+        if (at < 0) { /* its script is gone */
+            hs_script_release(s);
+            return HS_OP_MISSING;
+        }
+        for (int c = 0; c < p->scripts[at]->nclasses; c++)
+            if (!strcmp(p->scripts[at]->classes[c].name, s->name)) { /* a class its chunk makes now */
+                hs_script_release(s);
+                return HS_OP_TAKEN;
+            }
     }
     if (i >= 0) {
         if (p->scripts[i]->kind == HS_SCRIPT_CLASS) p->nregistered--;

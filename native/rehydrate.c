@@ -54,7 +54,7 @@ static int load_script(hs_state *S, hs_script *s, hs_slot *sl) {
     if (!(sl->refs = calloc(2 * s->nclasses, sizeof *sl->refs))) return luaL_error(L, "not enough memory");
     if (s->kind == HS_SCRIPT_CLASS) {
         S->cur_name = s->name;
-        hs_class_decode(S, s->name, s->bc, s->bclen);
+        hs_class_decode(S, L, s->name, s->bc, s->bclen);
         if (hs_state_instantiate(S, s->name, NULL, &S->err) != 0) return -1;
         sl->refs[1] = luaL_ref(L, LUA_REGISTRYINDEX);
         sl->refs[0] = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -354,8 +354,10 @@ static int sb_require(lua_State *L) {
     const char *outer = S->cur_name;
     int collecting = S->collecting; /* a module is loaded once per state: its chunk may not */
     S->collecting = 0;              /* register classes for whichever script required it first */
+    S->in_module++;                 /* (nor at run time: hs.register refuses while this is set) */
     lua_pushvalue(L, 1);
     lua_call(L, 1, 1);
+    S->in_module--;
     S->cur_name = outer;
     S->collecting = collecting;
     if (lua_isnil(L, -1)) {

@@ -300,6 +300,7 @@ int hs_state_run_chunk(hs_state *S, const char *name, hs_buf *classes, hs_error 
     hs_sandbox_push_env(S, L);
     hs_setenv(L, lua_gettop(L) - 1);
     S->cur_name = name;
+    S->in_module = S->in_new = 0;
     int fn = lua_gettop(L);
     lua_newtable(L); /* what hs.register collects: {class, name, order} entries */
     int outer = S->collecting;

@@ -226,15 +226,11 @@ def test_a_required_module_cannot_register_at_load_time(make_host, tmp_path):
     (tmp_path / "regmod.lua").write_text(
         'hs.register({on_log = function() end}, {name = "frommod"}) return {}')
     host = make_host(lua_path=[tmp_path])
-    with pytest.raises(hostscript.ScriptError, match=r"regmod:1: hs.register: call it while a "
-                       r"script's chunk runs"):
+    with pytest.raises(hostscript.ScriptError, match=r"regmod:1: hs.register: not while a module loads"):
         host.load('local m = require("regmod") return {on_log = function() end}', name="l.lua")
     assert host.scripts == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a module first required from inside a handler "
-                   "can hs.register (sb_require clears S->collecting, but l_register then takes the "
-                   "run-time path since cur_script and txn are set); docs: modules cannot register")
 def test_a_required_module_cannot_register_at_run_time(make_host, tmp_path):
     (tmp_path / "regmod.lua").write_text(lua("""
     local C = {on_log = function(self, txn) txn.resp.headers["x-mod"] = "1" end}
@@ -434,11 +430,12 @@ def test_upvalues_library_values_and_modules_cross_threads(make_host, workers, c
     assert b.call(ok, host, "read_response")["x-count"] == "6"
     b.call(ok, host, "send_request")
     assert b.call(ok, host, "read_response")["x-count"] == "7"
-    # new() ran once per state that rebuilt the class (B and C), not once per call
+    # new() ran once per state that rebuilt the class (B and C), not once per call, and
+    # once when hs.register tried the class in the registering fire
     for _ in range(3):
         b.call(ok, host, "read_response")
         c.call(ok, host, "read_response")
-    assert host.shared["d"].get("news") == 2
+    assert host.shared["d"].get("news") == 3
 
 
 def test_class_metatables_and_inheritance_cross_threads(host, workers):
@@ -675,9 +672,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Host.unload of a name with '#' that it cannot "
-                   "unload (a class the chunk registers, or no such class) deadlocks: it holds "
-                   "self._lock and reads self.scripts, which takes self._lock again (host.py unload)")
 def test_unloading_a_missing_or_load_time_class_is_a_usage_error(engine):
     proc = subprocess.run([sys.executable, "-c", UNLOAD_BY_HASH, engine, "s.lua#keep", "s.lua#gone"],
                           check=False, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
@@ -763,10 +757,8 @@ def test_a_chunk_class_wins_over_a_run_time_class_of_the_same_name(host):
     assert host.stats()["registered"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a script loaded after a class was registered at "
-                   "run time comes after it in the program, so the run-time class runs before the "
-                   "script (and host.scripts lists it before); docs: run-time classes after the scripts")
-def test_run_time_classes_run_after_scripts_loaded_later(host):
+def test_run_time_classes_keep_the_place_where_they_were_first_added(host):
+    # program order: entries in the order they were first added (docs/register.md)
     host.load(lua(TAG + """
     local RT = {on_send_response = tag("rt")}
     return {on_send_response = tag("a"),
@@ -774,8 +766,10 @@ def test_run_time_classes_run_after_scripts_loaded_later(host):
     """), name="a.lua")
     ok(host, "read_request")
     host.load(lua(TAG + 'return {on_send_response = tag("b")}'), name="b.lua")
-    assert ok(host, "send_response")["x-order"] == "a,b,rt,"
-    assert host.scripts == ["a.lua", "b.lua", "a.lua#rt"]
+    assert ok(host, "send_response")["x-order"] == "a,rt,b,"
+    assert host.scripts == ["a.lua", "a.lua#rt", "b.lua"]
+    ok(host, "read_request")  # replaced: it keeps its place
+    assert host.scripts == ["a.lua", "a.lua#rt", "b.lua"]
 
 
 SLOW_REGISTER = lua("""
@@ -820,10 +814,6 @@ def test_unloading_the_script_while_its_handler_registers_leaves_no_orphan_class
     assert len(dropped) == 1 and dropped[0].levelno == logging.WARNING
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a run-time registration published after a load "
-                   "whose chunk registers the same name adds a second entry (hs_prog_find sees only "
-                   "entries, not chunk classes): host.scripts lists s.lua#x twice and the run-time "
-                   "class runs; docs: a class its chunk registers wins")
 def test_a_chunk_class_loaded_while_a_handler_registers_the_same_name_wins(make_host):
     host = make_host(time_limit=30, shared={"d": 1 << 16})
     host.load(SLOW_REGISTER, name="s.lua")

@@ -160,10 +160,6 @@ def test_a_huge_class_ends_at_the_time_limit_and_the_host_keeps_serving(make_hos
     assert serving(host)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: class_codec.c mark_own checks the time limit per "
-                   "table marked, not per entry walked: a class field holding a table of millions of "
-                   "entries that are not new tables is walked to the end before the limit is noticed "
-                   "(0.25 s for 4M entries under a 0.01 s limit)")
 def test_the_time_limit_holds_while_walking_a_wide_flat_table(make_host):
     host = make_host(time_limit=0.01)
     host.load(HUGE, name="s.lua")
@@ -237,9 +233,6 @@ def test_a_class_of_many_values_over_4_mib_is_a_clear_error(host):
     assert host.scripts == ["s.lua"]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: the 4 MiB bound is checked before each value, "
-                   "not after the last: two 3 MiB strings make a 6 MiB class that is accepted "
-                   "(enc_value checks out->len before writing; hs_class_encode never checks the total)")
 def test_two_strings_adding_up_to_over_4_mib_are_refused(host):
     host.load(try_register("""
     local a = string.rep("a", 3 * 1024 * 1024)
@@ -366,11 +359,6 @@ NEW_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: hs.register rebuilds the class once but does not "
-                   "run or check its new(); when new() fails on the other threads (errors, is not a "
-                   "function, returns nil, calls hs.register) every thread's rehydration fails and "
-                   "every fire of every hook of every script errors from then on ('cannot prepare the "
-                   "program on this thread') until the class is unloaded")
 @pytest.mark.parametrize("case", list(NEW_CASES), ids=list(NEW_CASES))
 def test_a_class_whose_new_fails_does_not_take_the_host_down(host, case):
     host.load(OTHER, name="other.lua")
@@ -405,9 +393,6 @@ end}
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: hs.register inside a coroutine serializes stack "
-                   "index 1 of the state's main thread (hs_class_encode uses S->L, not the "
-                   "coroutine's L) instead of the class: K is refused as 'k is a coroutine'")
 def test_hs_register_from_a_coroutine_inside_a_handler(engine):
     res = run_child(engine, COROUTINE, [["read_request", []], ["log", []], ["send_response", []]])
     reg, log, other = res["fires"]
