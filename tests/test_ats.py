@@ -281,6 +281,28 @@ return C
     assert dead.wait_diags(r"TXNLOG /down 502\b"), dead.diags()[-3000:]
 
 
+def test_log_alone_observes_the_transaction(start_ats, origin):
+    """A script with on_log only: the request and the response to the client are
+    there to read; an attempt to write is not the client's concern."""
+    c = start_ats(scripts=[("onlylog.lua", r"""
+local C = {}
+function C:on_log(txn)
+  hs.log.info("ONLYLOG " .. tostring(txn.req.method) .. " " .. tostring(txn.req.uri) .. " "
+              .. tostring(txn.req.headers["x-a"]) .. " " .. tostring(txn.resp.status))
+  pcall(function() txn.resp.headers["x-late"] = "1" end)
+end
+return C
+""")])
+    for i in range(N):
+        status = (200, 404)[i % 2]
+        r = c.get(f"/only/{i}?status={status}", headers={"X-A": f"a{i}"})
+        assert r.status == status and r.get("x-late") is None, r
+    for i in range(N):
+        status = (200, 404)[i % 2]
+        assert c.wait_diags(rf"ONLYLOG GET /only/{i}\?status={status} a{i} {status}$"), \
+            c.diags_lines("ONLYLOG")
+
+
 def test_hs_log_info_goes_to_diags(start_ats, origin):
     c = start_ats(scripts=[("say.lua", r"""
 local C = {}
@@ -390,6 +412,29 @@ return C
     lines = c.wait_diags(r"hog\.lua.*read_request|read_request.*hog\.lua", count=3)
     assert len(lines) >= 3, c.diags()[-3000:]
     assert any(re.search(r"memory", line, re.I) for line in lines), lines
+
+
+def test_memory_error_traceback_is_its_own(start_ats, origin):
+    """The traceback logged for a memory-limit error is that error's, not the one of
+    the error before it on the same state."""
+    c = start_ats(plugin_args=["--memory-limit", str(16 << 20), "--time-limit", "0.05"],
+                  threads=1, scripts=[("tb.lua", r"""
+local C = {}
+function C:on_read_request(txn)
+  if txn.req.headers["x-spin"] then while true do end end                         -- line 4
+  if txn.req.headers["x-hog"] then local t = {} for i = 1, 1e8 do t[i] = {i} end end -- line 5
+end
+return C
+""")])
+    assert c.get("/tb/1", headers={"X-Spin": "1"}).status == 200
+    assert c.wait_diags(r"tb\.lua in read_request: .*time limit")
+    assert c.get("/tb/2", headers={"X-Hog": "1"}).status == 200
+    assert c.wait_diags(r"tb\.lua in read_request: .*memory limit")
+    time.sleep(0.2)
+    text = c.diags()
+    mem = text[text.index("memory limit exceeded"):]
+    mem = mem[:mem.find("\n[")] if "\n[" in mem else mem
+    assert "tb.lua:4:" not in mem, mem  # the time limit's line
 
 
 # ---- more than one script, shared dictionaries, cache, beside tslua ----------------
