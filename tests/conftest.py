@@ -91,6 +91,7 @@ import http.client as _ats_http  # noqa: E402
 import shutil as _ats_shutil  # noqa: E402
 import socket as _ats_socket  # noqa: E402
 import tempfile as _ats_tempfile  # noqa: E402
+import time  # noqa: E402
 
 _ATS_REPO_BUILD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "build", "ats")
@@ -169,6 +170,16 @@ class AtsClient:
     def url(self):
         return self.ats.url
 
+    def died(self):
+        """None while traffic_server runs, else a description of its end with the
+        tails of diags.log and stderr."""
+        rc = self.ats.proc.poll() if self.ats.proc else None
+        if rc is None:
+            return None
+        from ats_server import _tail
+        return (f"traffic_server exited with status {rc}\n--- diags.log ---\n"
+                f"{_tail(self.ats.diags_path, 40)}\n--- stderr ---\n{_tail(self.ats.stderr_path)}")
+
     def request(self, method="GET", path="/", headers=None, body=None, timeout=10.0):
         c = _ats_http.HTTPConnection("127.0.0.1", self.ats.port, timeout=timeout)
         try:
@@ -178,6 +189,12 @@ class AtsClient:
             r = c.getresponse()
             data = r.read()
             return AtsReply(r.status, r.reason, r.getheaders(), data)
+        except (OSError, _ats_http.HTTPException) as e:
+            time.sleep(0.2)
+            why = self.died()
+            if why:
+                raise AssertionError(f"{method} {path}: {e!r}; {why}") from e
+            raise
         finally:
             c.close()
 
@@ -244,6 +261,7 @@ def start_ats(request, engine, origin, _ats_reaper):
 
     yield start
     failed = request.session.testsfailed > failed_before
+    dead = [AtsClient(a, origin, {}).died() for a in started if a.proc is not None]
     for ats in started:
         ats.stop(wait=False)  # SIGTERM now; the waiting (about 1 s) in the background
         _ats_reaper.append((ats, not failed))
@@ -251,6 +269,9 @@ def start_ats(request, engine, origin, _ats_reaper):
             tr = request.config.pluginmanager.get_plugin("terminalreporter")
             if tr is not None:
                 tr.write_line(f"\n[{request.node.nodeid}] ATS run root kept: {ats.root}")
+    dead = [d for d in dead if d]
+    if dead and not failed:  # a crash after the last response the test looked at
+        pytest.fail("traffic_server died during the test: " + "\n".join(dead), pytrace=False)
 
 
 @pytest.fixture(scope="session")

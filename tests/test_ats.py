@@ -10,17 +10,18 @@ plugin.config line: hostscript_ats_<engine>.so [--time-limit S] [--memory-limit 
 """
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
 import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
-from ats_server import TRAFFIC_SERVER, AtsServer
+from ats_server import TRAFFIC_SERVER, AtsError, AtsServer
 from origin import free_port, header
-
-import os
 
 pytestmark = pytest.mark.skipif(not os.access(TRAFFIC_SERVER, os.X_OK),
                                 reason="traffic_server is not installed")
@@ -36,7 +37,6 @@ def test_ats_alone_forwards_to_the_origin(origin):
     query, method, headers and body, and the origin's answer comes back."""
     with AtsServer(origin.url, threads=2) as ats:
         assert ats.port and ats.url == f"http://127.0.0.1:{ats.port}"
-        import http.client
         for i in range(N):
             c = http.client.HTTPConnection("127.0.0.1", ats.port, timeout=10)
             c.request("GET", f"/alone/{i}?b={i}", headers={"X-In": f"v{i}", "Connection": "close"})
@@ -67,7 +67,6 @@ def test_ats_alone_forwards_to_the_origin(origin):
 def test_ats_alone_cache_and_restart(origin):
     """cache=True caches a cacheable response; restart() comes back on a new port."""
     with AtsServer(origin.url, cache=True) as ats:
-        import urllib.request
         path = "/cached?cc=" + urllib.parse.quote("max-age=60")
         for _ in range(3):
             with urllib.request.urlopen(ats.url + path, timeout=10) as r:
@@ -80,7 +79,6 @@ def test_ats_alone_cache_and_restart(origin):
 
 def test_ats_alone_start_failure_is_reported(origin):
     """A plugin that cannot load: start() raises at once with diags.log's tail."""
-    from ats_server import AtsError
     t0 = time.monotonic()
     with pytest.raises(AtsError, match="unable to load '/nonexistent/x.so'"):
         with AtsServer(origin.url, plugins=["/nonexistent/x.so"]):
@@ -315,6 +313,10 @@ return C
         assert c.get(f"/say/{i}").status == 200
     for i in range(N):
         assert c.wait_diags(rf"hello from /say/{i}\b"), c.diags()[-3000:]
+    # new connections went to both net threads
+    threads = {re.search(r"\[(ET_NET \d+)\]", line).group(1)
+               for line in c.diags_lines(r"hello from /say/")}
+    assert threads == {"ET_NET 0", "ET_NET 1"}, threads
 
 
 # ---- fail-open: errors, time and memory limits ----------------------------------
