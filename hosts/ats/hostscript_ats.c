@@ -3,13 +3,20 @@
  * same C core (native/) as the Python package.
  *
  *   plugin.config:  hostscript_ats_<engine>.so [--time-limit S] [--memory-limit BYTES]
- *                   [--shared NAME=SIZE] script.lua [script.lua ...]
+ *                   [--shared NAME=SIZE|NAME=redis://...] [--watch S] script.lua ...
  *
  * The scripts' handler classes see Traffic Server's hooks under the Python host's
  * names: read_request (READ_REQUEST_HDR: the client request), send_request
  * (SEND_REQUEST_HDR: the request to the origin), read_response (READ_RESPONSE_HDR:
  * the origin's response), send_response (SEND_RESPONSE_HDR: the response to the
- * client) and log (TXN_CLOSE). Only the hooks some script handles are added.
+ * client) and log (TXN_CLOSE); and under their own names txn_start, pre_remap,
+ * post_remap, os_dns, cache_lookup_complete, read_cache_hdr (hooks[] below). Only
+ * the hooks some script handles are added (more when a reload or a run-time
+ * registration handles more).
+ *
+ * Reload without restart: `traffic_ctl plugin msg hostscript reload` (the lifecycle
+ * message hook) reloads every script, --watch S the changed ones every S seconds;
+ * a script that fails to load keeps its running version, and the error is logged.
  *
  * Each net thread fires in its own Lua state (the core's per-thread states: no
  * lock on the path of a hook). A transaction gets one hs_txn, kept in a user arg
@@ -24,6 +31,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #include <ts/ts.h>
 
@@ -32,21 +41,43 @@
 #define PLUGIN "hostscript"
 #define EXPORT __attribute__((visibility("default")))
 
-enum { H_READ_REQUEST, H_SEND_REQUEST, H_READ_RESPONSE, H_SEND_RESPONSE, H_LOG, NHOOKS };
+/* The hooks a script may handle: Traffic Server's, under the Python host's names for
+ * the five every host has, and what the txn shows in each. */
+enum { SRC_NONE, SRC_CLIENT_REQ, SRC_SERVER_REQ, SRC_SERVER_RESP, SRC_CLIENT_RESP, SRC_CACHED_RESP };
+enum { H_READ_REQUEST, H_SEND_REQUEST, H_READ_RESPONSE, H_SEND_RESPONSE, H_LOG, NHOOKS = 11 };
 
-static const char *const hook_names[NHOOKS] = {"read_request", "send_request", "read_response",
-                                              "send_response", "log"};
-static const TSHttpHookID ts_hooks[NHOOKS] = {
-    TS_HTTP_READ_REQUEST_HDR_HOOK, TS_HTTP_SEND_REQUEST_HDR_HOOK, TS_HTTP_READ_RESPONSE_HDR_HOOK,
-    TS_HTTP_SEND_RESPONSE_HDR_HOOK, TS_HTTP_TXN_CLOSE_HOOK};
+static const struct hook_def {
+    const char *name;
+    TSHttpHookID id;
+    TSEvent event;
+    int source;
+    int early; /* before the cache lookup: txn:respond and txn:set_cache_key act */
+} hooks[NHOOKS] = {
+    {"read_request", TS_HTTP_READ_REQUEST_HDR_HOOK, TS_EVENT_HTTP_READ_REQUEST_HDR, SRC_CLIENT_REQ, 1},
+    {"send_request", TS_HTTP_SEND_REQUEST_HDR_HOOK, TS_EVENT_HTTP_SEND_REQUEST_HDR, SRC_SERVER_REQ, 0},
+    {"read_response", TS_HTTP_READ_RESPONSE_HDR_HOOK, TS_EVENT_HTTP_READ_RESPONSE_HDR, SRC_SERVER_RESP, 0},
+    {"send_response", TS_HTTP_SEND_RESPONSE_HDR_HOOK, TS_EVENT_HTTP_SEND_RESPONSE_HDR, SRC_CLIENT_RESP, 0},
+    {"log", TS_HTTP_TXN_CLOSE_HOOK, TS_EVENT_HTTP_TXN_CLOSE, SRC_NONE, 0},
+    {"txn_start", TS_HTTP_TXN_START_HOOK, TS_EVENT_HTTP_TXN_START, SRC_NONE, 0},
+    {"pre_remap", TS_HTTP_PRE_REMAP_HOOK, TS_EVENT_HTTP_PRE_REMAP, SRC_CLIENT_REQ, 1},
+    {"post_remap", TS_HTTP_POST_REMAP_HOOK, TS_EVENT_HTTP_POST_REMAP, SRC_CLIENT_REQ, 1},
+    {"cache_lookup_complete", TS_HTTP_CACHE_LOOKUP_COMPLETE_HOOK, TS_EVENT_HTTP_CACHE_LOOKUP_COMPLETE,
+     SRC_CLIENT_REQ, 0},
+    {"read_cache_hdr", TS_HTTP_READ_CACHE_HDR_HOOK, TS_EVENT_HTTP_READ_CACHE_HDR, SRC_CACHED_RESP, 0},
+    {"os_dns", TS_HTTP_OS_DNS_HOOK, TS_EVENT_HTTP_OS_DNS, SRC_CLIENT_REQ, 0},
+};
 
 static hs_host *host;
+static TSCont hook_cont;
+static TSMutex hooks_mu; /* guards hooks_added */
+static uint64_t hooks_added; /* bit h: hooks[h] is added to Traffic Server */
 static int txn_arg = -1;
 static int stat_fires, stat_errors;
 static TSCont respond_cont; /* per transaction that answered: writes its headers */
 
 typedef struct txn_data {
     hs_txn *t;
+    int answered;
     char *answer_headers; /* txn:respond's headers, packed, for the response (answer) */
     size_t answer_len;
 } txn_data;
@@ -253,6 +284,7 @@ static void answer(TSHttpTxn txnp, txn_data *d) {
     hs_txn *t = d->t;
     size_t n = 0;
     const char *body = hs_txn_get(t, HS_F_BODY, &n);
+    d->answered = 1;
     TSHttpTxnStatusSet(txnp, (TSHttpStatus)hs_txn_status(t));
     char *copy = TSmalloc(n + 1);
     memcpy(copy, body ? body : "", n);
@@ -297,50 +329,71 @@ static int on_responded(TSCont contp, TSEvent event, void *edata) {
     return 0;
 }
 
+/* Add the Traffic Server hooks the program handles now and were not added yet (a
+ * reload or a class registered at run time may handle more); TXN_CLOSE always, to
+ * free the transaction's data. Hooks are never removed: an unhandled one returns
+ * at once. */
+static void add_hooks(void) {
+    uint64_t mask = hs_hooks_handled(host);
+    if (!(mask & ~__atomic_load_n(&hooks_added, __ATOMIC_ACQUIRE))) return;
+    TSMutexLock(hooks_mu);
+    if (mask) mask |= (uint64_t)1 << H_LOG;
+    for (int hk = 0; hk < NHOOKS; hk++)
+        if (((mask & ~hooks_added) >> hk) & 1) TSHttpHookAdd(hooks[hk].id, hook_cont);
+    __atomic_store_n(&hooks_added, hooks_added | mask, __ATOMIC_RELEASE);
+    TSMutexUnlock(hooks_mu);
+}
+
+static TSReturnCode message_of(TSHttpTxn txnp, int source, TSMBuffer *b, TSMLoc *h) {
+    switch (source) {
+    case SRC_CLIENT_REQ: return TSHttpTxnClientReqGet(txnp, b, h);
+    case SRC_SERVER_REQ: return TSHttpTxnServerReqGet(txnp, b, h);
+    case SRC_SERVER_RESP: return TSHttpTxnServerRespGet(txnp, b, h);
+    case SRC_CLIENT_RESP: return TSHttpTxnClientRespGet(txnp, b, h);
+    case SRC_CACHED_RESP: return TSHttpTxnCachedRespGet(txnp, b, h);
+    default: return TS_ERROR;
+    }
+}
+
 static int on_hook(TSCont contp, TSEvent event, void *edata) {
     (void)contp;
     TSHttpTxn txnp = edata;
-    int hook;
-    switch (event) {
-    case TS_EVENT_HTTP_READ_REQUEST_HDR: hook = H_READ_REQUEST; break;
-    case TS_EVENT_HTTP_SEND_REQUEST_HDR: hook = H_SEND_REQUEST; break;
-    case TS_EVENT_HTTP_READ_RESPONSE_HDR: hook = H_READ_RESPONSE; break;
-    case TS_EVENT_HTTP_SEND_RESPONSE_HDR: hook = H_SEND_RESPONSE; break;
-    case TS_EVENT_HTTP_TXN_CLOSE: hook = H_LOG; break;
-    default: TSHttpTxnReenable(txnp, TS_EVENT_HTTP_CONTINUE); return 0;
+    int hook = -1;
+    for (int hk = 0; hk < NHOOKS; hk++)
+        if (hooks[hk].event == event) hook = hk;
+    if (hook < 0) {
+        TSHttpTxnReenable(txnp, TS_EVENT_HTTP_CONTINUE);
+        return 0;
     }
+    const struct hook_def *def = &hooks[hook];
     int handled = (hs_hooks_handled(host) >> hook) & 1;
     txn_data *d = txn_of(txnp, handled);
     if (d && handled) {
         TSMBuffer b = NULL;
         TSMLoc h = TS_NULL_MLOC;
-        TSReturnCode got = TS_ERROR;
-        switch (hook) {
-        case H_READ_REQUEST: got = TSHttpTxnClientReqGet(txnp, &b, &h); break;
-        case H_SEND_REQUEST: got = TSHttpTxnServerReqGet(txnp, &b, &h); break;
-        case H_READ_RESPONSE: got = TSHttpTxnServerRespGet(txnp, &b, &h); break;
-        case H_SEND_RESPONSE: got = TSHttpTxnClientRespGet(txnp, &b, &h); break;
-        default: break;
-        }
+        TSReturnCode got = message_of(txnp, def->source, &b, &h);
+        int request = def->source == SRC_CLIENT_REQ || def->source == SRC_SERVER_REQ;
         if (got == TS_SUCCESS) {
-            if (hook <= H_SEND_REQUEST) request_in(d->t, b, h);
+            if (request) request_in(d->t, b, h);
             else response_in(d->t, b, h);
         }
         int r = hs_fire(host, hook, d->t);
         TSStatIntIncrement(stat_fires, 1);
         unsigned changed = (unsigned)r >> 2;
         if (changed & HS_CH_LOGS) emit_logs();
+        if (changed & HS_CH_PROGRAM) add_hooks();
         if ((r & 3) == HS_ERROR) report_error();
-        else if (got == TS_SUCCESS && hook <= H_SEND_REQUEST) request_out(d->t, changed, b, h);
+        else if (got == TS_SUCCESS && def->source == SRC_CACHED_RESP) ; /* the cache's copy: read-only */
+        else if (got == TS_SUCCESS && request) request_out(d->t, changed, b, h);
         else if (got == TS_SUCCESS) response_out(d->t, changed, b, h);
-        if (hook == H_READ_REQUEST && (r & 3) != HS_ERROR) {
+        if (def->early && (r & 3) != HS_ERROR) {
             if (changed & HS_CH_CACHE_KEY) {
                 size_t n = 0;
                 const char *k = hs_txn_get(d->t, HS_F_CACHE_KEY, &n);
                 TSHttpTxnConfigIntSet(txnp, TS_CONFIG_HTTP_CACHE_GENERATION,
                                       n ? (TSMgmtInt)(fnv1a(k, n) & INT64_MAX) : 0);
             }
-            if ((r & 3) == HS_DONE && hs_txn_status(d->t) >= 100) answer(txnp, d);
+            if ((r & 3) == HS_DONE && hs_txn_status(d->t) >= 100 && !d->answered) answer(txnp, d);
         }
         if (got == TS_SUCCESS) TSHandleMLocRelease(b, TS_NULL_MLOC, h);
     }
@@ -354,22 +407,15 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
     return 0;
 }
 
-/* ---- start-up ---- */
+/* ---- scripts: loading, reloading ---- */
 
-static int parse_size(const char *s, size_t *out) {
-    char *end;
-    double v = strtod(s, &end);
-    if (end == s || v < 0) return -1;
-    switch (*end) {
-    case 'k': case 'K': v *= 1024, end++; break;
-    case 'm': case 'M': v *= 1024 * 1024, end++; break;
-    case 'g': case 'G': v *= 1024.0 * 1024 * 1024, end++; break;
-    default: break;
-    }
-    if (*end) return -1;
-    *out = (size_t)v;
-    return 0;
-}
+typedef struct script_file {
+    char path[4096];
+    time_t mtime;
+} script_file;
+
+static script_file *files;
+static int nfiles;
 
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
@@ -390,15 +436,85 @@ static char *read_file(const char *path, size_t *len) {
     return p;
 }
 
+/* Load (or reload) one script; a failure keeps the version that runs (hs_load
+ * publishes nothing then) and says why. */
+static int load_script(script_file *sf, const char *why) { /* why: "loaded", "reloaded" */
+    struct stat st;
+    if (stat(sf->path, &st) == 0) sf->mtime = st.st_mtime;
+    size_t len = 0;
+    char *src = read_file(sf->path, &len);
+    if (!src) {
+        TSError("[%s] cannot read %s", PLUGIN, sf->path);
+        return -1;
+    }
+    hs_error err;
+    int rc = hs_load(host, sf->path, src, len, &err);
+    free(src);
+    if (rc != 0) {
+        TSError("[%s] %s %s failed%s: %s", PLUGIN, strcmp(why, "loaded") ? "reloading" : "loading", sf->path,
+                strcmp(why, "loaded") ? ", keeping the running version" : "", err.message);
+        return -1;
+    }
+    TSNote("[%s] %s %s (%s)", PLUGIN, why, sf->path, hs_engine());
+    return 0;
+}
+
+static void reload(int only_changed) {
+    for (int i = 0; i < nfiles; i++) {
+        struct stat st;
+        if (only_changed && (stat(files[i].path, &st) != 0 || st.st_mtime == files[i].mtime)) continue;
+        load_script(&files[i], "reloaded");
+    }
+    add_hooks();
+}
+
+/* `traffic_ctl plugin msg hostscript reload` */
+static int on_message(TSCont contp, TSEvent event, void *edata) {
+    (void)contp;
+    if (event != TS_EVENT_LIFECYCLE_MSG) return 0;
+    const TSPluginMsg *m = edata;
+    if (m && m->tag && !strcmp(m->tag, PLUGIN) && m->data_size >= 6 && !memcmp(m->data, "reload", 6))
+        reload(0);
+    return 0;
+}
+
+static int on_watch(TSCont contp, TSEvent event, void *edata) {
+    (void)contp;
+    (void)event;
+    (void)edata;
+    reload(1);
+    return 0;
+}
+
+/* ---- start-up ---- */
+
+static int parse_size(const char *s, size_t *out) {
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || v < 0) return -1;
+    switch (*end) {
+    case 'k': case 'K': v *= 1024, end++; break;
+    case 'm': case 'M': v *= 1024 * 1024, end++; break;
+    case 'g': case 'G': v *= 1024.0 * 1024 * 1024, end++; break;
+    default: break;
+    }
+    if (*end) return -1;
+    *out = (size_t)v;
+    return 0;
+}
+
 EXPORT void TSPluginInit(int argc, const char *argv[]) {
     TSPluginRegistrationInfo info = {PLUGIN, "hostscript", "hostscript@localhost"};
     if (TSPluginRegister(&info) != TS_SUCCESS) {
         TSError("[%s] plugin registration failed", PLUGIN);
         return;
     }
+    static const char *hook_names[NHOOKS];
+    for (int hk = 0; hk < NHOOKS; hk++) hook_names[hk] = hooks[hk].name;
     hs_config cfg = {0};
     cfg.hooks = hook_names;
     cfg.nhooks = NHOOKS;
+    double watch = 0;
     cfg.sandbox = 1;
     cfg.state_pool = 0;
     hs_shared_spec shared[16];
@@ -410,6 +526,8 @@ EXPORT void TSPluginInit(int argc, const char *argv[]) {
         const char *a = argv[i];
         if (!strcmp(a, "--time-limit") && i + 1 < argc) {
             cfg.time_limit = atof(argv[++i]);
+        } else if (!strcmp(a, "--watch") && i + 1 < argc) {
+            watch = atof(argv[++i]);
         } else if (!strcmp(a, "--memory-limit") && i + 1 < argc) {
             if (parse_size(argv[++i], &cfg.memory_limit) != 0) {
                 TSError("[%s] --memory-limit: not a size: %s", PLUGIN, argv[i]);
@@ -445,21 +563,12 @@ EXPORT void TSPluginInit(int argc, const char *argv[]) {
         TSError("[%s] %s", PLUGIN, err.message);
         return;
     }
-    for (int i = 0; i < nscripts; i++) {
-        char path[4096];
-        if (scripts[i][0] == '/') snprintf(path, sizeof path, "%s", scripts[i]);
-        else snprintf(path, sizeof path, "%s/%s", TSConfigDirGet(), scripts[i]);
-        size_t len = 0;
-        char *src = read_file(path, &len);
-        if (!src) {
-            TSError("[%s] cannot read %s", PLUGIN, path);
-            continue;
-        }
-        if (hs_load(host, path, src, len, &err) != 0)
-            TSError("[%s] %s not loaded: %s", PLUGIN, path, err.message);
-        else
-            TSNote("[%s] loaded %s (%s)", PLUGIN, path, hs_engine());
-        free(src);
+    files = calloc(nscripts ? nscripts : 1, sizeof *files);
+    for (int i = 0; files && i < nscripts; i++) {
+        if (scripts[i][0] == '/') snprintf(files[i].path, sizeof files[i].path, "%s", scripts[i]);
+        else snprintf(files[i].path, sizeof files[i].path, "%s/%s", TSConfigDirGet(), scripts[i]);
+        load_script(&files[i], "loaded");
+        nfiles++;
     }
     if (TSUserArgIndexReserve(TS_USER_ARGS_TXN, PLUGIN, "hostscript transaction", &txn_arg) != TS_SUCCESS) {
         TSError("[%s] no transaction argument slot", PLUGIN);
@@ -469,9 +578,12 @@ EXPORT void TSPluginInit(int argc, const char *argv[]) {
                               TS_STAT_SYNC_SUM);
     stat_errors = TSStatCreate("plugin.hostscript.errors", TS_RECORDDATATYPE_INT, TS_STAT_NON_PERSISTENT,
                                TS_STAT_SYNC_SUM);
-    TSCont cont = TSContCreate(on_hook, NULL);
+    hooks_mu = TSMutexCreate();
+    hook_cont = TSContCreate(on_hook, NULL);
     respond_cont = TSContCreate(on_responded, NULL);
-    uint64_t mask = hs_hooks_handled(host);
-    for (int hk = 0; hk < NHOOKS; hk++)
-        if (((mask >> hk) & 1) || (hk == H_LOG && mask)) TSHttpHookAdd(ts_hooks[hk], cont);
+    add_hooks();
+    TSLifecycleHookAdd(TS_LIFECYCLE_MSG_HOOK, TSContCreate(on_message, NULL));
+    if (watch > 0) /* poll the scripts' modification times */
+        TSContScheduleEveryOnPool(TSContCreate(on_watch, TSMutexCreate()), (TSHRTime)(watch * 1000),
+                                  TS_THREAD_POOL_TASK);
 }
