@@ -23,8 +23,10 @@
  * from its first hook to TXN_CLOSE; before a fire the message the hook concerns is
  * copied in, and after it only what the handlers changed (hs_fire's change bits)
  * is written back. txn:respond() in read_request answers the client directly;
- * txn:set_cache_key(s) mixes a stable hash of s into the cache key as the cache
- * generation. A failing handler never fails the transaction: the error is logged
+ * txn:set_cache_key(s) before the cache lookup (read_request, pre_remap,
+ * post_remap) mixes a stable hash of s into the cache key as the cache generation
+ * (TS_CONFIG_HTTP_CACHE_GENERATION); Traffic Server stores a response under the key
+ * it looked up, so a response a later hook keys otherwise is not stored. A failing handler never fails the transaction: the error is logged
  * (script, hook, message, traceback) and counted in plugin.hostscript.errors.
  */
 #include <stdint.h>
@@ -78,6 +80,7 @@ static TSCont respond_cont; /* per transaction that answered: writes its headers
 typedef struct txn_data {
     hs_txn *t;
     int answered;
+    uint64_t generation; /* the cache generation the lookup used (0: none) */
     char *answer_headers; /* txn:respond's headers, packed, for the response (answer) */
     size_t answer_len;
 } txn_data;
@@ -386,13 +389,21 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         else if (got == TS_SUCCESS && def->source == SRC_CACHED_RESP) ; /* the cache's copy: read-only */
         else if (got == TS_SUCCESS && request) request_out(d->t, changed, b, h);
         else if (got == TS_SUCCESS) response_out(d->t, changed, b, h);
-        if (def->early && (r & 3) != HS_ERROR) {
-            if (changed & HS_CH_CACHE_KEY) {
-                size_t n = 0;
-                const char *k = hs_txn_get(d->t, HS_F_CACHE_KEY, &n);
-                TSHttpTxnConfigIntSet(txnp, TS_CONFIG_HTTP_CACHE_GENERATION,
-                                      n ? (TSMgmtInt)(fnv1a(k, n) & INT64_MAX) : 0);
+        if ((changed & HS_CH_CACHE_KEY) && (r & 3) != HS_ERROR) {
+            size_t n = 0;
+            const char *k = hs_txn_get(d->t, HS_F_CACHE_KEY, &n);
+            uint64_t gen = n ? (fnv1a(k, n) & INT64_MAX) | 1 : 0;
+            if (def->early) { /* before the lookup: the key of both the lookup and the store */
+                d->generation = gen;
+                TSHttpTxnConfigIntSet(txnp, TS_CONFIG_HTTP_CACHE_GENERATION, (TSMgmtInt)gen);
+            } else if (gen != d->generation) {
+                /* Traffic Server stores under the key it looked up: a response the handler
+                 * keys otherwise (read_response) would be found by the wrong requests */
+                TSHttpTxnServerRespNoStoreSet(txnp, 1);
+                TSDebug(PLUGIN, "response not stored: keyed after the lookup");
             }
+        }
+        if (def->early && (r & 3) != HS_ERROR) {
             if ((r & 3) == HS_DONE && hs_txn_status(d->t) >= 100 && !d->answered) answer(txnp, d);
         }
         if (got == TS_SUCCESS) TSHandleMLocRelease(b, TS_NULL_MLOC, h);
