@@ -92,7 +92,8 @@ typedef struct packbuf {
     size_t len, cap;
 } packbuf;
 
-static __thread packbuf pack; /* per net thread, reused */
+static __thread packbuf pack; /* per net thread, reused: the headers as copied in */
+static __thread int pack_exact; /* pack holds Traffic Server's fields one for one, in order */
 
 static int pack_put(const char *s, size_t n) {
     if (pack.len + n + 1 > pack.cap) {
@@ -111,14 +112,20 @@ static int pack_put(const char *s, size_t n) {
 
 static void headers_in(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
     pack.len = 0;
+    pack_exact = 1;
     int n = TSMimeHdrFieldsCount(b, h);
     for (int i = 0; i < n; i++) {
         TSMLoc f = TSMimeHdrFieldGet(b, h, i);
-        if (!f) continue;
+        if (!f) {
+            pack_exact = 0;
+            continue;
+        }
         int nl = 0, vl = 0;
         const char *name = TSMimeHdrFieldNameGet(b, h, f, &nl);
         const char *value = TSMimeHdrFieldValueStringGet(b, h, f, -1, &vl);
-        if (name && nl > 0 && (pack_put(name, nl) != 0 || pack_put(value ? value : "", vl) != 0)) {
+        if (!name || nl <= 0) pack_exact = 0;
+        else if (pack_put(name, nl) != 0 || pack_put(value ? value : "", vl) != 0) {
+            pack_exact = 0;
             TSHandleMLocRelease(b, h, f);
             break;
         }
@@ -126,6 +133,7 @@ static void headers_in(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
     }
     /* packed for hs_txn_set_headers: pairs separated by NUL, the last value not ended */
     if (hs_txn_set_headers(t, which, pack.p ? pack.p : "", pack.len ? pack.len - 1 : 0) != 0) {
+        pack_exact = 0;
         /* a field the core refuses (a control character...): keep the others */
         hs_txn_set_headers(t, which, "", 0);
         for (size_t off = 0; off < pack.len;) { /* each ends in NUL here (pack_put) */
@@ -154,6 +162,52 @@ static int next_pair(const char *p, size_t len, size_t *off, const char **name, 
     return 1;
 }
 
+static void headers_out(hs_txn *t, int which, TSMBuffer b, TSMLoc h, int replace);
+
+static void append_field(TSMBuffer b, TSMLoc h, const char *name, size_t nl, const char *value, size_t vl) {
+    TSMLoc f;
+    if (TSMimeHdrFieldCreateNamed(b, h, name, (int)nl, &f) != TS_SUCCESS) return;
+    TSMimeHdrFieldValueStringSet(b, h, f, -1, value, (int)vl);
+    TSMimeHdrFieldAppend(b, h, f);
+    TSHandleMLocRelease(b, h, f);
+}
+
+/* After a fire that changed the headers WHICH copied in from H (pack): write back
+ * the difference when it is fields appended or values changed in place — what a
+ * handler setting a few headers does —, else every field. */
+static void headers_write(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
+    size_t len = 0, old = pack.len ? pack.len - 1 : 0;
+    const char *p = hs_txn_headers(t, which, &len);
+    if (p && pack_exact) {
+        if (len >= old && !memcmp(p, pack.p, old) && (len == old || old == 0 || p[old] == 0)) {
+            const char *name, *value;
+            size_t nl, vl, off = old ? old + 1 : 0;
+            while (off < len && next_pair(p, len, &off, &name, &nl, &value, &vl))
+                append_field(b, h, name, nl, value, vl);
+            return;
+        }
+        const char *n1, *v1, *n2, *v2;
+        size_t l1, m1, l2, m2, o1 = 0, o2 = 0;
+        int same = 1, more1, more2;
+        while ((more1 = next_pair(pack.p, old, &o1, &n1, &l1, &v1, &m1)) &
+               (more2 = next_pair(p, len, &o2, &n2, &l2, &v2, &m2)))
+            if (l1 != l2 || memcmp(n1, n2, l1)) same = 0;
+        if (same && !more1 && !more2) { /* the same names in the same order: set what differs */
+            o1 = o2 = 0;
+            for (int i = 0; next_pair(pack.p, old, &o1, &n1, &l1, &v1, &m1) &&
+                            next_pair(p, len, &o2, &n2, &l2, &v2, &m2); i++) {
+                if (m1 == m2 && !memcmp(v1, v2, m1)) continue;
+                TSMLoc f = TSMimeHdrFieldGet(b, h, i);
+                if (!f) break;
+                TSMimeHdrFieldValueStringSet(b, h, f, -1, v2, (int)m2);
+                TSHandleMLocRelease(b, h, f);
+            }
+            return;
+        }
+    }
+    headers_out(t, which, b, h, 1);
+}
+
 /* Write the hs_txn's headers WHICH into H: all of them in place of H's (REPLACE), or
  * appended to H's. */
 static void headers_out(hs_txn *t, int which, TSMBuffer b, TSMLoc h, int replace) {
@@ -162,13 +216,7 @@ static void headers_out(hs_txn *t, int which, TSMBuffer b, TSMLoc h, int replace
     if (replace) TSMimeHdrFieldsClear(b, h);
     const char *name, *value;
     size_t nl, vl, off = 0;
-    while (next_pair(p, len, &off, &name, &nl, &value, &vl)) {
-        TSMLoc f;
-        if (TSMimeHdrFieldCreateNamed(b, h, name, (int)nl, &f) != TS_SUCCESS) continue;
-        TSMimeHdrFieldValueStringSet(b, h, f, -1, value, (int)vl);
-        TSMimeHdrFieldAppend(b, h, f);
-        TSHandleMLocRelease(b, h, f);
-    }
+    while (next_pair(p, len, &off, &name, &nl, &value, &vl)) append_field(b, h, name, nl, value, vl);
 }
 
 static void request_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
@@ -214,7 +262,7 @@ static void request_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
             TSHandleMLocRelease(b, h, url);
         }
     }
-    if (changed & HS_CH_REQ_HEADERS) headers_out(t, HS_REQ, b, h, 1);
+    if (changed & HS_CH_REQ_HEADERS) headers_write(t, HS_REQ, b, h);
 }
 
 static void response_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
@@ -229,7 +277,7 @@ static void response_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
         const char *reason = TSHttpHdrReasonLookup(st);
         if (reason) TSHttpHdrReasonSet(b, h, reason, (int)strlen(reason));
     }
-    if (changed & HS_CH_RESP_HEADERS) headers_out(t, HS_RESP, b, h, 1);
+    if (changed & HS_CH_RESP_HEADERS) headers_write(t, HS_RESP, b, h);
 }
 
 /* ---- logs and errors ---- */
