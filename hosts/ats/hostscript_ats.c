@@ -319,16 +319,52 @@ static uint64_t fnv1a(const char *p, size_t n) {
     return h;
 }
 
+/* Transactions stay on their net thread: each keeps a few spent txn_data (and their
+ * hs_txn's memory) for the next ones instead of allocating per transaction. */
+#define SPARE_MAX 64
+static __thread txn_data *spare[SPARE_MAX];
+static __thread int nspare;
+
 static txn_data *txn_of(TSHttpTxn txnp, int create) {
     txn_data *d = TSUserArgGet(txnp, txn_arg);
     if (d || !create) return d;
-    d = calloc(1, sizeof *d);
-    if (!d || !(d->t = hs_txn_new())) {
-        free(d);
-        return NULL;
+    if (nspare) {
+        d = spare[--nspare];
+    } else {
+        d = calloc(1, sizeof *d);
+        if (!d || !(d->t = hs_txn_new())) {
+            free(d);
+            return NULL;
+        }
     }
     TSUserArgSet(txnp, txn_arg, d);
     return d;
+}
+
+static void txn_done(TSHttpTxn txnp, txn_data *d) {
+    TSUserArgSet(txnp, txn_arg, NULL);
+    free(d->answer_headers);
+    if (nspare < SPARE_MAX) {
+        hs_txn_reset(d->t);
+        hs_txn *t = d->t;
+        memset(d, 0, sizeof *d);
+        d->t = t;
+        spare[nspare++] = d;
+        return;
+    }
+    hs_txn_free(d->t);
+    free(d);
+}
+
+/* The hooks the program handles: read again only when its generation moved. */
+static uint64_t handled_hooks(void) {
+    static __thread uint64_t gen = UINT64_MAX, mask;
+    uint64_t now = hs_generation(host);
+    if (now != gen) {
+        mask = hs_hooks_handled(host);
+        gen = now;
+    }
+    return mask;
 }
 
 static void answer(TSHttpTxn txnp, txn_data *d) {
@@ -417,7 +453,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         return 0;
     }
     const struct hook_def *def = &hooks[hook];
-    int handled = (hs_hooks_handled(host) >> hook) & 1;
+    int handled = (handled_hooks() >> hook) & 1;
     txn_data *d = txn_of(txnp, handled);
     if (d && handled) {
         TSMBuffer b = NULL;
@@ -456,12 +492,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         }
         if (got == TS_SUCCESS) TSHandleMLocRelease(b, TS_NULL_MLOC, h);
     }
-    if (hook == H_LOG && d) {
-        TSUserArgSet(txnp, txn_arg, NULL);
-        hs_txn_free(d->t);
-        free(d->answer_headers);
-        free(d);
-    }
+    if (hook == H_LOG && d) txn_done(txnp, d);
     TSHttpTxnReenable(txnp, TS_EVENT_HTTP_CONTINUE);
     return 0;
 }
