@@ -55,10 +55,15 @@ def build(engine: str, output: pathlib.Path, source: pathlib.Path, cflags: list)
         cmd.append("-DHS_ENGINE_LUAJIT")
     cmd += sorted(str(p) for p in (ROOT / "native").glob("*.c"))
     hiredis = [_static_hiredis(cc), "-Wl,--exclude-libs,ALL"] if plugin else ["-lhiredis"]
-    cmd += [str(lualib), str(source), str(archive), *hiredis, "-lm", "-ldl", "-pthread", "-o", str(output)]
+    # linked next to OUTPUT, then renamed over it: a process loading OUTPUT meanwhile
+    # (a Traffic Server starting) sees the old file or the new one, never half of one
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    cmd += [str(lualib), str(source), str(archive), *hiredis, "-lm", "-ldl", "-pthread", "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         sys.exit(f"{' '.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":

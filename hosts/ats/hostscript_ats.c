@@ -45,7 +45,8 @@
 
 /* The hooks a script may handle: Traffic Server's, under the Python host's names for
  * the five every host has, and what the txn shows in each. */
-enum { SRC_NONE, SRC_CLIENT_REQ, SRC_SERVER_REQ, SRC_SERVER_RESP, SRC_CLIENT_RESP, SRC_CACHED_RESP };
+enum { SRC_NONE, SRC_CLIENT_REQ, SRC_SERVER_REQ, SRC_SERVER_RESP, SRC_CLIENT_RESP, SRC_CACHED_RESP,
+       SRC_CLIENT_BOTH /* log: the client's request and the response it got, read only */ };
 enum { H_READ_REQUEST, H_SEND_REQUEST, H_READ_RESPONSE, H_SEND_RESPONSE, H_LOG, NHOOKS = 11 };
 
 static const struct hook_def {
@@ -59,7 +60,7 @@ static const struct hook_def {
     {"send_request", TS_HTTP_SEND_REQUEST_HDR_HOOK, TS_EVENT_HTTP_SEND_REQUEST_HDR, SRC_SERVER_REQ, 0},
     {"read_response", TS_HTTP_READ_RESPONSE_HDR_HOOK, TS_EVENT_HTTP_READ_RESPONSE_HDR, SRC_SERVER_RESP, 0},
     {"send_response", TS_HTTP_SEND_RESPONSE_HDR_HOOK, TS_EVENT_HTTP_SEND_RESPONSE_HDR, SRC_CLIENT_RESP, 0},
-    {"log", TS_HTTP_TXN_CLOSE_HOOK, TS_EVENT_HTTP_TXN_CLOSE, SRC_NONE, 0},
+    {"log", TS_HTTP_TXN_CLOSE_HOOK, TS_EVENT_HTTP_TXN_CLOSE, SRC_CLIENT_BOTH, 0},
     {"txn_start", TS_HTTP_TXN_START_HOOK, TS_EVENT_HTTP_TXN_START, SRC_NONE, 0},
     {"pre_remap", TS_HTTP_PRE_REMAP_HOOK, TS_EVENT_HTTP_PRE_REMAP, SRC_CLIENT_REQ, 1},
     {"post_remap", TS_HTTP_POST_REMAP_HOOK, TS_EVENT_HTTP_POST_REMAP, SRC_CLIENT_REQ, 1},
@@ -458,8 +459,16 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
     if (d && handled) {
         TSMBuffer b = NULL;
         TSMLoc h = TS_NULL_MLOC;
-        TSReturnCode got = message_of(txnp, def->source, &b, &h);
-        int request = def->source == SRC_CLIENT_REQ || def->source == SRC_SERVER_REQ;
+        int source = def->source;
+        if (source == SRC_CLIENT_BOTH) { /* log: what the client sent and got, to look at */
+            if (TSHttpTxnClientReqGet(txnp, &b, &h) == TS_SUCCESS) {
+                request_in(d->t, b, h);
+                TSHandleMLocRelease(b, TS_NULL_MLOC, h);
+            }
+            source = SRC_CLIENT_RESP;
+        }
+        TSReturnCode got = message_of(txnp, source, &b, &h);
+        int request = source == SRC_CLIENT_REQ || source == SRC_SERVER_REQ;
         if (got == TS_SUCCESS) {
             if (request) request_in(d->t, b, h);
             else response_in(d->t, b, h);
@@ -470,7 +479,8 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         if (changed & HS_CH_LOGS) emit_logs();
         if (changed & HS_CH_PROGRAM) add_hooks();
         if ((r & 3) == HS_ERROR) report_error();
-        else if (got == TS_SUCCESS && def->source == SRC_CACHED_RESP) ; /* the cache's copy: read-only */
+        else if (got == TS_SUCCESS && (def->source == SRC_CACHED_RESP || hook == H_LOG))
+            ; /* the cache's copy, or the transaction is over: read only */
         else if (got == TS_SUCCESS && request) request_out(d->t, changed, b, h);
         else if (got == TS_SUCCESS) response_out(d->t, changed, b, h);
         if ((changed & HS_CH_CACHE_KEY) && (r & 3) != HS_ERROR) {
