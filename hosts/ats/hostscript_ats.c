@@ -114,13 +114,7 @@ static int pack_put(const char *s, size_t n) {
 static void headers_in(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
     pack.len = 0;
     pack_exact = 1;
-    int n = TSMimeHdrFieldsCount(b, h);
-    for (int i = 0; i < n; i++) {
-        TSMLoc f = TSMimeHdrFieldGet(b, h, i);
-        if (!f) {
-            pack_exact = 0;
-            continue;
-        }
+    for (TSMLoc f = TSMimeHdrFieldGet(b, h, 0), next; f; f = next) { /* in order, one pass */
         int nl = 0, vl = 0;
         const char *name = TSMimeHdrFieldNameGet(b, h, f, &nl);
         const char *value = TSMimeHdrFieldValueStringGet(b, h, f, -1, &vl);
@@ -130,6 +124,7 @@ static void headers_in(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
             TSHandleMLocRelease(b, h, f);
             break;
         }
+        next = TSMimeHdrFieldNext(b, h, f);
         TSHandleMLocRelease(b, h, f);
     }
     /* packed for hs_txn_set_headers: pairs separated by NUL, the last value not ended */
@@ -229,14 +224,19 @@ static void request_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
         int pl = 0, ql = 0;
         const char *path = TSUrlPathGet(b, url, &pl);
         const char *query = TSUrlHttpQueryGet(b, url, &ql);
-        char *uri = malloc((size_t)pl + (size_t)ql + 3);
-        if (uri) {
+        static __thread char *uri;
+        static __thread size_t cap;
+        size_t need = (size_t)pl + (size_t)ql + 3;
+        if (need > cap) {
+            char *p = realloc(uri, need);
+            if (p) uri = p, cap = need;
+        }
+        if (need <= cap) {
             size_t n = 0;
             uri[n++] = '/';
             if (path && pl) memcpy(uri + n, path, pl), n += pl;
             if (query && ql) uri[n++] = '?', memcpy(uri + n, query, ql), n += ql;
             hs_txn_set(t, HS_F_URI, uri, n);
-            free(uri);
         }
         TSHandleMLocRelease(b, h, url);
     }
