@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE := $(wildcard native/*.c native/*.h) $(shell find src/lua -name '*.lua')
 LUA_LIBS := build/lua/lua54/liblua.a build/lua/luajit/libluajit.a
 
-.PHONY: all deps install test test-sanitize fuzz run bench clean
+.PHONY: all deps install ats test test-sanitize fuzz run bench clean
 
 all: install
 
@@ -25,7 +25,15 @@ $(VENV)/.installed: $(LUA_LIBS) $(NATIVE) $(wildcard hostscript/*.c hostscript/*
 
 install: $(VENV)/.installed
 
-test: install
+# The Traffic Server plugin (hosts/ats), one per engine: build/ats/hostscript_ats_<engine>.so
+ATS_PLUGINS := build/ats/hostscript_ats_lua54.so build/ats/hostscript_ats_luajit.so
+ats: $(ATS_PLUGINS)
+
+build/ats/hostscript_ats_%.so: hosts/ats/hostscript_ats.c $(NATIVE) tools/build_c.py $(VENV)/.installed
+	@mkdir -p build/ats
+	$(PY) tools/build_c.py $* $@ hosts/ats/hostscript_ats.c --plugin
+
+test: install ats
 	$(PY) -m pytest -q tests
 
 run: install

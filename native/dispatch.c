@@ -90,6 +90,7 @@ static int run_handlers(hs_state *S, int hook, hs_txn *t, uint64_t start) {
         S->cur_script = S->slots[it->slot].script;
         S->cur_name = S->cur_script->classes[it->cls].name;
         size_t regs = S->regs.len ? hs_register_count(S) : 0;
+        S->err.message[0] = S->err.traceback[0] = 0; /* Lua 5.4 runs no handler out of memory */
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->fn_ref);
         lua_rawgeti(L, LUA_REGISTRYINDEX, it->self_ref);
         lua_pushvalue(L, HS_STACK_TXN);

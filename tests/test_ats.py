@@ -389,11 +389,11 @@ return C
     assert len(lines) >= 4, c.diags()[-3000:]
 
 
-@pytest.mark.parametrize("how", ["one_block", "many_tables"])
-def test_memory_limit_fails_open(start_ats, origin, how):
+@pytest.mark.parametrize("how,limit", [("one_block", str(16 << 20)), ("many_tables", "16m")])
+def test_memory_limit_fails_open(start_ats, origin, how, limit):
     alloc = {"one_block": 'local s = string.rep("x", 64 * 1024 * 1024)\n    t[1] = s',
              "many_tables": "for i = 1, 1e8 do t[i] = {i} end"}[how]
-    c = start_ats(plugin_args=["--memory-limit", str(16 << 20), "--time-limit", "5"],
+    c = start_ats(plugin_args=["--memory-limit", limit, "--time-limit", "5"],
                   scripts=[("hog.lua", r"""
 local C = {}
 function C:on_read_request(txn)
@@ -512,3 +512,59 @@ return C
         r = c.get(f"/both/{i}")
         assert r.status == 200, r
         assert (r.get("x-tslua"), r.get("x-hostscript")) == ("yes", "yes"), r
+
+
+# ---- documented in docs/ats.md: a script that does not load, cache keys, --watch ----
+
+
+def test_a_script_that_does_not_load_is_left_out(start_ats, origin):
+    c = start_ats(scripts=[("broken.lua", "local C = {\nfunction C:on_read_request(txn) end\n"),
+                           ("good.lua", r"""
+local C = {}
+function C:on_read_request(txn) txn.req.headers["x-good"] = "1" end
+return C
+""")])
+    for i in range(4):
+        r = c.get(f"/left-out/{i}")
+        assert r.status == 200 and header(r.json(), "x-good") == ["1"], r
+    assert c.diags_lines(r"broken\.lua"), c.diags()[-3000:]
+
+
+def test_set_cache_key_separates_cache_entries(start_ats, origin):
+    c = start_ats(cache=True, scripts=[("key.lua", r"""
+local C = {}
+function C:on_read_request(txn)
+  local v = txn.req.headers["x-variant"]
+  if v then txn:set_cache_key("variant=" .. v) end
+end
+return C
+""")])
+    path = "/keyed?cc=" + urllib.parse.quote("max-age=60")
+    counts = []
+    for variant in ("a", "a", "b", "b", "a", "c"):
+        r = c.get(path, headers={"X-Variant": variant})
+        assert r.status == 200, r
+        counts.append(origin.count(path))
+    assert counts == [1, 1, 2, 2, 2, 3], counts
+
+
+def test_watch_reloads_a_changed_script(start_ats, origin):
+    src = r"""
+local C = {}
+function C:on_send_response(txn) txn.resp.headers["x-version"] = "%s" end
+return C
+"""
+    c = start_ats(plugin_args=["--watch", "0.2"], scripts=[("w.lua", src % "1")])
+    for i in range(4):
+        assert c.get(f"/w/{i}").get("x-version") == "1"
+    path = c.scripts["w.lua"]
+    with open(path, "w") as f:
+        f.write(src % "2")
+    st = os.stat(path)
+    os.utime(path, (st.st_atime + 2, st.st_mtime + 2))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if [c.get(f"/w2/{i}").get("x-version") for i in range(4)] == ["2"] * 4:
+            break
+        time.sleep(0.1)
+    assert [c.get(f"/w3/{i}").get("x-version") for i in range(N)] == ["2"] * N, c.diags()[-3000:]

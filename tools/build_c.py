@@ -6,6 +6,7 @@ build/lua/<engine>/ (tools/build-lua.sh) and hiredis (-lhiredis). Used by tests/
 tests/test_sanitizers.py, tests/test_txn_entry_points.py and benchmarks/native.py:
 
     python tools/build_c.py ENGINE OUTPUT SOURCE.c [CFLAG ...]
+    python tools/build_c.py ENGINE OUTPUT.so SOURCE.c --plugin [CFLAG ...]   (make ats)
 
 $CC picks the compiler (default cc). Exits non-zero with the compiler's messages
 on stderr when the build fails.
@@ -26,8 +27,23 @@ sys.path.insert(0, str(ROOT / "tools"))
 import embed_lua  # noqa: E402
 
 
+def _static_hiredis(cc: list) -> str:
+    found = subprocess.run([*cc, "-print-file-name=libhiredis.a"], capture_output=True,
+                           text=True).stdout.strip()
+    if not os.path.isabs(found):
+        sys.exit("hiredis's static library is missing (Debian: libhiredis-dev)")
+    return found
+
+
 def build(engine: str, output: pathlib.Path, source: pathlib.Path, cflags: list) -> None:
+    """A program; with --plugin in CFLAGS, a shared object for a host that loads
+    plugins (Traffic Server): Lua and hiredis linked in statically, every symbol
+    hidden but those the source marks visible."""
     cc = shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc")
+    plugin = "--plugin" in cflags
+    cflags = [f for f in cflags if f != "--plugin"]
+    if plugin:
+        cflags = ["-shared", "-fPIC", "-fvisibility=hidden", "-O2", "-Wall", *cflags]
     archive = ROOT / "build" / "lua" / engine / ARCHIVES[engine]
     if not archive.exists():
         sys.exit(f"{archive} is missing: run `make` (tools/build-lua.sh) first")
@@ -38,10 +54,16 @@ def build(engine: str, output: pathlib.Path, source: pathlib.Path, cflags: list)
     if engine == "luajit":
         cmd.append("-DHS_ENGINE_LUAJIT")
     cmd += sorted(str(p) for p in (ROOT / "native").glob("*.c"))
-    cmd += [str(lualib), str(source), str(archive), "-lhiredis", "-lm", "-ldl", "-pthread", "-o", str(output)]
+    hiredis = [_static_hiredis(cc), "-Wl,--exclude-libs,ALL"] if plugin else ["-lhiredis"]
+    # linked next to OUTPUT, then renamed over it: a process loading OUTPUT meanwhile
+    # (a Traffic Server starting) sees the old file or the new one, never half of one
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    cmd += [str(lualib), str(source), str(archive), *hiredis, "-lm", "-ldl", "-pthread", "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         sys.exit(f"{' '.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 #!/bin/sh
 # Install what building hostscript needs on Debian/Ubuntu, when it is missing:
 # the Lua dev packages pkg-config finds, hiredis (the Redis client of the C core),
-# luac5.4 (`hostscript check`'s global analysis), a compiler, redis-server (the tests start their own on loopback), and deb-src
+# luac5.4 (`hostscript check`'s global analysis), a compiler, redis-server (the tests start their own on loopback),
+# trafficserver and trafficserver-dev (the Traffic Server plugin, hosts/ats; the tests run a private instance), and deb-src
 # entries so that tools/build-lua.sh can fetch the matching Lua sources. Runs apt
-# only as root. Installing redis-server never starts its system service here.
+# only as root. Installing redis-server or trafficserver never starts its system service here.
 #   sh tools/install-deps.sh          the build's packages
 #   sh tools/install-deps.sh bench    those and wrk, the HTTP load generator of the
 #                                     proxy rows of `hostscript bench` (`make bench`)
 set -eu
-pkgs="liblua5.4-dev lua5.4 libluajit2-5.1-dev libhiredis-dev redis-server pkg-config dpkg-dev gcc make patch python3-venv"
+pkgs="liblua5.4-dev lua5.4 libluajit2-5.1-dev libhiredis-dev redis-server trafficserver trafficserver-dev pkg-config dpkg-dev gcc make patch python3-venv"
 case "${1:-}" in
     "") ;;
     bench) pkgs="$pkgs wrk" ;;
@@ -51,7 +52,7 @@ fi
 apt-get update -qq
 if [ -n "$missing" ]; then
     # a package's postinst must not start a system service (redis-server's would
-    # listen on 6379): policy-rc.d says no for the length of the install
+    # listen on 6379, trafficserver's on 8080): policy-rc.d says no for the length of the install
     policy=/usr/sbin/policy-rc.d
     ours=0
     if [ ! -e "$policy" ]; then

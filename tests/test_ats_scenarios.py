@@ -1,0 +1,132 @@
+"""The Traffic Server plugin in the scenarios it was built for (docs/ats.md): the Key
+example on Traffic Server's own cache, reload while serving, a class registered at
+run time, the other hooks by name, and hostscript next to ts_lua in one server.
+Both engines; a private traffic_server per test (tests/ats_server.py)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+# the origin answers with a Key header (match=bennet: the response depends only on
+# whether the abc request header holds bennet) and lets the cache keep it
+ARTICLE = "/article?cc=max-age%3D60&hdr=Key:abc;match%3Dbennet"
+
+
+def origin_n(reply) -> int:
+    """Which origin request of the path answered (a cache hit repeats an earlier one)."""
+    assert reply.status == 200, reply
+    return json.loads(reply.body)["n"]
+
+
+def test_the_key_example_runs_unchanged_on_traffic_servers_cache(start_ats):
+    ats = start_ats(scripts=[("key_header.lua", (EXAMPLES / "key_header.lua").read_text())],
+                    plugin_args=["--shared", "meta=1m"], cache=True)
+    seen = []
+    for abc in ("bennet", "bennet", "bennet", "foo, bennet", "theodore", "theodore", "Bennet",
+                "bennet"):
+        seen.append(origin_n(ats.get(ARTICLE, headers={"abc": abc})))
+    # 1: the Key is learnt; that response is not stored (it was looked up before the
+    # Key was known, and Traffic Server stores under the key it looked up);
+    # 2: stored under bennet's secondary key; then hits for whatever reduces to it
+    assert seen == [1, 2, 2, 2, 3, 3, 3, 2], seen
+
+
+def test_without_the_key_example_the_cache_answers_every_variant_alike(start_ats):
+    # the control: the same requests through Traffic Server's cache without the script
+    ats = start_ats(scripts=["return {on_log = function() end}"], cache=True)
+    seen = [origin_n(ats.get(ARTICLE, headers={"abc": abc})) for abc in ("bennet", "theodore")]
+    assert seen == [1, 1]
+
+
+WATCHED = """local C = {}
+function C:on_send_response(txn) txn.resp.headers["x-version"] = "%s" end
+return C
+"""
+
+
+def test_watch_reloads_an_edited_script_and_keeps_it_when_an_edit_is_broken(start_ats):
+    ats = start_ats(scripts=[("w.lua", WATCHED % "v1")], plugin_args=["--watch", "0.2"])
+    path = ats.scripts["w.lua"]
+    assert ats.get("/").get("x-version") == "v1"
+    time.sleep(1.1)  # a new modification time (seconds)
+    Path(path).write_text(WATCHED % "v2")
+    deadline = time.monotonic() + 5
+    while ats.get("/").get("x-version") != "v2":
+        assert time.monotonic() < deadline, ats.diags()[-2000:]
+        time.sleep(0.1)
+    time.sleep(1.1)
+    Path(path).write_text("return {on_send_response = ")
+    ats.wait_diags(r"reloading .*w\.lua failed, keeping the running version", 1, 5)
+    for _ in range(4):
+        assert ats.get("/").get("x-version") == "v2"
+
+
+def test_a_class_registered_at_run_time_runs_on_every_net_thread(start_ats):
+    ats = start_ats(scripts=[("event_system.lua", (EXAMPLES / "event_system.lua").read_text())])
+    before = ats.get("/before")
+    assert before.get("x-on_send_response") is None
+    ats.get("/trigger", headers={"x-event-system": "on"})
+    ats.wait_diags(r"registered .*event_system\.lua#events", 1, 5)
+    for i in range(6):  # new connections: both net threads
+        r = ats.get(f"/after{i}")
+        assert r.get("x-on_send_response"), r
+        assert r.get("x-on_read_response"), r
+        got = dict((k.lower(), v) for k, v in json.loads(r.body)["headers"])
+        assert got.get("x-on_send_request"), got  # the origin got it
+
+
+def test_the_other_hooks_by_name_and_an_undeclared_one_refused(start_ats):
+    ats = start_ats(scripts=[
+        ("hooks.lua", """local C = {}
+        function C:on_pre_remap(txn) txn.req.headers["x-pre"] = "1" end
+        function C:on_post_remap(txn) txn.req.headers["x-post"] = txn.req.headers["x-pre"] end
+        function C:on_txn_start(txn) txn.ctx.started = true end
+        function C:on_send_response(txn)
+          txn.resp.headers["x-started"] = tostring(txn.ctx.started)
+        end
+        return C"""),
+        ("bad.lua", "return {on_nope = function() end}")])
+    r = ats.get("/h")
+    got = dict((k.lower(), v) for k, v in json.loads(r.body)["headers"])
+    assert got.get("x-pre") == "1" and got.get("x-post") == "1", got
+    assert r.get("x-started") == "true"
+    lines = ats.diags_lines(r"bad\.lua.*undeclared hook 'nope'")
+    assert lines and "pre_remap" in lines[0], ats.diags()[-2000:]
+
+
+TSLUA = """function do_global_read_request()
+  ts.client_request.header['x-tslua'] = 'yes'
+  return 0
+end
+function do_global_send_response()
+  ts.client_response.header['x-tslua-out'] = 'yes'
+  return 0
+end
+"""
+
+
+def test_next_to_ts_lua_in_one_traffic_server(start_ats, tmp_path):
+    tslua = "/usr/lib/trafficserver/modules/tslua.so"
+    if not os.path.exists(tslua):
+        pytest.skip("tslua.so is not installed")
+    script = tmp_path / "tslua_global.lua"
+    script.write_text(TSLUA)
+    ats = start_ats(scripts=["""local C = {}
+        function C:on_read_request(txn)
+          txn.req.headers["x-hs"] = txn.req.headers["x-tslua"] or "first"
+        end
+        function C:on_send_response(txn) txn.resp.headers["x-hs-out"] = hs.engine end
+        return C"""], extra_plugins=[f"{tslua} {script}"])
+    for i in range(6):
+        r = ats.get(f"/both{i}")
+        got = dict((k.lower(), v) for k, v in json.loads(r.body)["headers"])
+        assert got.get("x-tslua") == "yes" and got.get("x-hs"), got
+        assert r.get("x-tslua-out") == "yes" and r.get("x-hs-out"), r
+    assert ats.died() is None
