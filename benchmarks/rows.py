@@ -5,17 +5,20 @@ R1 request flow, R1b the request object alone, R2 a no-op fire on a reused reque
 R3 a ThreadingHTTPServer, R4 the first fire on a new thread; C: hs_fire against a
 bare lua_pcall; T1/T2 thread scaling; M1/M2 memory; P1-P3 ``hostscript serve``
 under wrk (proxy_wrk.py); D1/D2 shared dictionaries in Redis against redis-benchmark
-(redis_ops.py); G1-G4 handler classes registered at run time (register.py).
+(redis_ops.py); G1-G4 handler classes registered at run time (register.py). A1-A4
+(ATS_ROWS, ``hostscript bench --ats``): hostscript inside Traffic Server against
+Traffic Server alone, header_rewrite and ts_lua (ats.py).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import contestants as cs
-from . import http_server, native, new_threads, proxy_wrk, redis_ops, register, scaling
+from . import ats, http_server, native, new_threads, proxy_wrk, redis_ops, register, scaling
 from .report import Check, Row, ratio
 from .timing import Call, Samples, interleave, interleaved_calls, per_call_ns
 from .workloads import EMPTY, FLOW, METHOD, REQUEST_HEADERS, URI, big_workload, cpu_workload
@@ -43,6 +46,7 @@ class Counts:
     proxy: proxy_wrk.Plan    # P1-P3: wrk runs
     redis: redis_ops.Plan    # D1-D2: the Redis contestants
     registrations: int       # G2-G3: replacements of a run-time class
+    ats: ats.Plan = ats.Plan()  # A1-A4: wrk through Traffic Server (engines: with_engines)
 
     @classmethod
     def full(cls) -> "Counts":
@@ -50,7 +54,7 @@ class Counts:
                    c_iterations=1_000_000, c_rounds=7, phase_ns=150e6, scaling_rounds=5,
                    first_fire_rounds=21, churn_threads=10_000, churn_warmup=300,
                    proxy=proxy_wrk.Plan(seconds=5, rounds=3, warmup=1, concurrent=False),
-                   redis=redis_ops.Plan(rounds=5), registrations=300)
+                   redis=redis_ops.Plan(rounds=5), registrations=300, ats=ats.Plan())
 
     @classmethod
     def quick(cls) -> "Counts":
@@ -59,7 +63,12 @@ class Counts:
                    first_fire_rounds=3, churn_threads=200, churn_warmup=20,
                    proxy=proxy_wrk.Plan(seconds=1, rounds=1, warmup=0, concurrent=True,
                                         connections=4),
-                   redis=redis_ops.Plan.quick(), registrations=5)
+                   redis=redis_ops.Plan.quick(), registrations=5, ats=ats.Plan.quick())
+
+    def with_engines(self, engines: Sequence[str]) -> "Counts":
+        """The same counts, the ATS rows measuring hostscript on ENGINES (one measurement
+        for all of them: every engine's rows read it)."""
+        return dataclasses.replace(self, ats=self.ats.for_engines(engines))
 
 
 def medians(samples: Dict[str, Samples]) -> Dict[str, float]:
@@ -535,3 +544,102 @@ ROWS: List[Callable[[str, Counts], Row]] = [
     scaling_short_row, scaling_cpu_row, heap_row, rss_row, proxy_miss_row, proxy_hit_row,
     proxy_hit_miss_row, redis_incr_row, redis_get_row, register_steady_row, register_first_row,
     register_latency_row, register_per_request_row]
+
+
+# ---------------------------------------------------------------- A1-A4 (hostscript bench --ats)
+
+ATS_RPS_TARGET = 0.95      # ATS + hostscript / ATS alone, requests per second
+ATS_CPU_TARGET_US = 3.0    # traffic_server CPU per request added by hostscript
+ATS_RSS_TARGET_KIB = 2048  # traffic_server RSS added by hostscript with one script
+ATS_PEERS = [ats.HEADER_REWRITE, ats.TS_LUA_NAME]
+
+
+def _ats_measurement(counts: Counts) -> "ats.Measurement | str":
+    """The measurement every engine's A rows read (one run, every contestant), or why
+    there is none."""
+    try:
+        return ats.measured(counts.ats)
+    except ats.Unavailable as exc:
+        return str(exc)
+
+
+def _ats_na(engine: str, key: str, title: str, unit: str, label: str, op: str,
+            target: Optional[float], why: str) -> Row:
+    return Row(engine, key, title, unit, None, {name: None for name in [ats.ALONE] + ATS_PEERS},
+               [Check(label, None, op, target, na=why)], f"n/a: {why}")
+
+
+def ats_throughput_row(engine: str, counts: Counts) -> Row:
+    """A1: requests per second through Traffic Server with hostscript doing the three
+    header edits, against Traffic Server alone (and header_rewrite, ts_lua, the origin)."""
+    key, title, label = "ats-throughput", "A1 Traffic Server + hostscript: req/s", "hostscript / ATS alone (req/s)"
+    m = _ats_measurement(counts)
+    if isinstance(m, str):
+        return _ats_na(engine, key, title, "rps", label, ">=", ATS_RPS_TARGET, m)
+    hs = ats.hostscript_name(engine)
+    names = [ats.ALONE] + ATS_PEERS + [ats.ORIGIN_ALONE]
+    checks = [Check(label, ratio(m.rps(hs), m.rps(ats.ALONE)), ">=", ATS_RPS_TARGET)]
+    checks += [Check(f"{n.removeprefix('ATS + ')} / ATS alone (req/s)", ratio(m.rps(n), m.rps(ats.ALONE)))
+               for n in ATS_PEERS + [ats.ORIGIN_ALONE]]
+    shown = names[:-1] + [hs, ats.ORIGIN_ALONE]
+    return Row(engine, key, title, "rps", m.rps(hs), {n: m.rps(n) for n in names}, checks,
+               notes(m.plan.describe(), f"load average {m.loadavg[0]:.2f} at the end" if m.loadavg else ""),
+               {n: [s.rps for s in m.rounds[n]] for n in shown},
+               {"contestants": {n: {"rps": m.rps(n), "p50_ms": m.med(n, "p50_ms"), "p99_ms": m.p99(n)}
+                                for n in shown},
+                "ats": m.to_json()})
+
+
+def ats_cpu_row(engine: str, counts: Counts) -> Row:
+    """A2: traffic_server CPU per request (utime + stime over the requests wrk counted)
+    that hostscript adds to Traffic Server alone's; header_rewrite's and ts_lua's."""
+    key, title, label = "ats-cpu", "A2 Traffic Server + hostscript: added CPU per request", \
+        "hostscript added CPU (us)"
+    m = _ats_measurement(counts)
+    if isinstance(m, str):
+        return _ats_na(engine, key, title, "ns", label, "<=", ATS_CPU_TARGET_US, m)
+    hs = ats.hostscript_name(engine)
+    checks = [Check(label, m.added_cpu_us(hs), "<=", ATS_CPU_TARGET_US)]
+    checks += [Check(f"{n.removeprefix('ATS + ')} added CPU (us)", m.added_cpu_us(n)) for n in ATS_PEERS]
+    baselines = {f"{ats.ALONE} (absolute)": m.cpu_us(ats.ALONE) * 1e3,
+                 **{f"{n} (added)": m.added_cpu_us(n) * 1e3 for n in ATS_PEERS}}
+    return Row(engine, key, title, "ns", m.added_cpu_us(hs) * 1e3, baselines, checks,
+               "traffic_server utime + stime across each wrk run / requests, median of the rounds, "
+               f"minus ATS alone's; nginx's: {m.med(hs, 'origin_cpu_us'):.1f} us per request",
+               {n: [s.cpu_us * 1e3 for s in m.rounds[n]] for n in [ats.ALONE] + ATS_PEERS + [hs]})
+
+
+def ats_latency_row(engine: str, counts: Counts) -> Row:
+    """A3: p99 latency under wrk through each contestant (information: no target)."""
+    key, title = "ats-p99", "A3 Traffic Server + hostscript: p99 latency"
+    m = _ats_measurement(counts)
+    if isinstance(m, str):
+        return _ats_na(engine, key, title, "ns", "hostscript / ATS alone (p99)", "", None, m)
+    hs = ats.hostscript_name(engine)
+    checks = [Check(f"{n.removeprefix('ATS + ')} / ATS alone (p99)", ratio(m.p99(n), m.p99(ats.ALONE)))
+              for n in [hs] + ATS_PEERS]
+    return Row(engine, key, title, "ns", m.p99(hs) * 1e6,
+               {n: m.p99(n) * 1e6 for n in [ats.ALONE] + ATS_PEERS}, checks,
+               f"wrk --latency, {m.plan.connections} connections: p99 is queueing, it moves with req/s",
+               {n: [s.p99_ms * 1e6 for s in m.rounds[n]] for n in [ats.ALONE] + ATS_PEERS + [hs]})
+
+
+def ats_rss_row(engine: str, counts: Counts) -> Row:
+    """A4: traffic_server RSS after the warm-up, hostscript with its one script against
+    Traffic Server alone (and header_rewrite, ts_lua)."""
+    key, title, label = "ats-rss", "A4 Traffic Server + hostscript: RSS after warm-up", \
+        "hostscript - ATS alone (KiB)"
+    m = _ats_measurement(counts)
+    if isinstance(m, str):
+        return _ats_na(engine, key, title, "KiB", label, "<=", ATS_RSS_TARGET_KIB, m)
+    hs = ats.hostscript_name(engine)
+    rss = m.rss_kib
+    checks = [Check(label, rss[hs] - rss[ats.ALONE], "<=", ATS_RSS_TARGET_KIB)]
+    checks += [Check(f"{n.removeprefix('ATS + ')} - ATS alone (KiB)", rss[n] - rss[ats.ALONE]) for n in ATS_PEERS]
+    return Row(engine, key, title, "KiB", rss[hs], {n: rss[n] for n in [ats.ALONE] + ATS_PEERS}, checks,
+               f"VmRSS after {m.plan.warmup:g} s of wrk; after the rounds: " +
+               ", ".join(f"{n} {m.rss_end_kib[n] / 1024:.1f} MiB" for n in [ats.ALONE, hs]))
+
+
+# `hostscript bench --ats`: in this order, per engine (one measurement for all of them).
+ATS_ROWS: List[Callable[[str, Counts], Row]] = [ats_throughput_row, ats_cpu_row, ats_latency_row, ats_rss_row]

@@ -1,5 +1,6 @@
 """Run the comparison and print it: what ``hostscript bench`` calls (hostscript/cli.py
-parses the flags and hands them here)."""
+parses the flags and hands them here). ``--ats`` runs the Traffic Server rows
+(rows.ATS_ROWS, ats.py) instead of the others."""
 from __future__ import annotations
 
 import datetime
@@ -12,17 +13,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import report
 from .contestants import lupa_module, lupa_unavailable
-from .rows import ROWS, Counts
+from . import ats as ats_bench
+from .rows import ATS_ROWS, ROWS, Counts
 
 Progress = Callable[[str], None]
 
 
-def run(engines: Sequence[str], quick: bool = False, progress: Progress = lambda s: None) -> Dict[str, Any]:
-    """The whole comparison: {"machine", "quick", "statistic", "seconds", "rows"} (JSON-ready)."""
-    counts = Counts.quick() if quick else Counts.full()
+def run(engines: Sequence[str], quick: bool = False, progress: Progress = lambda s: None,
+        ats: bool = False) -> Dict[str, Any]:
+    """The whole comparison: {"machine", "quick", "statistic", "seconds", "rows"} (JSON-ready).
+    ATS: the Traffic Server rows instead (one measurement, hostscript on every engine)."""
+    counts = (Counts.quick() if quick else Counts.full()).with_engines(engines)
     started = time.monotonic()
     rows: List[Dict[str, Any]] = []
-    steps = [(engine, row) for engine in engines for row in ROWS]
+    steps = [(engine, row) for engine in engines for row in (ATS_ROWS if ats else ROWS)]
     for done, (engine, row) in enumerate(steps):
         progress(progress_line(done, len(steps), time.monotonic() - started,
                                f"{engine}: {row.__name__.removesuffix('_row').replace('_', ' ')}"))
@@ -70,6 +74,17 @@ def machine_info(engines: Sequence[str]) -> Dict[str, Any]:
     return info
 
 
+def ats_table(result: Dict[str, Any]) -> str:
+    """The ATS rows' contestants side by side (ats.markdown), from the first row that
+    carries the measurement; "" when none does (n/a)."""
+    for r in result["rows"]:
+        measured = r.get("extra", {}).get("ats")
+        if measured:
+            return f"Traffic Server contestants ({measured['setup']}):\n\n" + \
+                ats_bench.markdown(measured["summary"])
+    return ""
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -82,7 +97,8 @@ def _cpu_model() -> str:
 
 
 def main(engines: Sequence[str], *, quick: bool = False, json_path: Optional[str] = None,
-         plot_path: Optional[str] = None, markdown: bool = False, silent: bool = False) -> int:
+         plot_path: Optional[str] = None, markdown: bool = False, silent: bool = False,
+         ats: bool = False) -> int:
     """Run, print the text table (and Markdown), write JSON and the plot; exit status."""
     if plot_path:
         try:
@@ -91,11 +107,15 @@ def main(engines: Sequence[str], *, quick: bool = False, json_path: Optional[str
             print(f"hostscript bench: {e}", file=sys.stderr)
             return 2
     progress: Progress = (lambda s: None) if silent else stderr_progress()
-    result = run(engines, quick=quick, progress=progress)
+    result = run(engines, quick=quick, progress=progress, ats=ats)
     if not silent and sys.stderr.isatty():
         print(file=sys.stderr)  # end the redrawn line
     print(report.table(result))
     print(f"\n{result['seconds']:.0f} s")
+    contestants = ats_table(result) if ats else ""
+    if contestants:
+        print()
+        print(contestants)
     if markdown:
         print()
         print(report.markdown(result))

@@ -98,7 +98,7 @@ def bench(args: argparse.Namespace) -> int:
     from benchmarks import runner
 
     return runner.main(args.engine or engines(), quick=args.quick, json_path=args.json,
-                       plot_path=args.plot, markdown=args.markdown, silent=args.silent)
+                       plot_path=args.plot, markdown=args.markdown, silent=args.silent, ats=args.ats)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -129,6 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     b.add_argument("--engine", action="append", choices=["luajit", "lua54"])
     b.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    b.add_argument("--ats", action="store_true",
+                   help="instead: hostscript inside Traffic Server against ATS alone, header_rewrite "
+                        "and ts_lua under wrk (rows A1-A4; needs traffic_server, wrk, nginx, make ats)")
     b.set_defaults(func=bench)
     args = ap.parse_args(argv)
     return args.func(args)

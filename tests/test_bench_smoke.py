@@ -14,6 +14,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import pytest
+
 import hostscript
 from hostscript import cli
 
@@ -125,3 +127,56 @@ def test_progress_lines_say_how_far_a_run_is():
 
     assert progress_line(0, 4, 0, "luajit: a") == "[--------------------] 0/4  0:00  luajit: a"
     assert progress_line(3, 4, 65.7, "lua54: b") == "[###############-----] 3/4  1:05  lua54: b"
+
+
+ATS_ROWS = {"ats-throughput", "ats-cpu", "ats-p99", "ats-rss"}
+
+
+def _ats_missing() -> str:
+    assert cli._load_benchmarks(cli.SOURCE_ROOT) is not None
+    from benchmarks import ats
+
+    return ats.missing(hostscript.engines())
+
+
+def test_ats_rows_without_traffic_server_say_so(monkeypatch):
+    """A machine without traffic_server, wrk, nginx or the plugin: the A rows are n/a
+    and say what is missing, quickly."""
+    assert cli._load_benchmarks(cli.SOURCE_ROOT) is not None
+    from benchmarks import ats, rows
+
+    monkeypatch.setattr(ats, "missing", lambda engines: "wrk (sh tools/install-deps.sh bench)")
+    monkeypatch.setattr(ats, "_measured", {})
+    counts = rows.Counts.quick().with_engines(hostscript.engines())
+    for make in rows.ATS_ROWS:
+        row = make(hostscript.engines()[0], counts)
+        assert row.value is None and "wrk" in row.note and "install-deps.sh bench" in row.note
+        assert all(c.measured is None and c.met is None and "wrk" in c.na for c in row.checks)
+        assert row.baselines and all(v is None for v in row.baselines.values())
+
+
+def test_bench_ats_quick_measures_every_contestant(tmp_path):
+    """`hostscript bench --ats --quick`: every A row has a figure on every engine, each
+    contestant was checked to do the three header edits, and the contestants' table
+    is printed."""
+    lacks = _ats_missing()
+    if lacks:
+        pytest.skip(f"hostscript bench --ats needs: {lacks}")
+    out = tmp_path / "ats.json"
+    proc = subprocess.run([sys.executable, "-m", "hostscript", "bench", "--ats", "--quick", "--silent",
+                           "--markdown", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    engines = hostscript.engines()
+    assert {(r["key"], r["engine"]) for r in report["rows"]} == {(k, e) for k in ATS_ROWS for e in engines}
+    for row in report["rows"]:
+        where = f"{row['key']}[{row['engine']}]"
+        assert _is_number(row["value"]), f"{where}: no value ({row['note']})"
+        assert row["baselines"] and all(_is_number(v) for v in row["baselines"].values()), where
+        assert all(_is_number(c["measured"]) for c in row["checks"]), where
+    measured = next(r["extra"]["ats"] for r in report["rows"] if r["key"] == "ats-throughput")
+    for name, headers in measured["checked"].items():
+        assert len(headers) == (0 if name == "ATS alone" else 3), (name, headers)
+    assert "Traffic Server contestants" in proc.stdout
+    for name in measured["summary"]:
+        assert f"| {name}" in proc.stdout

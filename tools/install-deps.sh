@@ -7,12 +7,13 @@
 # only as root. Installing redis-server or trafficserver never starts its system service here.
 #   sh tools/install-deps.sh          the build's packages
 #   sh tools/install-deps.sh bench    those and wrk, the HTTP load generator of the
-#                                     proxy rows of `hostscript bench` (`make bench`)
+#                                     proxy rows of `hostscript bench` (`make bench`), and
+#                                     nginx-light, the origin of `hostscript bench --ats`
 set -eu
 pkgs="liblua5.4-dev lua5.4 libluajit2-5.1-dev libhiredis-dev redis-server trafficserver trafficserver-dev pkg-config dpkg-dev gcc make patch python3-venv"
 case "${1:-}" in
     "") ;;
-    bench) pkgs="$pkgs wrk" ;;
+    bench) pkgs="$pkgs wrk nginx-light" ;;
     *) echo "usage: sh tools/install-deps.sh [bench]" >&2; exit 2 ;;
 esac
 missing=""
@@ -52,7 +53,7 @@ fi
 apt-get update -qq
 if [ -n "$missing" ]; then
     # a package's postinst must not start a system service (redis-server's would
-    # listen on 6379, trafficserver's on 8080): policy-rc.d says no for the length of the install
+    # listen on 6379, trafficserver's on 8080, nginx's on 80): policy-rc.d says no for the length of the install
     policy=/usr/sbin/policy-rc.d
     ours=0
     if [ ! -e "$policy" ]; then
