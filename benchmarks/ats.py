@@ -3,7 +3,7 @@ against the two ways Traffic Server already offers to do the same work — the
 header_rewrite plugin (rules) and the ts_lua plugin (Lua) — under wrk.
 
     python benchmarks/ats.py [--quick] [--engine E] [--rounds 5] [--seconds 10]
-                             [--threads 2] [--markdown] [--json out.json]
+                             [--warmup 3] [--threads 2] [--decompose] [--json out.json]
     hostscript bench --ats [--quick] [--engine E]          (the same, as rows A1-A4)
 
 The work (benchmarks/ats/): three hooks of header work — read_request reads
@@ -34,6 +34,12 @@ origin's (nginx's worker) the same way. Figures are medians of the rounds; "adde
 CPU per request" is a contestant's median minus ATS alone's. Idle instances stay up
 while another is measured (an idle traffic_server costs a few ms of CPU per second,
 counted as idle_cpu in the JSON).
+
+``--decompose`` adds contestants that split hostscript's cost (for the first
+engine): a C plugin adding the same three hooks and doing nothing (ats/noop_hooks.c,
+built with cc; with and without TXN_CLOSE) — Traffic Server's own cost of the hook
+calls —, and the plugin with empty handlers (ats/empty.lua) and with the reads only
+(ats/reads.lua). These are not checked for the headers (they do not do the work).
 """
 from __future__ import annotations
 
@@ -257,14 +263,17 @@ def get(address: Tuple[str, int], path: str) -> Tuple[int, Dict[str, str], bytes
         conn.close()
 
 
-def check_contestant(name: str, port: int, does_work: bool) -> Dict[str, str]:
+def check_contestant(name: str, port: int, does_work: Optional[bool]) -> Dict[str, str]:
     """One request through the contestant on /echo: the body, and the three headers
-    (two the origin echoes, one on the response) present — or, for ATS alone, absent."""
+    (two the origin echoes, one on the response) present — or, for ATS alone, absent
+    (does_work None: only the body, for --decompose's variants)."""
     status, headers, body = get(("127.0.0.1", port), ECHO_PATH)
     if status != 200 or body != BODY:
         raise RuntimeError(f"{name}: {ECHO_PATH} answered {status}, {body[:200]!r}")
     want = {"x-echo-client": f"{USER_AGENT}@127.0.0.1:{port}", "x-echo-send": "1", "x-bench-out": "1"}
     got = {k: headers.get(k) for k in want}
+    if does_work is None:
+        return {k: v for k, v in got.items() if v}
     if does_work and got != want:
         raise RuntimeError(f"{name} does not do the work: want {want}, got {got} (all: {headers})")
     if not does_work and any(got.values()):
@@ -400,6 +409,25 @@ def contestants(engines: Sequence[str]) -> Dict[str, List[str]]:
     return c
 
 
+NOOP_HOOKS = HERE / "noop_hooks.c"
+
+
+def decompose_variants(engine: str, build_dir: str) -> Dict[str, List[str]]:
+    """--decompose's contestants: Traffic Server's floor for the hooks (a C plugin
+    doing nothing, built into BUILD_DIR), hostscript with empty handlers, with reads only."""
+    so = os.path.join(build_dir, "noop_hooks.so")
+    cc = shutil.which(os.environ.get("CC", "cc")) or "cc"
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", so, str(NOOP_HOOKS)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Unavailable(f"cannot build {NOOP_HOOKS} (trafficserver-dev?): {proc.stderr[-1000:]}")
+    plugin = plugin_path(engine)
+    return {"C no-op plugin, the 3 hooks": [so],
+            "C no-op plugin, the 3 hooks + TXN_CLOSE": [f"{so} close"],
+            f"hostscript {engine}, 3 empty handlers": [f"{plugin} {HERE / 'empty.lua'}"],
+            f"hostscript {engine}, the reads only": [f"{plugin} {HERE / 'reads.lua'}"]}
+
+
 def _versions(engines: Sequence[str]) -> Dict[str, str]:
     def first_line(argv: List[str]) -> str:
         try:
@@ -416,8 +444,9 @@ def _versions(engines: Sequence[str]) -> Dict[str, str]:
     return v
 
 
-def measure(plan: Plan, progress=lambda s: None) -> Measurement:
-    """Start the origin and every contestant, check them, run the rounds."""
+def measure(plan: Plan, progress=lambda s: None, decompose: bool = False) -> Measurement:
+    """Start the origin and every contestant, check them, run the rounds (DECOMPOSE:
+    with decompose_variants too)."""
     lacks = missing(plan.engines)
     if lacks:
         raise Unavailable("missing: " + lacks)
@@ -430,11 +459,15 @@ def measure(plan: Plan, progress=lambda s: None) -> Measurement:
         Path(done).write_text(WRK_DONE)
         try:
             origin = Origin()
-            for name, plugins in contestants(plan.engines).items():
+            every = contestants(plan.engines)
+            variants = decompose_variants(plan.engines[0], tmp) if decompose and plan.engines else {}
+            every.update(variants)
+            for name, plugins in every.items():
                 progress(f"starting {name}")
                 servers[name] = ats_server.AtsServer(origin.url, plugins, threads=plan.threads).start()
             for name, s in servers.items():
-                m.checked[name] = check_contestant(name, s.port, does_work=name != ALONE)
+                m.checked[name] = check_contestant(name, s.port,
+                                                   does_work=None if name in variants else name != ALONE)
             ports = {ORIGIN_ALONE: origin.port, **{n: s.port for n, s in servers.items()}}
             pids = {n: s.pid for n, s in servers.items()}
 
@@ -525,6 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seconds", type=float)
     p.add_argument("--warmup", type=float)
     p.add_argument("--threads", type=int, help="proxy.config.exec_thread.limit (default 2)")
+    p.add_argument("--decompose", action="store_true",
+                   help="also: a C plugin with the same hooks doing nothing, hostscript with empty "
+                        "handlers and with the reads only (the first engine)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     plan = Plan.quick() if a.quick else Plan()
@@ -534,7 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan = plan.for_engines(a.engine or ["lua54", "luajit"])
     started = time.monotonic()
     m = measure(plan, progress=lambda s: print(f"[{time.monotonic() - started:6.1f} s] {s}",
-                                               file=sys.stderr, flush=True))
+                                               file=sys.stderr, flush=True), decompose=a.decompose)
     print(plan.describe())
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in m.loadavg)}; "
           f"{time.monotonic() - started:.0f} s")
