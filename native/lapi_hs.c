@@ -209,6 +209,7 @@ static void mark_headers(hs_txn *t, int which) {
 }
 
 static int push_first(lua_State *L, hs_txn *t, int which, const char *k, size_t n) {
+    hs_txn_need(t, which);
     hs_hdrs *hs = &t->hdr[which];
     long i = hs_hdrs_find(hs, k, n, 0);
     if (i < 0) lua_pushnil(L);
@@ -228,10 +229,40 @@ static int hdr_index(lua_State *L) {
 }
 
 /* Set (replace) NAME to the value(s) at idx: string/number, list of them, or nil. */
+/* An edit of a set the host has not filled yet: journaled (hs_txn.unfetched). */
+static void journal(lua_State *L, hs_txn *t, int which, char op, const char *k, size_t kn, const char *v,
+                    size_t vn) {
+    if (hs_txn_journal(t, which, op, k, kn, v, vn)) luaL_error(L, "not enough memory");
+    mark_headers(t, which);
+}
+
 static void set_header(lua_State *L, hs_state *S, hs_txn *t, int which, const char *k, size_t kn,
                        int idx) {
     hs_hdrs *hs = &t->hdr[which];
     size_t vn;
+    if (t->unfetched & (1u << which)) {
+        if (lua_isnil(L, idx)) {
+            journal(L, t, which, 'r', k, kn, "", 0);
+        } else if (lua_istable(L, idx)) {
+            size_t len = hs_rawlen(L, idx);
+            for (size_t i = 1; i <= len; i++) { /* validate all before changing anything */
+                lua_rawgeti(L, idx, (int)i);
+                check_value(L, -1, &vn);
+                lua_pop(L, 1);
+            }
+            journal(L, t, which, 'r', k, kn, "", 0);
+            for (size_t i = 1; i <= len; i++) {
+                lua_rawgeti(L, idx, (int)i);
+                const char *v = check_value(L, -1, &vn);
+                journal(L, t, which, 'a', k, kn, v, vn);
+                lua_pop(L, 1);
+            }
+        } else {
+            const char *v = check_value(L, idx, &vn);
+            journal(L, t, which, 's', k, kn, v, vn);
+        }
+        return;
+    }
     if (lua_isnil(L, idx)) {
         hs_hdrs_remove(hs, k, kn);
     } else if (lua_istable(L, idx)) {
@@ -280,6 +311,7 @@ static int hdr_get_all(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t n;
     const char *k = luaL_checklstring(L, 2, &n);
+    hs_txn_need(t, WHICH(L));
     hs_hdrs *hs = &t->hdr[WHICH(L)];
     lua_newtable(L);
     int j = 0;
@@ -306,6 +338,10 @@ static int hdr_add(lua_State *L) {
     size_t kn, vn;
     const char *k = check_name(L, 2, &kn);
     const char *v = check_value(L, 3, &vn);
+    if (t->unfetched & (1u << WHICH(L))) {
+        journal(L, t, WHICH(L), 'a', k, kn, v, vn);
+        return 0;
+    }
     txn_room(L, S, t, kn + vn + sizeof(hs_hdr));
     if (hs_hdrs_add(&t->hdr[WHICH(L)], k, kn, v, vn)) return luaL_error(L, "not enough memory");
     mark_headers(t, WHICH(L));
@@ -317,6 +353,10 @@ static int hdr_remove(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t kn;
     const char *k = luaL_checklstring(L, 2, &kn);
+    if (t->unfetched & (1u << WHICH(L))) {
+        journal(L, t, WHICH(L), 'r', k, kn, "", 0);
+        return 0;
+    }
     hs_hdrs_remove(&t->hdr[WHICH(L)], k, kn);
     mark_headers(t, WHICH(L));
     return 0;
@@ -326,6 +366,7 @@ static int hdr_remove(lua_State *L) {
 static int hdr_each_step(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
+    hs_txn_need(t, WHICH(L));
     hs_hdrs *hs = &t->hdr[WHICH(L)];
     lua_Integer i = lua_tointeger(L, lua_upvalueindex(3));
     if ((size_t)i >= hs->n) return 0;
@@ -338,7 +379,7 @@ static int hdr_each_step(lua_State *L) {
 
 static int hdr_each(lua_State *L) {
     hs_state *S = STATE(L);
-    active_txn(L, S);
+    hs_txn_need(active_txn(L, S), WHICH(L));
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_pushvalue(L, lua_upvalueindex(2));
     lua_pushinteger(L, 0);

@@ -217,8 +217,41 @@ trailing:
 
 hs_txn *hs_txn_new(void) { return calloc(1, sizeof(hs_txn)); }
 
+int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen) {
+    hs_buf *j = &t->journal[which & 1];
+    size_t at = j->len;
+    if (hs_buf_put(j, &op, 1) || hs_buf_put(j, name, nlen) || hs_buf_put(j, "", 1) ||
+        hs_buf_put(j, v ? v : "", vlen) || hs_buf_put(j, "", 1)) {
+        j->len = at;
+        return -1;
+    }
+    return 0;
+}
+
+void hs_txn_fetch(hs_txn *t, int which) {
+    which &= 1;
+    t->unfetched &= ~(1u << which);
+    if (t->fetch) t->fetch(t, which, t->fetch_ud);
+    hs_buf *j = &t->journal[which];
+    hs_hdrs *hs = &t->hdr[which];
+    for (size_t off = 0; off < j->len;) { /* best effort: out of memory loses an edit */
+        char op = j->p[off];
+        const char *name = j->p + off + 1;
+        size_t nlen = strlen(name);
+        const char *v = name + nlen + 1;
+        size_t vlen = strlen(v);
+        off += 1 + nlen + 1 + vlen + 1;
+        if (op == 's') hs_hdrs_set(hs, name, nlen, v, vlen);
+        else if (op == 'a') hs_hdrs_add(hs, name, nlen, v, vlen);
+        else hs_hdrs_remove(hs, name, nlen);
+    }
+    j->len = 0;
+}
+
 void hs_txn_free(hs_txn *t) {
     if (!t) return;
+    hs_buf_free(&t->journal[0]);
+    hs_buf_free(&t->journal[1]);
     hs_buf_free(&t->method);
     hs_buf_free(&t->uri);
     hs_buf_free(&t->body);
@@ -232,6 +265,9 @@ void hs_txn_free(hs_txn *t) {
 
 void hs_txn_reset(hs_txn *t) {
     t->method.len = t->uri.len = t->body.len = t->ctx.len = t->cache_key.len = 0;
+    t->journal[0].len = t->journal[1].len = 0;
+    t->unfetched = 0;
+    t->fetch = NULL;
     t->status = 0;
     hs_hdrs_clear(&t->hdr[0]);
     hs_hdrs_clear(&t->hdr[1]);

@@ -38,6 +38,15 @@ struct hs_txn {
     hs_hdrs hdr[2];                /* HS_REQ, HS_RESP */
     hs_buf pack;                   /* scratch for hs_txn_headers */
     unsigned changed;              /* HS_CH_* bits of the fire in progress */
+    /* A host may leave a header set empty until a handler touches it (the Traffic
+     * Server plugin): bit WHICH of UNFETCHED set, FETCH(t, WHICH, FETCH_UD) fills
+     * hdr[WHICH] on the first read (hs_txn_need); edits made before any read are kept
+     * in JOURNAL[WHICH] instead ('s' set, 'a' add, 'r' remove; name NUL value NUL)
+     * for the host to apply to its own copy, and replayed if a read comes later. */
+    void (*fetch)(hs_txn *t, int which, void *ud);
+    void *fetch_ud;
+    unsigned unfetched;
+    hs_buf journal[2];
     int responded;                 /* txn:respond ran in the fire in progress */
     atomic_int busy;               /* a fire runs on it: a second one is refused */
 };
@@ -73,6 +82,13 @@ static inline size_t hs_txn_size(const hs_txn *t) {
            t->hdr[1].arena.len + (t->hdr[0].n + t->hdr[1].n) * sizeof(hs_hdr);
 }
 
+/* Fill hdr[WHICH] now (it was left to fetch) and replay the edits journaled meanwhile. */
+void hs_txn_fetch(hs_txn *t, int which);
+static inline void hs_txn_need(hs_txn *t, int which) {
+    if (t->unfetched & (1u << which)) hs_txn_fetch(t, which);
+}
+/* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, or -1 out of memory. */
+int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen);
 long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
 /* Unchecked edits: the caller validated name and value. 0 ok, -1 no memory. */
 int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);

@@ -130,3 +130,42 @@ def test_next_to_ts_lua_in_one_traffic_server(start_ats, tmp_path):
         assert got.get("x-tslua") == "yes" and got.get("x-hs"), got
         assert r.get("x-tslua-out") == "yes" and r.get("x-hs-out"), r
     assert ats.died() is None
+
+
+def test_edits_before_any_read_go_straight_into_traffic_servers_message(start_ats):
+    # a handler that only writes never has the headers copied in: set replaces every
+    # field of the name, add appends, remove drops them all, a read afterwards sees them
+    ats = start_ats(scripts=["""local C = {}
+        function C:on_send_request(txn)
+          local h = txn.req.headers
+          h["x-dup"] = "one"
+          h:add("x-added", "a1")
+          h:add("x-added", "a2")
+          h["x-gone"] = nil
+          h:remove("x-gone2")
+          h["x-list"] = {"l1", "l2"}
+          if txn.req.uri:find("read") then h["x-seen"] = h["x-dup"] .. "," .. #h:get_all("x-added") end
+        end
+        return C"""])
+    for path in ("/write", "/write-then-read"):
+        r = ats.request("GET", path, headers={"x-gone": "1", "x-gone2": "2"})
+        sent = [(k.lower(), v) for k, v in json.loads(r.body)["headers"]]
+        got = {}
+        for k, v in sent:
+            got.setdefault(k, []).append(v)
+        assert got.get("x-dup") == ["one"], sent
+        assert got.get("x-added") == ["a1", "a2"], sent
+        assert "x-gone" not in got and "x-gone2" not in got, sent
+        assert got.get("x-list") == ["l1", "l2"], sent
+        if "read" in path:
+            assert got.get("x-seen") == ["one,2"], sent
+
+
+def test_a_header_sent_twice_is_replaced_whole(start_ats):
+    ats = start_ats(scripts=["""return {on_read_request = function(self, txn)
+          txn.req.headers["x-dup"] = "only"
+        end}"""])
+    r = ats.raw(b"GET /dup HTTP/1.1\r\nHost: x\r\nX-Dup: a\r\nX-Dup: b\r\nConnection: close\r\n\r\n")
+    body = r.split(b"\r\n\r\n", 1)[1]
+    sent = [(k.lower(), v) for k, v in json.loads(body)["headers"]]
+    assert [v for k, v in sent if k == "x-dup"] == ["only"], sent

@@ -20,9 +20,11 @@
  *
  * Each net thread fires in its own Lua state (the core's per-thread states: no
  * lock on the path of a hook). A transaction gets one hs_txn, kept in a user arg
- * from its first hook to TXN_CLOSE; before a fire the message the hook concerns is
- * copied in, and after it only what the handlers changed (hs_fire's change bits)
- * is written back. txn:respond() in read_request answers the client directly;
+ * from its first hook to TXN_CLOSE (recycled per thread). Before a fire, the method,
+ * URI or status of the message the hook concerns are copied in; its headers only
+ * when a handler first reads them (hs_txn.fetch), written back by difference; edits
+ * made before any read are journaled by the core and applied straight to Traffic
+ * Server's message. txn:respond() in read_request answers the client directly;
  * txn:set_cache_key(s) before the cache lookup (read_request, pre_remap,
  * post_remap) mixes a stable hash of s into the cache key as the cache generation
  * (TS_CONFIG_HTTP_CACHE_GENERATION); Traffic Server stores a response under the key
@@ -39,6 +41,7 @@
 #include <ts/ts.h>
 
 #include "hostscript.h"
+#include "txn.h"
 
 #define PLUGIN "hostscript"
 #define EXPORT __attribute__((visibility("default")))
@@ -240,7 +243,6 @@ static void request_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
         }
         TSHandleMLocRelease(b, h, url);
     }
-    headers_in(t, HS_REQ, b, h);
 }
 
 static void request_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
@@ -268,7 +270,57 @@ static void request_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
 
 static void response_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
     hs_txn_set_status(t, (int)TSHttpHdrStatusGet(b, h));
-    headers_in(t, HS_RESP, b, h);
+}
+
+/* ---- headers on demand: copied in when a handler first reads them ---- */
+
+typedef struct hook_msg {
+    TSMBuffer b[2]; /* HS_REQ, HS_RESP: the messages this fire shows, NULL for none */
+    TSMLoc h[2];
+} hook_msg;
+
+static void fetch_headers(hs_txn *t, int which, void *ud) {
+    hook_msg *m = ud;
+    if (m->b[which]) headers_in(t, which, m->b[which], m->h[which]);
+    else hs_txn_set_headers(t, which, "", 0);
+}
+
+static void destroy_named(TSMBuffer b, TSMLoc h, const char *name, size_t nl, TSMLoc from) {
+    TSMLoc f = from ? from : TSMimeHdrFieldFind(b, h, name, (int)nl);
+    while (f) {
+        TSMLoc dup = TSMimeHdrFieldNextDup(b, h, f);
+        TSMimeHdrFieldDestroy(b, h, f);
+        TSHandleMLocRelease(b, h, f);
+        f = dup;
+    }
+}
+
+/* The edits a handler made without reading the headers (hs_txn.journal), straight
+ * into Traffic Server's message: a set field is one lookup and a write. */
+static void apply_journal(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
+    hs_buf *j = &t->journal[which];
+    for (size_t off = 0; off < j->len;) {
+        char op = j->p[off];
+        const char *name = j->p + off + 1;
+        size_t nl = strlen(name);
+        const char *v = name + nl + 1;
+        size_t vl = strlen(v);
+        off += 1 + nl + 1 + vl + 1;
+        if (op == 'a') {
+            append_field(b, h, name, nl, v, vl);
+        } else if (op == 'r') {
+            destroy_named(b, h, name, nl, NULL);
+        } else { /* 's': the first field of the name takes the value, the others go */
+            TSMLoc f = TSMimeHdrFieldFind(b, h, name, (int)nl);
+            if (!f) {
+                append_field(b, h, name, nl, v, vl);
+                continue;
+            }
+            TSMimeHdrFieldValueStringSet(b, h, f, -1, v, (int)vl);
+            destroy_named(b, h, name, nl, TSMimeHdrFieldNextDup(b, h, f));
+            TSHandleMLocRelease(b, h, f);
+        }
+    }
 }
 
 static void response_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
@@ -460,29 +512,46 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         TSMBuffer b = NULL;
         TSMLoc h = TS_NULL_MLOC;
         int source = def->source;
+        hook_msg m = {{NULL, NULL}, {TS_NULL_MLOC, TS_NULL_MLOC}};
         if (source == SRC_CLIENT_BOTH) { /* log: what the client sent and got, to look at */
-            if (TSHttpTxnClientReqGet(txnp, &b, &h) == TS_SUCCESS) {
-                request_in(d->t, b, h);
-                TSHandleMLocRelease(b, TS_NULL_MLOC, h);
-            }
+            if (TSHttpTxnClientReqGet(txnp, &m.b[HS_REQ], &m.h[HS_REQ]) == TS_SUCCESS)
+                request_in(d->t, m.b[HS_REQ], m.h[HS_REQ]);
+            else
+                m.b[HS_REQ] = NULL;
             source = SRC_CLIENT_RESP;
         }
         TSReturnCode got = message_of(txnp, source, &b, &h);
         int request = source == SRC_CLIENT_REQ || source == SRC_SERVER_REQ;
+        int which = request ? HS_REQ : HS_RESP;
         if (got == TS_SUCCESS) {
             if (request) request_in(d->t, b, h);
             else response_in(d->t, b, h);
+            m.b[which] = b;
+            m.h[which] = h;
         }
+        d->t->fetch = fetch_headers; /* headers copied in only if a handler reads them */
+        d->t->fetch_ud = &m;
+        d->t->unfetched = (m.b[HS_REQ] ? 1u << HS_REQ : 0) | (m.b[HS_RESP] ? 1u << HS_RESP : 0);
         int r = hs_fire(host, hook, d->t);
+        int fetched = !(d->t->unfetched & (1u << which));
         TSStatIntIncrement(stat_fires, 1);
         unsigned changed = (unsigned)r >> 2;
         if (changed & HS_CH_LOGS) emit_logs();
         if (changed & HS_CH_PROGRAM) add_hooks();
-        if ((r & 3) == HS_ERROR) report_error();
-        else if (got == TS_SUCCESS && (def->source == SRC_CACHED_RESP || hook == H_LOG))
-            ; /* the cache's copy, or the transaction is over: read only */
-        else if (got == TS_SUCCESS && request) request_out(d->t, changed, b, h);
-        else if (got == TS_SUCCESS) response_out(d->t, changed, b, h);
+        if ((r & 3) == HS_ERROR) {
+            report_error();
+        } else if (got == TS_SUCCESS && def->source != SRC_CACHED_RESP && hook != H_LOG) {
+            /* (the cache's copy, and a transaction that is over, are read only) */
+            unsigned hdrs = request ? HS_CH_REQ_HEADERS : HS_CH_RESP_HEADERS;
+            if (request) request_out(d->t, changed & ~hdrs, b, h);
+            else response_out(d->t, changed & ~hdrs, b, h);
+            if (!fetched) apply_journal(d->t, which, b, h);
+            else if (changed & hdrs) headers_write(d->t, which, b, h);
+        }
+        d->t->fetch = NULL;
+        d->t->unfetched = 0;
+        d->t->journal[0].len = d->t->journal[1].len = 0;
+        if (source != def->source && m.b[HS_REQ]) TSHandleMLocRelease(m.b[HS_REQ], TS_NULL_MLOC, m.h[HS_REQ]);
         if ((changed & HS_CH_CACHE_KEY) && (r & 3) != HS_ERROR) {
             size_t n = 0;
             const char *k = hs_txn_get(d->t, HS_F_CACHE_KEY, &n);
