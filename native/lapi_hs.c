@@ -230,8 +230,9 @@ static int hdr_index(lua_State *L) {
 
 /* Set (replace) NAME to the value(s) at idx: string/number, list of them, or nil. */
 /* An edit of a set the host has not filled yet: journaled (hs_txn.unfetched). */
-static void journal(lua_State *L, hs_txn *t, int which, char op, const char *k, size_t kn, const char *v,
-                    size_t vn) {
+static void journal(lua_State *L, hs_state *S, hs_txn *t, int which, char op, const char *k, size_t kn,
+                    const char *v, size_t vn) {
+    txn_room(L, S, t, kn + vn + 3); /* the journal counts as the transaction's memory */
     if (hs_txn_journal(t, which, op, k, kn, v, vn)) luaL_error(L, "not enough memory");
     mark_headers(t, which);
 }
@@ -242,7 +243,7 @@ static void set_header(lua_State *L, hs_state *S, hs_txn *t, int which, const ch
     size_t vn;
     if (t->unfetched & (1u << which)) {
         if (lua_isnil(L, idx)) {
-            journal(L, t, which, 'r', k, kn, "", 0);
+            journal(L, S, t, which, 'r', k, kn, "", 0);
         } else if (lua_istable(L, idx)) {
             size_t len = hs_rawlen(L, idx);
             for (size_t i = 1; i <= len; i++) { /* validate all before changing anything */
@@ -250,16 +251,16 @@ static void set_header(lua_State *L, hs_state *S, hs_txn *t, int which, const ch
                 check_value(L, -1, &vn);
                 lua_pop(L, 1);
             }
-            journal(L, t, which, 'r', k, kn, "", 0);
+            journal(L, S, t, which, 'r', k, kn, "", 0);
             for (size_t i = 1; i <= len; i++) {
                 lua_rawgeti(L, idx, (int)i);
                 const char *v = check_value(L, -1, &vn);
-                journal(L, t, which, 'a', k, kn, v, vn);
+                journal(L, S, t, which, 'a', k, kn, v, vn);
                 lua_pop(L, 1);
             }
         } else {
             const char *v = check_value(L, idx, &vn);
-            journal(L, t, which, 's', k, kn, v, vn);
+            journal(L, S, t, which, 's', k, kn, v, vn);
         }
         return;
     }
@@ -339,7 +340,7 @@ static int hdr_add(lua_State *L) {
     const char *k = check_name(L, 2, &kn);
     const char *v = check_value(L, 3, &vn);
     if (t->unfetched & (1u << WHICH(L))) {
-        journal(L, t, WHICH(L), 'a', k, kn, v, vn);
+        journal(L, S, t, WHICH(L), 'a', k, kn, v, vn);
         return 0;
     }
     txn_room(L, S, t, kn + vn + sizeof(hs_hdr));
@@ -354,7 +355,7 @@ static int hdr_remove(lua_State *L) {
     size_t kn;
     const char *k = luaL_checklstring(L, 2, &kn);
     if (t->unfetched & (1u << WHICH(L))) {
-        journal(L, t, WHICH(L), 'r', k, kn, "", 0);
+        journal(L, S, t, WHICH(L), 'r', k, kn, "", 0);
         return 0;
     }
     hs_hdrs_remove(&t->hdr[WHICH(L)], k, kn);

@@ -169,3 +169,22 @@ def test_a_header_sent_twice_is_replaced_whole(start_ats):
     body = r.split(b"\r\n\r\n", 1)[1]
     sent = [(k.lower(), v) for k, v in json.loads(body)["headers"]]
     assert [v for k, v in sent if k == "x-dup"] == ["only"], sent
+
+
+def test_edits_journaled_before_any_read_count_against_the_memory_limit(start_ats):
+    # a write-only handler adding fields in a loop grows the core's journal, outside
+    # the Lua heap: the memory limit stops it, and the server goes on serving
+    ats = start_ats(scripts=["""return {on_send_request = function(self, txn)
+          if txn.req.uri:find("bomb") then
+            local h, v = txn.req.headers, string.rep("v", 4000)
+            for i = 1, 1e6 do h:add("x-bomb", v) end
+          end
+          txn.req.headers["x-ok"] = "1"
+        end}"""], plugin_args=["--memory-limit", "8m", "--time-limit", "2"])
+    r = ats.get("/bomb")
+    assert r.status == 200
+    assert "x-bomb" not in json.loads(r.body)["headers"].__repr__().lower()
+    ats.wait_diags(r"in send_request: .*memory limit exceeded", 1, 5)
+    after = ats.get("/after")
+    got = dict((k.lower(), v) for k, v in json.loads(after.body)["headers"])
+    assert got.get("x-ok") == "1"
