@@ -234,13 +234,10 @@ void hs_txn_fetch(hs_txn *t, int which) {
     if (t->fetch) t->fetch(t, which, t->fetch_ud);
     hs_buf *j = &t->journal[which];
     hs_hdrs *hs = &t->hdr[which];
-    for (size_t off = 0; off < j->len;) { /* best effort: out of memory loses an edit */
-        char op = j->p[off];
-        const char *name = j->p + off + 1;
-        size_t nlen = strlen(name);
-        const char *v = name + nlen + 1;
-        size_t vlen = strlen(v);
-        off += 1 + nlen + 1 + vlen + 1;
+    char op;
+    const char *name, *v;
+    size_t nlen, vlen, off = 0;
+    while (hs_journal_next(j, &off, &op, &name, &nlen, &v, &vlen)) { /* best effort: out of memory loses an edit */
         if (op == 's') hs_hdrs_set(hs, name, nlen, v, vlen);
         else if (op == 'a') hs_hdrs_add(hs, name, nlen, v, vlen);
         else hs_hdrs_remove(hs, name, nlen);

@@ -13,6 +13,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <string.h>
 
 #include "buf.h"
 #include "hostscript.h"
@@ -79,7 +80,8 @@ static inline const char *hs_hdr_value(const hs_hdrs *hs, size_t i) { return hs-
 /* Bytes the transaction holds (what a memory limit counts it as). */
 static inline size_t hs_txn_size(const hs_txn *t) {
     return t->method.len + t->uri.len + t->body.len + t->ctx.len + t->cache_key.len + t->hdr[0].arena.len +
-           t->hdr[1].arena.len + (t->hdr[0].n + t->hdr[1].n) * sizeof(hs_hdr);
+           t->hdr[1].arena.len + (t->hdr[0].n + t->hdr[1].n) * sizeof(hs_hdr) + t->journal[0].len +
+           t->journal[1].len;
 }
 
 /* Fill hdr[WHICH] now (it was left to fetch) and replay the edits journaled meanwhile. */
@@ -89,6 +91,18 @@ static inline void hs_txn_need(hs_txn *t, int which) {
 }
 /* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, or -1 out of memory. */
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen);
+/* The journal record at *OFF of J (op, name, value) and *OFF moved past it; 0 at the end. */
+static inline int hs_journal_next(const hs_buf *j, size_t *off, char *op, const char **name, size_t *nlen,
+                                  const char **v, size_t *vlen) {
+    if (*off >= j->len) return 0;
+    *op = j->p[*off];
+    *name = j->p + *off + 1;
+    *nlen = strlen(*name);
+    *v = *name + *nlen + 1;
+    *vlen = strlen(*v);
+    *off += 1 + *nlen + 1 + *vlen + 1;
+    return 1;
+}
 long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);
 /* Unchecked edits: the caller validated name and value. 0 ok, -1 no memory. */
 int hs_hdrs_add(hs_hdrs *hs, const char *name, size_t nlen, const char *v, size_t vlen);

@@ -298,14 +298,10 @@ static void destroy_named(TSMBuffer b, TSMLoc h, const char *name, size_t nl, TS
 /* The edits a handler made without reading the headers (hs_txn.journal), straight
  * into Traffic Server's message: a set field is one lookup and a write. */
 static void apply_journal(hs_txn *t, int which, TSMBuffer b, TSMLoc h) {
-    hs_buf *j = &t->journal[which];
-    for (size_t off = 0; off < j->len;) {
-        char op = j->p[off];
-        const char *name = j->p + off + 1;
-        size_t nl = strlen(name);
-        const char *v = name + nl + 1;
-        size_t vl = strlen(v);
-        off += 1 + nl + 1 + vl + 1;
+    char op;
+    const char *name, *v;
+    size_t nl, vl, off = 0;
+    while (hs_journal_next(&t->journal[which], &off, &op, &name, &nl, &v, &vl)) {
         if (op == 'a') {
             append_field(b, h, name, nl, v, vl);
         } else if (op == 'r') {
