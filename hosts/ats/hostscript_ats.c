@@ -651,6 +651,17 @@ static int on_watch(TSCont contp, TSEvent event, void *edata) {
     return 0;
 }
 
+static TSHRTime watch_ms;
+
+/* Scheduling on the task pool before its threads exist may be lost: start from here. */
+static int start_watch(TSCont contp, TSEvent event, void *edata) {
+    (void)contp;
+    (void)event;
+    (void)edata;
+    TSContScheduleEveryOnPool(TSContCreate(on_watch, TSMutexCreate()), watch_ms, TS_THREAD_POOL_TASK);
+    return 0;
+}
+
 /* ---- start-up ---- */
 
 static int parse_size(const char *s, size_t *out) {
@@ -748,7 +759,8 @@ EXPORT void TSPluginInit(int argc, const char *argv[]) {
     respond_cont = TSContCreate(on_responded, NULL);
     add_hooks();
     TSLifecycleHookAdd(TS_LIFECYCLE_MSG_HOOK, TSContCreate(on_message, NULL));
-    if (watch > 0) /* poll the scripts' modification times */
-        TSContScheduleEveryOnPool(TSContCreate(on_watch, TSMutexCreate()), (TSHRTime)(watch * 1000),
-                                  TS_THREAD_POOL_TASK);
+    if (watch > 0) { /* poll the scripts' modification times, once the task threads run */
+        watch_ms = (TSHRTime)(watch * 1000);
+        TSLifecycleHookAdd(TS_LIFECYCLE_TASK_THREADS_READY_HOOK, TSContCreate(start_watch, NULL));
+    }
 }
