@@ -209,6 +209,14 @@ static void mark_headers(hs_txn *t, int which) {
 }
 
 static int push_first(lua_State *L, hs_txn *t, int which, const char *k, size_t n) {
+    if (t->unfetched & (1u << which)) { /* one field asked: the host may answer it alone */
+        const char *v;
+        size_t vn;
+        int r = hs_valid_token(k, n) ? hs_txn_peek(t, which, k, n, &v, &vn) : 0;
+        if (r == 1) lua_pushlstring(L, v, vn);
+        else if (r == 0) lua_pushnil(L);
+        if (r >= 0) return 1;
+    }
     hs_txn_need(t, which);
     hs_hdrs *hs = &t->hdr[which];
     long i = hs_hdrs_find(hs, k, n, 0);

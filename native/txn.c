@@ -228,6 +228,34 @@ int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen,
     return 0;
 }
 
+int hs_txn_peek(hs_txn *t, int which, const char *name, size_t nlen, const char **v, size_t *vlen) {
+    which &= 1;
+    if (!t->lookup) return -1;
+    /* The journal's records of NAME, in order: 's' leaves one field of its value, 'r'
+     * none, 'a' one more after those there were. What the host holds is asked only
+     * if the journal leaves it unknown. */
+    enum { UNKNOWN, VALUE, ABSENT } state = UNKNOWN;
+    const char *val = NULL, *added = NULL, *jn, *jv;
+    size_t vl = 0, addedl = 0, jnl, jvl, off = 0;
+    char op;
+    while (hs_journal_next(&t->journal[which], &off, &op, &jn, &jnl, &jv, &jvl)) {
+        if (jnl != nlen || !hs_name_eq(jn, name, nlen)) continue;
+        if (op == 's') state = VALUE, val = jv, vl = jvl;
+        else if (op == 'r') state = ABSENT, added = NULL;
+        else if (state == ABSENT) state = VALUE, val = jv, vl = jvl;
+        else if (state == UNKNOWN && !added) added = jv, addedl = jvl;
+    }
+    if (state == UNKNOWN) {
+        int r = t->lookup(t, which, name, nlen, t->fetch_ud, v, vlen);
+        if (r != 0 || !added) return r;
+        state = VALUE, val = added, vl = addedl;
+    }
+    if (state == ABSENT) return 0;
+    *v = val;
+    *vlen = vl;
+    return 1;
+}
+
 void hs_txn_fetch(hs_txn *t, int which) {
     which &= 1;
     t->unfetched &= ~(1u << which);
@@ -265,6 +293,7 @@ void hs_txn_reset(hs_txn *t) {
     t->journal[0].len = t->journal[1].len = 0;
     t->unfetched = 0;
     t->fetch = NULL;
+    t->lookup = NULL;
     t->status = 0;
     hs_hdrs_clear(&t->hdr[0]);
     hs_hdrs_clear(&t->hdr[1]);

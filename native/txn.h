@@ -43,8 +43,12 @@ struct hs_txn {
      * Server plugin): bit WHICH of UNFETCHED set, FETCH(t, WHICH, FETCH_UD) fills
      * hdr[WHICH] on the first read (hs_txn_need); edits made before any read are kept
      * in JOURNAL[WHICH] instead ('s' set, 'a' add, 'r' remove; name NUL value NUL)
-     * for the host to apply to its own copy, and replayed if a read comes later. */
+     * for the host to apply to its own copy, and replayed if a read comes later.
+     * LOOKUP (optional) answers a read of one field from the host's copy without
+     * filling the set: 1 with *V, *VLEN (valid until the handler's next call into
+     * the host) when NAME is there, 0 when it is not, -1 to fetch instead. */
     void (*fetch)(hs_txn *t, int which, void *ud);
+    int (*lookup)(hs_txn *t, int which, const char *name, size_t nlen, void *ud, const char **v, size_t *vlen);
     void *fetch_ud;
     unsigned unfetched;
     hs_buf journal[2];
@@ -89,6 +93,9 @@ void hs_txn_fetch(hs_txn *t, int which);
 static inline void hs_txn_need(hs_txn *t, int which) {
     if (t->unfetched & (1u << which)) hs_txn_fetch(t, which);
 }
+/* The first value of NAME in unfetched set WHICH, as the journal and the host's
+ * LOOKUP make it, without fetching: 1 with *V and *VLEN, 0 absent, -1 fetch instead. */
+int hs_txn_peek(hs_txn *t, int which, const char *name, size_t nlen, const char **v, size_t *vlen);
 /* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, or -1 out of memory. */
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen);
 /* The journal record at *OFF of J (op, name, value) and *OFF moved past it; 0 at the end. */

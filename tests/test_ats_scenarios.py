@@ -161,6 +161,35 @@ def test_edits_before_any_read_go_straight_into_traffic_servers_message(start_at
             assert got.get("x-seen") == ["one,2"], sent
 
 
+def test_one_field_reads_see_traffic_servers_fields_and_the_edits_before_them(start_ats):
+    # a read of one name is answered from Traffic Server's message and the edits made
+    # so far, without copying the message in; the answers are those of a full copy
+    ats = start_ats(scripts=["""local C = {}
+        function C:on_read_request(txn)
+          local h, got = txn.req.headers, {}
+          local function r(n) got[#got + 1] = h[n] or "<nil>" end
+          r("x-a"); r("X-DUP"); r("x-none")
+          h["x-b"] = "new"; r("x-b")
+          h["x-c"] = nil; r("x-c")
+          h:add("x-d", "added"); r("x-d")
+          h:add("x-e", "more"); r("x-e")
+          h:remove("x-f"); h:add("x-f", "after"); r("x-f")
+          if txn.req.uri:find("list") then h:each() end
+          h["x-got"] = table.concat(got, "|")
+        end
+        return C"""])
+    for path in ("/read", "/read-list"):
+        r = ats.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-A: a1\r\nX-Dup: d1\r\nX-Dup: d2\r\n"
+                    "X-C: c\r\nX-E: orig\r\nX-F: old\r\nConnection: close\r\n\r\n".encode())
+        sent = [(k.lower(), v) for k, v in json.loads(r.split(b"\r\n\r\n", 1)[1])["headers"]]
+        got = {}
+        for k, v in sent:
+            got.setdefault(k, []).append(v)
+        assert got.get("x-got") == ["a1|d1|<nil>|new|<nil>|added|orig|after"], sent
+        assert got.get("x-e") == ["orig", "more"] and got.get("x-f") == ["after"], sent
+        assert "x-c" not in got and got.get("x-d") == ["added"], sent
+
+
 def test_a_header_sent_twice_is_replaced_whole(start_ats):
     ats = start_ats(scripts=["""return {on_read_request = function(self, txn)
           txn.req.headers["x-dup"] = "only"

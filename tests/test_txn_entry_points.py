@@ -198,6 +198,18 @@ def test_c_entry_points_validate_like_python(engine, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("engine", ["luajit", "lua54"])
+def test_one_field_reads_of_unfetched_headers_ask_the_host_not_copy_the_set(engine, tmp_path):
+    # the Traffic Server plugin's binding (hs_txn.fetch/lookup): reads before and after
+    # edits give what a copied-in set would, and only a listing or a field the host
+    # cannot answer copies the set in (txn_checks.c "lookup" counts both)
+    exe = build_c_program(engine, "txn_checks.c", tmp_path / "txn_lookup", "-O1", "-g")
+    proc = subprocess.run([str(exe), "lookup"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "ok", proc.stdout + proc.stderr
+    assert "list=0 fetches=1 lookups=6" in proc.stdout
+    assert "list=1 fetches=1 lookups=5" in proc.stdout
+
+
 # ---- txn.ctx both ways ----
 
 def test_ctx_assigned_in_python_is_read_by_lua_on_another_thread_and_back(host):

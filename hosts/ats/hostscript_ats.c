@@ -285,6 +285,26 @@ static void fetch_headers(hs_txn *t, int which, void *ud) {
     else hs_txn_set_headers(t, which, "", 0);
 }
 
+/* One field read without copying the message in: Traffic Server's first field of
+ * the name (its value stays in Traffic Server's heap while the handler pushes it). */
+static int lookup_header(hs_txn *t, int which, const char *name, size_t nl, void *ud, const char **v,
+                         size_t *vl) {
+    (void)t;
+    hook_msg *m = ud;
+    TSMBuffer b = m->b[which];
+    if (!b) return 0;
+    TSMLoc f = TSMimeHdrFieldFind(b, m->h[which], name, (int)nl);
+    if (!f) return 0;
+    int len = 0;
+    const char *value = TSMimeHdrFieldValueStringGet(b, m->h[which], f, -1, &len);
+    TSHandleMLocRelease(b, m->h[which], f);
+    if (!value || len < 0) value = "", len = 0;
+    if (!hs_valid_field_value(value, (size_t)len)) return -1; /* as a fetch would drop it */
+    *v = value;
+    *vl = (size_t)len;
+    return 1;
+}
+
 static void destroy_named(TSMBuffer b, TSMLoc h, const char *name, size_t nl, TSMLoc from) {
     TSMLoc f = from ? from : TSMimeHdrFieldFind(b, h, name, (int)nl);
     while (f) {
@@ -374,23 +394,45 @@ static uint64_t fnv1a(const char *p, size_t n) {
 static __thread txn_data *spare[SPARE_MAX];
 static __thread int nspare;
 
+/* Each net thread remembers its transactions' txn_data by TSHttpTxn (TSUserArgGet
+ * costs a dynamic_cast per call): a direct-mapped cache checked against the
+ * transaction's id, so a slot left by a transaction that closed on another thread
+ * (its HttpSM reused here) is never taken for the new one. A miss asks the user arg. */
+#define TXN_CACHE 64
+static __thread struct txn_slot {
+    TSHttpTxn txnp;
+    uint64_t id;
+    txn_data *d;
+} txn_cache[TXN_CACHE];
+
+static struct txn_slot *txn_slot(TSHttpTxn txnp) {
+    return &txn_cache[((uintptr_t)txnp >> 6 ^ (uintptr_t)txnp >> 12) & (TXN_CACHE - 1)];
+}
+
 static txn_data *txn_of(TSHttpTxn txnp, int create) {
+    struct txn_slot *slot = txn_slot(txnp);
+    uint64_t id = TSHttpTxnIdGet(txnp);
+    if (slot->txnp == txnp && slot->id == id && slot->d) return slot->d;
     txn_data *d = TSUserArgGet(txnp, txn_arg);
-    if (d || !create) return d;
-    if (nspare) {
-        d = spare[--nspare];
-    } else {
-        d = calloc(1, sizeof *d);
-        if (!d || !(d->t = hs_txn_new())) {
-            free(d);
-            return NULL;
+    if (!d && create) {
+        if (nspare) {
+            d = spare[--nspare];
+        } else {
+            d = calloc(1, sizeof *d);
+            if (!d || !(d->t = hs_txn_new())) {
+                free(d);
+                return NULL;
+            }
         }
+        TSUserArgSet(txnp, txn_arg, d);
     }
-    TSUserArgSet(txnp, txn_arg, d);
+    if (d) *slot = (struct txn_slot){txnp, id, d};
     return d;
 }
 
 static void txn_done(TSHttpTxn txnp, txn_data *d) {
+    struct txn_slot *slot = txn_slot(txnp);
+    if (slot->d == d) *slot = (struct txn_slot){NULL, 0, NULL};
     TSUserArgSet(txnp, txn_arg, NULL);
     free(d->answer_headers);
     if (nspare < SPARE_MAX) {
@@ -525,7 +567,8 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
             m.b[which] = b;
             m.h[which] = h;
         }
-        d->t->fetch = fetch_headers; /* headers copied in only if a handler reads them */
+        d->t->fetch = fetch_headers; /* headers copied in only if a handler lists them */
+        d->t->lookup = lookup_header; /* or read one field straight from Traffic Server */
         d->t->fetch_ud = &m;
         d->t->unfetched = (m.b[HS_REQ] ? 1u << HS_REQ : 0) | (m.b[HS_RESP] ? 1u << HS_RESP : 0);
         int r = hs_fire(host, hook, d->t);
@@ -545,6 +588,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
             else if (changed & hdrs) headers_write(d->t, which, b, h);
         }
         d->t->fetch = NULL;
+        d->t->lookup = NULL;
         d->t->unfetched = 0;
         d->t->journal[0].len = d->t->journal[1].len = 0;
         if (source != def->source && m.b[HS_REQ]) TSHandleMLocRelease(m.b[HS_REQ], TS_NULL_MLOC, m.h[HS_REQ]);

@@ -5,6 +5,11 @@
  *              and changes nothing when it refuses.
  *   busy       two threads fire one transaction: while a long handler runs on it,
  *              the other's fire is refused with HS_ERR_USAGE (run under TSan too).
+ *   lookup     headers on demand as the Traffic Server plugin binds them (txn.h's
+ *              fetch/lookup/journal): one-field reads are answered by the host's
+ *              lookup and the journal, never by copying the set in; a read after an
+ *              edit sees the edit; listing the headers fetches them once, with the
+ *              same answers.
  * Prints "ok" on success; anything else is a failure.
  */
 #include <pthread.h>
@@ -14,6 +19,7 @@
 #include <string.h>
 
 #include "hostscript.h"
+#include "txn.h"
 
 #define CHECK(cond) do { if (!(cond)) { printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); exit(1); } } while (0)
 
@@ -128,10 +134,94 @@ static int busy(void) {
     return 0;
 }
 
+/* The host's copy of the request: what a fetch copies in and the lookup reads. */
+static const char host_headers[] = "Host\0h.example\0X-A\0a1\0X-Dup\0d1\0X-Dup\0d2\0X-E\0orig\0"
+                                   "X-C\0gone\0X-F\0old\0X-Bad\0v\0";
+static int fetches, lookups;
+
+static void count_fetch(hs_txn *t, int which, void *ud) {
+    (void)ud;
+    fetches++;
+    hs_txn_set_headers(t, which, which == HS_REQ ? host_headers : "", which == HS_REQ ? sizeof host_headers - 1 : 0);
+}
+
+static int count_lookup(hs_txn *t, int which, const char *name, size_t nl, void *ud, const char **v, size_t *vl) {
+    (void)t, (void)ud;
+    lookups++;
+    if (which != HS_REQ) return 0;
+    if (nl == 5 && !strncasecmp(name, "x-bad", 5)) return -1; /* the host cannot say: fetch */
+    const char *p = host_headers, *end = host_headers + sizeof host_headers - 1;
+    while (p < end) {
+        const char *value = p + strlen(p) + 1;
+        if (strlen(p) == nl && !strncasecmp(p, name, nl)) {
+            *v = value, *vl = strlen(value);
+            return 1;
+        }
+        p = value + strlen(value) + 1;
+    }
+    return 0;
+}
+
+static int lookup(void) {
+    const char *hooks[] = {"read_request"};
+    /* each read's answer goes into the response as "x-got-N" (a Lua table keeps them
+     * until the end, so that no read happens after the response set is fetched) */
+    const char *src =
+        "local C = {} function C:on_read_request(txn)\n"
+        "  local h, got = txn.req.headers, {}\n"
+        "  local function r(n) got[#got + 1] = h[n] or '<nil>' end\n"
+        "  r('x-a'); r('X-DUP'); r('x-none'); r('bad name')\n"
+        "  h['x-b'] = 'new'; r('x-b')\n"
+        "  h['x-c'] = nil; r('x-c')\n"
+        "  h:add('x-d', 'added'); h:add('x-d', 'second'); r('x-d')\n"
+        "  h:add('x-e', 'more'); r('x-e')\n"
+        "  h:remove('x-f'); h:add('x-f', 'after'); r('x-f')\n"
+        "  h['x-a'] = {'l1', 'l2'}; r('x-a')\n"
+        "  if txn.req.uri == '/list' then for _ in h:each() do end end\n"
+        "  r('x-bad')\n"
+        "  for i, v in ipairs(got) do txn.resp.headers['x-got-' .. i] = v end\n"
+        "end return C";
+    const char *want[] = {"a1", "d1", "<nil>", "<nil>", "new", "<nil>", "added", "orig", "after", "l1", "v"};
+    hs_config cfg = {hooks, 1, 0, 0, 1, NULL, 0};
+    hs_error err;
+    hs_host *h = hs_host_new(&cfg, &err);
+    CHECK(h && hs_load(h, "lookup.lua", src, strlen(src), &err) == 0);
+    for (int list = 0; list < 2; list++) {
+        hs_txn *t = hs_txn_new();
+        CHECK(hs_txn_set(t, HS_F_URI, list ? "/list" : "/", list ? 5 : 1) == 0);
+        fetches = lookups = 0;
+        t->fetch = count_fetch;
+        t->lookup = count_lookup;
+        t->fetch_ud = NULL;
+        t->unfetched = 1u << HS_REQ;
+        int r = hs_fire(h, 0, t);
+        CHECK((r & 3) == HS_CONTINUE);
+        for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+            char name[16];
+            size_t len;
+            snprintf(name, sizeof name, "x-got-%zu", i + 1);
+            const char *v = hs_txn_header(t, HS_RESP, name, &len);
+            if (!v || len != strlen(want[i]) || memcmp(v, want[i], len)) {
+                printf("FAIL list=%d %s: got '%.*s', want '%s'\n", list, name, v ? (int)len : 5, v ? v : "<nil>", want[i]);
+                exit(1);
+            }
+        }
+        /* one-field reads: the five unedited names asked of the host, nothing copied in
+         * until x-bad (the lookup says "fetch"); listing fetches once, before x-bad */
+        printf("list=%d fetches=%d lookups=%d\n", list, fetches, lookups);
+        CHECK(fetches == 1);
+        CHECK(list ? lookups == 5 : lookups == 6);
+        hs_txn_free(t);
+    }
+    hs_host_free(h);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *what = argc > 1 ? argv[1] : "validate";
     if (!strcmp(what, "validate")) validate();
     else if (!strcmp(what, "busy")) busy();
+    else if (!strcmp(what, "lookup")) lookup();
     else return 2;
     printf("ok\n");
     return 0;
