@@ -115,13 +115,18 @@ static int set_buf(lua_State *L, hs_state *S, hs_buf *b, int idx, int (*valid)(c
     return 0;
 }
 
+/* Key K (length KN, from lua_tolstring) is the literal LIT: a length test first, so
+ * that a field access costs a compare, not a strcmp per candidate. */
+#define KEY_IS(k, kn, lit) ((k) && (kn) == sizeof(lit) - 1 && !memcmp((k), (lit), sizeof(lit) - 1))
+
 static int req_index(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
-    const char *k = lua_tostring(L, 2);
-    if (k && !strcmp(k, "method")) push_buf(L, &t->method);
-    else if (k && !strcmp(k, "uri")) push_buf(L, &t->uri);
-    else if (k && !strcmp(k, "headers")) lua_pushvalue(L, lua_upvalueindex(2));
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
+    if (KEY_IS(k, kn, "method")) push_buf(L, &t->method);
+    else if (KEY_IS(k, kn, "uri")) push_buf(L, &t->uri);
+    else if (KEY_IS(k, kn, "headers")) lua_pushvalue(L, lua_upvalueindex(2));
     else lua_pushnil(L);
     return 1;
 }
@@ -129,11 +134,12 @@ static int req_index(lua_State *L) {
 static int req_newindex(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
-    const char *k = lua_tostring(L, 2);
-    if (k && !strcmp(k, "method")) {
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
+    if (KEY_IS(k, kn, "method")) {
         set_buf(L, S, &t->method, 3, hs_valid_token, "method (an HTTP token: letters, digits, !#$%&'*+-.^_`|~)");
         t->changed |= HS_CH_METHOD;
-    } else if (k && !strcmp(k, "uri")) {
+    } else if (KEY_IS(k, kn, "uri")) {
         set_buf(L, S, &t->uri, 3, hs_valid_uri, "uri (no spaces or control characters)");
         t->changed |= HS_CH_URI;
     } else {
@@ -154,13 +160,14 @@ static int check_status(lua_State *L, int idx) {
 static int resp_index(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
-    const char *k = lua_tostring(L, 2);
-    if (k && !strcmp(k, "status")) {
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
+    if (KEY_IS(k, kn, "status")) {
         if (t->status) lua_pushinteger(L, t->status);
         else lua_pushnil(L);
-    } else if (k && !strcmp(k, "body")) {
+    } else if (KEY_IS(k, kn, "body")) {
         push_buf(L, &t->body);
-    } else if (k && !strcmp(k, "headers")) {
+    } else if (KEY_IS(k, kn, "headers")) {
         lua_pushvalue(L, lua_upvalueindex(2));
     } else {
         lua_pushnil(L);
@@ -171,11 +178,12 @@ static int resp_index(lua_State *L) {
 static int resp_newindex(lua_State *L) {
     hs_state *S = STATE(L);
     hs_txn *t = active_txn(L, S);
-    const char *k = lua_tostring(L, 2);
-    if (k && !strcmp(k, "status")) {
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
+    if (KEY_IS(k, kn, "status")) {
         t->status = check_status(L, 3);
         t->changed |= HS_CH_STATUS;
-    } else if (k && !strcmp(k, "body")) {
+    } else if (KEY_IS(k, kn, "body")) {
         set_buf(L, S, &t->body, 3, NULL, "body");
         t->changed |= HS_CH_BODY;
     } else {
@@ -536,14 +544,15 @@ static int txn_set_cache_key(lua_State *L) {
  * on every access (nil when none was set). */
 static int txn_fields_index(lua_State *L) {
     hs_state *S = STATE(L);
-    const char *k = lua_tostring(L, 2);
-    if (k && !strcmp(k, "cache_key")) {
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
+    if (KEY_IS(k, kn, "cache_key")) {
         hs_txn *t = active_txn(L, S);
         if (!t->cache_key.len) return 0;
         lua_pushlstring(L, t->cache_key.p, t->cache_key.len);
         return 1;
     }
-    if (!k || strcmp(k, "ctx")) return 0;
+    if (!KEY_IS(k, kn, "ctx")) return 0;
     hs_txn *t = active_txn(L, S);
     int rc = hs_ctx_decode(L, t->ctx.p, t->ctx.len);
     if (rc == -2)
@@ -561,9 +570,10 @@ static int txn_fields_index(lua_State *L) {
 
 static int txn_newindex(lua_State *L) {
     hs_state *S = STATE(L);
-    const char *k = lua_tostring(L, 2);
+    size_t kn;
+    const char *k = lua_tolstring(L, 2, &kn);
     active_txn(L, S);
-    if (!k || strcmp(k, "ctx"))
+    if (!KEY_IS(k, kn, "ctx"))
         return luaL_error(L, "txn.%s cannot be assigned (keep per-request data in txn.ctx)",
                           k ? k : "?");
     luaL_checktype(L, 3, LUA_TTABLE);

@@ -45,6 +45,25 @@ def test_without_the_key_example_the_cache_answers_every_variant_alike(start_ats
     assert seen == [1, 1]
 
 
+def test_two_traffic_servers_share_the_key_example_through_redis(start_ats, redis_server,
+                                                                 redis_prefix):
+    # --shared meta=redis://: what one server learnt (the URL's Key, the generation of
+    # each secondary key) the other uses from its first request on, with its own cache
+    url = redis_server.url(prefix=redis_prefix)
+    key = [("key_header.lua", (EXAMPLES / "key_header.lua").read_text())]
+    one = start_ats(scripts=key, plugin_args=["--shared", f"meta={url}"], cache=True)
+    two = start_ats(scripts=key, plugin_args=["--shared", f"meta={url}"], cache=True)
+    assert [origin_n(one.get(ARTICLE, headers={"abc": "bennet"})) for _ in range(3)] == [1, 2, 2]
+    # the second server knows the Key at once: its first response is stored under the
+    # generation the first server made, and the variants that reduce to it hit it
+    seen = [origin_n(two.get(ARTICLE, headers={"abc": abc}))
+            for abc in ("bennet", "bennet", "foo, bennet", "theodore", "theodore")]
+    assert seen == [3, 3, 3, 4, 4], seen
+    # and the first server files theodore under the generation the second one made
+    assert [origin_n(one.get(ARTICLE, headers={"abc": "theodore"})) for _ in range(2)] == [5, 5]
+    assert one.died() is None and two.died() is None
+
+
 WATCHED = """local C = {}
 function C:on_send_response(txn) txn.resp.headers["x-version"] = "%s" end
 return C
