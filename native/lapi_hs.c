@@ -124,8 +124,8 @@ static int req_index(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t kn;
     const char *k = lua_tolstring(L, 2, &kn);
-    if (KEY_IS(k, kn, "method")) push_buf(L, &t->method);
-    else if (KEY_IS(k, kn, "uri")) push_buf(L, &t->uri);
+    if (KEY_IS(k, kn, "method")) hs_txn_need_line(t), push_buf(L, &t->method);
+    else if (KEY_IS(k, kn, "uri")) hs_txn_need_line(t), push_buf(L, &t->uri);
     else if (KEY_IS(k, kn, "headers")) lua_pushvalue(L, lua_upvalueindex(2));
     else lua_pushnil(L);
     return 1;
@@ -136,6 +136,7 @@ static int req_newindex(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t kn;
     const char *k = lua_tolstring(L, 2, &kn);
+    hs_txn_need_line(t); /* the other of the two keeps the host's value */
     if (KEY_IS(k, kn, "method")) {
         set_buf(L, S, &t->method, 3, hs_valid_token, "method (an HTTP token: letters, digits, !#$%&'*+-.^_`|~)");
         t->changed |= HS_CH_METHOD;

@@ -46,7 +46,9 @@ struct hs_txn {
      * for the host to apply to its own copy, and replayed if a read comes later.
      * LOOKUP (optional) answers a read of one field from the host's copy without
      * filling the set: 1 with *V, *VLEN (valid until the handler's next call into
-     * the host) when NAME is there, 0 when it is not, -1 to fetch instead. */
+     * the host) when NAME is there, 0 when it is not, -1 to fetch instead.
+     * Bit HS_TXN_LINE of UNFETCHED leaves METHOD and URI to FETCH(t, HS_TXN_LINE,
+     * FETCH_UD) the same way, on the first read or write of either from Lua. */
     void (*fetch)(hs_txn *t, int which, void *ud);
     int (*lookup)(hs_txn *t, int which, const char *name, size_t nlen, void *ud, const char **v, size_t *vlen);
     void *fetch_ud;
@@ -92,6 +94,14 @@ static inline size_t hs_txn_size(const hs_txn *t) {
 void hs_txn_fetch(hs_txn *t, int which);
 static inline void hs_txn_need(hs_txn *t, int which) {
     if (t->unfetched & (1u << which)) hs_txn_fetch(t, which);
+}
+/* The request line (method, uri) in hs_txn.unfetched: not copied in until used. */
+#define HS_TXN_LINE 2
+static inline void hs_txn_need_line(hs_txn *t) {
+    if (t->unfetched & (1u << HS_TXN_LINE)) {
+        t->unfetched &= ~(1u << HS_TXN_LINE);
+        if (t->fetch) t->fetch(t, HS_TXN_LINE, t->fetch_ud);
+    }
 }
 /* The first value of NAME in unfetched set WHICH, as the journal and the host's
  * LOOKUP make it, without fetching: 1 with *V and *VLEN, 0 absent, -1 fetch instead. */

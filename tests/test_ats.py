@@ -137,6 +137,36 @@ return C
         assert header(seen, "x-secret") == []
 
 
+def test_the_request_line_is_read_from_traffic_server_when_a_handler_uses_it(start_ats, origin):
+    # method and uri are copied in on first use: a method set before the uri is read
+    # keeps the uri Traffic Server has; the response hooks show the client's request
+    c = start_ats(scripts=[("line.lua", r"""
+local C = {}
+function C:on_read_request(txn)
+  if txn.req.headers["x-mode"] == "set-method" then
+    txn.req.method = "DELETE"
+    txn.req.headers["x-line"] = txn.req.method .. " " .. txn.req.uri
+  end
+end
+function C:on_send_response(txn)
+  txn.resp.headers["x-client-line"] = txn.req.method .. " " .. txn.req.uri
+end
+return C
+""")])
+    for i in range(N):
+        mode = ("set-method", "none")[i % 2]
+        r = c.get(f"/line/{i}?m={mode}", headers={"X-Mode": mode})
+        assert r.status == 200, r
+        seen = r.json()
+        if mode == "set-method":
+            assert seen["method"] == "DELETE", seen
+            assert header(seen, "x-line") == [f"DELETE /line/{i}?m={mode}"]
+            assert r.get("x-client-line") == f"DELETE /line/{i}?m={mode}"
+        else:
+            assert seen["method"] == "GET" and header(seen, "x-line") == []
+            assert r.get("x-client-line") == f"GET /line/{i}?m={mode}"
+
+
 def test_read_response_sees_and_changes_the_origin_response(start_ats, origin):
     c = start_ats(scripts=[("rresp.lua", r"""
 local C = {}

@@ -277,10 +277,22 @@ static void response_in(hs_txn *t, TSMBuffer b, TSMLoc h) {
 typedef struct hook_msg {
     TSMBuffer b[2]; /* HS_REQ, HS_RESP: the messages this fire shows, NULL for none */
     TSMLoc h[2];
+    TSHttpTxn txnp;
+    TSMBuffer line_b; /* the request whose line txn.req.method/uri show, once asked */
+    TSMLoc line_h;
 } hook_msg;
 
 static void fetch_headers(hs_txn *t, int which, void *ud) {
     hook_msg *m = ud;
+    if (which == HS_TXN_LINE) {
+        /* a request hook's own request; in the others, the client's request */
+        if (m->b[HS_REQ]) request_in(t, m->b[HS_REQ], m->h[HS_REQ]);
+        else if (TSHttpTxnClientReqGet(m->txnp, &m->line_b, &m->line_h) == TS_SUCCESS)
+            request_in(t, m->line_b, m->line_h);
+        else
+            m->line_b = NULL;
+        return;
+    }
     if (m->b[which]) headers_in(t, which, m->b[which], m->h[which]);
     else hs_txn_set_headers(t, which, "", 0);
 }
@@ -552,27 +564,24 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         TSMBuffer b = NULL;
         TSMLoc h = TS_NULL_MLOC;
         int source = def->source;
-        hook_msg m = {{NULL, NULL}, {TS_NULL_MLOC, TS_NULL_MLOC}};
+        hook_msg m = {{NULL, NULL}, {TS_NULL_MLOC, TS_NULL_MLOC}, txnp, NULL, TS_NULL_MLOC};
         if (source == SRC_CLIENT_BOTH) { /* log: what the client sent and got, to look at */
-            if (TSHttpTxnClientReqGet(txnp, &m.b[HS_REQ], &m.h[HS_REQ]) == TS_SUCCESS)
-                request_in(d->t, m.b[HS_REQ], m.h[HS_REQ]);
-            else
-                m.b[HS_REQ] = NULL;
+            if (TSHttpTxnClientReqGet(txnp, &m.b[HS_REQ], &m.h[HS_REQ]) != TS_SUCCESS) m.b[HS_REQ] = NULL;
             source = SRC_CLIENT_RESP;
         }
         TSReturnCode got = message_of(txnp, source, &b, &h);
         int request = source == SRC_CLIENT_REQ || source == SRC_SERVER_REQ;
         int which = request ? HS_REQ : HS_RESP;
         if (got == TS_SUCCESS) {
-            if (request) request_in(d->t, b, h);
-            else response_in(d->t, b, h);
+            if (!request) response_in(d->t, b, h);
             m.b[which] = b;
             m.h[which] = h;
         }
-        d->t->fetch = fetch_headers; /* headers copied in only if a handler lists them */
-        d->t->lookup = lookup_header; /* or read one field straight from Traffic Server */
+        d->t->fetch = fetch_headers; /* headers and request line copied in only if a */
+        d->t->lookup = lookup_header; /* handler lists them; one field read in place */
         d->t->fetch_ud = &m;
-        d->t->unfetched = (m.b[HS_REQ] ? 1u << HS_REQ : 0) | (m.b[HS_RESP] ? 1u << HS_RESP : 0);
+        d->t->unfetched = (m.b[HS_REQ] ? 1u << HS_REQ : 0) | (m.b[HS_RESP] ? 1u << HS_RESP : 0) |
+                          (source != SRC_NONE ? 1u << HS_TXN_LINE : 0);
         int r = hs_fire(host, hook, d->t);
         int fetched = !(d->t->unfetched & (1u << which));
         TSStatIntIncrement(stat_fires, 1);
@@ -594,6 +603,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         d->t->unfetched = 0;
         d->t->journal[0].len = d->t->journal[1].len = 0;
         if (source != def->source && m.b[HS_REQ]) TSHandleMLocRelease(m.b[HS_REQ], TS_NULL_MLOC, m.h[HS_REQ]);
+        if (m.line_b) TSHandleMLocRelease(m.line_b, TS_NULL_MLOC, m.line_h);
         if ((changed & HS_CH_CACHE_KEY) && (r & 3) != HS_ERROR) {
             size_t n = 0;
             const char *k = hs_txn_get(d->t, HS_F_CACHE_KEY, &n);

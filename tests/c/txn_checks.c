@@ -9,7 +9,7 @@
  *              fetch/lookup/journal): one-field reads are answered by the host's
  *              lookup and the journal, never by copying the set in; a read after an
  *              edit sees the edit; listing the headers fetches them once, with the
- *              same answers.
+ *              same answers; the request line is fetched once, before it is set.
  * Prints "ok" on success; anything else is a failure.
  */
 #include <pthread.h>
@@ -137,10 +137,17 @@ static int busy(void) {
 /* The host's copy of the request: what a fetch copies in and the lookup reads. */
 static const char host_headers[] = "Host\0h.example\0X-A\0a1\0X-Dup\0d1\0X-Dup\0d2\0X-E\0orig\0"
                                    "X-C\0gone\0X-F\0old\0X-Bad\0v\0";
-static int fetches, lookups;
+static int fetches, lookups, line_fetches;
+static const char *host_uri;
 
 static void count_fetch(hs_txn *t, int which, void *ud) {
     (void)ud;
+    if (which == HS_TXN_LINE) { /* the request line, left to the first use */
+        line_fetches++;
+        hs_txn_set(t, HS_F_METHOD, "GET", 3);
+        hs_txn_set(t, HS_F_URI, host_uri, strlen(host_uri));
+        return;
+    }
     fetches++;
     hs_txn_set_headers(t, which, which == HS_REQ ? host_headers : "", which == HS_REQ ? sizeof host_headers - 1 : 0);
 }
@@ -168,7 +175,8 @@ static int lookup(void) {
      * until the end, so that no read happens after the response set is fetched) */
     const char *src =
         "local C = {} function C:on_read_request(txn)\n"
-        "  local h, got = txn.req.headers, {}\n"
+        "  txn.req.method = 'PUT'\n"
+        "  local h, got = txn.req.headers, {txn.req.method .. ' ' .. txn.req.uri}\n"
         "  local function r(n) got[#got + 1] = h[n] or '<nil>' end\n"
         "  r('x-a'); r('X-DUP'); r('x-none'); r('bad name')\n"
         "  h['x-b'] = 'new'; r('x-b')\n"
@@ -181,19 +189,20 @@ static int lookup(void) {
         "  r('x-bad')\n"
         "  for i, v in ipairs(got) do txn.resp.headers['x-got-' .. i] = v end\n"
         "end return C";
-    const char *want[] = {"a1", "d1", "<nil>", "<nil>", "new", "<nil>", "added", "orig", "after", "l1", "v"};
+    const char *want[] = {"PUT /list" /* or "PUT /", below */, "a1", "d1", "<nil>", "<nil>", "new", "<nil>", "added", "orig", "after", "l1", "v"};
     hs_config cfg = {hooks, 1, 0, 0, 1, NULL, 0};
     hs_error err;
     hs_host *h = hs_host_new(&cfg, &err);
     CHECK(h && hs_load(h, "lookup.lua", src, strlen(src), &err) == 0);
     for (int list = 0; list < 2; list++) {
         hs_txn *t = hs_txn_new();
-        CHECK(hs_txn_set(t, HS_F_URI, list ? "/list" : "/", list ? 5 : 1) == 0);
-        fetches = lookups = 0;
+        host_uri = list ? "/list" : "/";
+        want[0] = list ? "PUT /list" : "PUT /";
+        fetches = lookups = line_fetches = 0;
         t->fetch = count_fetch;
         t->lookup = count_lookup;
         t->fetch_ud = NULL;
-        t->unfetched = 1u << HS_REQ;
+        t->unfetched = 1u << HS_REQ | 1u << HS_TXN_LINE;
         int r = hs_fire(h, 0, t);
         CHECK((r & 3) == HS_CONTINUE);
         for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
@@ -208,7 +217,8 @@ static int lookup(void) {
         }
         /* one-field reads: the five unedited names asked of the host, nothing copied in
          * until x-bad (the lookup says "fetch"); listing fetches once, before x-bad */
-        printf("list=%d fetches=%d lookups=%d\n", list, fetches, lookups);
+        printf("list=%d fetches=%d lookups=%d line=%d\n", list, fetches, lookups, line_fetches);
+        CHECK(line_fetches == 1); /* before the method was set: the uri is the host's */
         CHECK(fetches == 1);
         CHECK(list ? lookups == 5 : lookups == 6);
         hs_txn_free(t);
