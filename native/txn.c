@@ -230,12 +230,15 @@ hs_txn *hs_txn_new(void) { return calloc(1, sizeof(hs_txn)); }
 
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen) {
     hs_buf *j = &t->journal[which & 1];
-    size_t at = j->len;
-    if (hs_buf_put(j, &op, 1) || hs_buf_put(j, name, nlen) || hs_buf_put(j, "", 1) ||
-        hs_buf_put(j, v ? v : "", vlen) || hs_buf_put(j, "", 1)) {
-        j->len = at;
-        return -1;
-    }
+    if (nlen > SIZE_MAX - 3 - vlen || hs_buf_reserve(j, nlen + vlen + 3)) return -1;
+    char *p = j->p + j->len; /* op name NUL value NUL, in one piece */
+    *p++ = op;
+    memcpy(p, name, nlen);
+    p[nlen] = 0;
+    p += nlen + 1;
+    if (vlen) memcpy(p, v, vlen);
+    p[vlen] = 0;
+    j->len += nlen + vlen + 3;
     return 0;
 }
 

@@ -551,7 +551,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
     (void)contp;
     TSHttpTxn txnp = edata;
     int hook = -1;
-    for (int hk = 0; hk < NHOOKS; hk++)
+    for (int hk = 0; hk < NHOOKS && hook < 0; hk++)
         if (hooks[hk].event == event) hook = hk;
     if (hook < 0) {
         TSHttpTxnReenable(txnp, TS_EVENT_HTTP_CONTINUE);
