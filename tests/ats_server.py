@@ -1,5 +1,5 @@
 """A private Apache Traffic Server for the tests, on a free loopback port, in a
-temporary directory of its own (never the system service; /work/shared/ats/README.md).
+temporary directory of its own (never the system service: docs/ats.md, "Building").
 
     with AtsServer(origin.url, plugins=["/path/plugin.so arg script.lua"]) as ats:
         urllib.request.urlopen(ats.url + "/x")
@@ -28,6 +28,8 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 TRAFFIC_SERVER = shutil.which("traffic_server") or "/usr/bin/traffic_server"
+TRAFFIC_MANAGER = shutil.which("traffic_manager") or "/usr/bin/traffic_manager"
+TRAFFIC_CTL = shutil.which("traffic_ctl") or "/usr/bin/traffic_ctl"
 LIBDIR = "/usr/lib/trafficserver"
 MODULES = "/usr/lib/trafficserver/modules"
 BODY_FACTORY = "/etc/trafficserver/body_factory"
@@ -127,7 +129,7 @@ class AtsServer:
     def __init__(self, origin_url: str, plugins: Sequence[str] = (), *, cache: bool = False,
                  threads: int = 2, records: Optional[Dict[str, str]] = None,
                  env: Optional[Dict[str, str]] = None, start_timeout: float = 10.0,
-                 root: Optional[str] = None) -> None:
+                 root: Optional[str] = None, manager: bool = False) -> None:
         self.origin_url = origin_url.rstrip("/")
         self.plugins = list(plugins)
         self.cache = cache
@@ -135,6 +137,7 @@ class AtsServer:
         self.records = dict(records or {})
         self.env = dict(env or {})
         self.start_timeout = start_timeout
+        self.manager = manager
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix="hs-ats-")
         self.etc = os.path.join(self.root, "etc")
@@ -210,7 +213,9 @@ class AtsServer:
         env = dict(os.environ)
         env.pop("TS_ROOT", None)
         env.update(self.env)
-        cmd = [TRAFFIC_SERVER, f"--run-root={self.runroot_path}"]
+        # traffic_manager starts traffic_server itself (in this process group) and
+        # relays traffic_ctl's messages to it
+        cmd = [TRAFFIC_MANAGER if self.manager else TRAFFIC_SERVER, f"--run-root={self.runroot_path}"]
         if _SETPRIV:  # dies with the test process even when that is SIGKILLed
             cmd = [_SETPRIV, "--pdeathsig", "KILL", "--"] + cmd
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
@@ -218,6 +223,11 @@ class AtsServer:
                                          cwd=self.root, env=env, start_new_session=True)
         with _live_lock:
             _live.add(self)
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """traffic_ctl ARGS against this instance (needs manager=True)."""
+        return subprocess.run([TRAFFIC_CTL, f"--run-root={self.runroot_path}", *args],
+                              capture_output=True, text=True, timeout=timeout)
 
     @property
     def pid(self) -> Optional[int]:

@@ -115,7 +115,7 @@ def _ats_or_skip() -> None:
     from ats_server import TRAFFIC_SERVER
     if not os.access(TRAFFIC_SERVER, os.X_OK):
         pytest.skip("traffic_server is not installed (Debian: trafficserver; see "
-                    "/work/shared/ats/README.md for installing without the service)")
+                    "docs/ats.md: make ats installs it without starting the service)")
 
 
 @pytest.fixture
@@ -228,8 +228,8 @@ class AtsClient:
 @pytest.fixture
 def start_ats(request, engine, origin, _ats_reaper):
     """start_ats(scripts=[src | (name, src)], plugin_args=[...], cache=False,
-    extra_plugins=[plugin.config lines], origin_url=None, threads=2, records=None)
-    -> AtsClient: writes the scripts to files, loads
+    extra_plugins=[plugin.config lines], origin_url=None, threads=2, records=None,
+    manager=False: under traffic_manager, for traffic_ctl) -> AtsClient: writes the scripts to files, loads
     ``<hostscript_ats_<engine>.so> [plugin_args] script.lua ...`` (then the extra
     plugins) into a private traffic_server in front of ``origin``, stopped at teardown
     (its directory is kept and named on the terminal when the test failed)."""
@@ -239,7 +239,7 @@ def start_ats(request, engine, origin, _ats_reaper):
     failed_before = request.session.testsfailed
 
     def start(scripts=(), plugin_args=(), cache=False, extra_plugins=(), origin_url=None,
-              threads=2, records=None, with_plugin=True):
+              threads=2, records=None, with_plugin=True, manager=False):
         root = _ats_tempfile.mkdtemp(prefix="hs-ats-")
         paths = {}
         for i, s in enumerate(scripts):
@@ -254,7 +254,8 @@ def start_ats(request, engine, origin, _ats_reaper):
                                      list(plugin_args) + list(paths.values())))
         lines += list(extra_plugins)
         ats = AtsServer(origin_url or origin.url, lines, cache=cache, threads=threads,
-                        records=records, root=root)
+                        records=records, root=root, manager=manager,
+                        start_timeout=30 if manager else 10)
         started.append(ats)
         ats.start()
         return AtsClient(ats, origin, paths)

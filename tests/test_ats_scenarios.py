@@ -87,6 +87,27 @@ def test_watch_reloads_an_edited_script_and_keeps_it_when_an_edit_is_broken(star
         assert ats.get("/").get("x-version") == "v2"
 
 
+def test_traffic_ctl_plugin_msg_reloads_and_a_broken_script_keeps_the_running_one(start_ats):
+    # under traffic_manager, as Traffic Server runs in production: the plugin message
+    # reloads every script; a script that no longer compiles leaves the old version on
+    ats = start_ats(scripts=[("m.lua", WATCHED % "v1")], manager=True)
+    assert ats.get("/m").get("x-version") == "v1"
+    path = Path(ats.scripts["m.lua"])
+
+    def reload(expect_log, count):
+        done = ats.ats.ctl("plugin", "msg", "hostscript", "reload")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(ats.wait_diags(expect_log, count, 10)) >= count, ats.diags()[-3000:]
+
+    path.write_text(WATCHED % "v2")
+    reload(r"\[hostscript\] reloaded .*m\.lua", 1)
+    assert {ats.get(f"/m{i}").get("x-version") for i in range(6)} == {"v2"}
+    path.write_text("local C = {\n  broken(\nreturn C\n")
+    reload(r"m\.lua:\d+:", 1)
+    assert {ats.get(f"/m{i}").get("x-version") for i in range(6)} == {"v2"}
+    assert ats.died() is None
+
+
 def test_a_class_registered_at_run_time_runs_on_every_net_thread(start_ats):
     ats = start_ats(scripts=[("event_system.lua", (EXAMPLES / "event_system.lua").read_text())])
     before = ats.get("/before")
