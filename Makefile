@@ -33,7 +33,10 @@ build/ats/hostscript_ats_%.so: hosts/ats/hostscript_ats.c $(NATIVE) tools/build_
 	@mkdir -p build/ats
 	$(PY) tools/build_c.py $* $@ hosts/ats/hostscript_ats.c --plugin
 
+# wrk, nginx-light and valgrind let the benchmark smoke runs and the valgrind checks
+# run too (without them, as a user who cannot install them, those tests are skipped)
 test: install ats
+	-sh tools/install-deps.sh test
 	$(PY) -m pytest -q tests
 
 run: install

@@ -16,7 +16,7 @@ Lua state), so the figures are the steady state. Deterministic to a few instruct
 from run to run, unlike wall-clock figures on a shared machine; the price is speed
 (a minute or two per contestant).
 
-    python benchmarks/ats_instructions.py [--requests 2000] [--engine E] [--decompose]
+    python benchmarks/ats_instructions.py [--requests 2000] [--engine E] [--decompose] [--only TEXT]
 """
 from __future__ import annotations
 
@@ -100,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine", choices=["luajit", "lua54"], action="append")
     p.add_argument("--decompose", action="store_true",
                    help="also hostscript with empty handlers and with the reads only")
+    p.add_argument("--only", metavar="TEXT", help="only the contestants whose name holds TEXT")
     args = p.parse_args(argv)
     engines = args.engine or ["luajit", "lua54"]
     why = ats.missing(engines)
@@ -116,8 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("| contestant | instructions per request in plugin continuations |")
     print("|---|---|")
     for name, lines in runs.items():
-        if not lines:
-            continue  # ATS alone: no plugin
+        if not lines or (args.only and args.only not in name):
+            continue  # ATS alone has no plugin
         started = time.monotonic()
         n = count(lines, TOGGLES, args.requests)
         print(f"| {name} | {n / 1000:.1f}k |  ({time.monotonic() - started:.0f} s)", flush=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +182,19 @@ def test_bench_ats_quick_measures_every_contestant(tmp_path):
     assert "Traffic Server contestants" in proc.stdout
     for name in measured["summary"]:
         assert f"| {name}" in proc.stdout
+
+
+def test_ats_instructions_counts_the_plugins_work(tmp_path):
+    """benchmarks/ats_instructions.py under valgrind: hostscript's count is there and
+    plausible (more than the three empty handlers' would be, less than a copy of
+    everything), in a short run."""
+    lacks = _ats_missing()
+    if lacks or not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        pytest.skip(f"needs Traffic Server, wrk, nginx and valgrind: {lacks or 'valgrind'}")
+    proc = subprocess.run([sys.executable, "benchmarks/ats_instructions.py", "--requests", "100",
+                           "--engine", "luajit", "--only", "hostscript"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    m = re.search(r"\| ATS \+ hostscript luajit \| ([\d.]+)k \|", proc.stdout)
+    assert m, proc.stdout
+    assert 5 < float(m.group(1)) < 60, proc.stdout

@@ -9,12 +9,15 @@
 #   sh tools/install-deps.sh bench    those and wrk, the HTTP load generator of the
 #                                     proxy rows of `hostscript bench` (`make bench`), and
 #                                     nginx-light, the origin of `hostscript bench --ats`
+#   sh tools/install-deps.sh test     the bench's and valgrind (`make test`: the smoke
+#                                     runs of the benchmarks, the C core under valgrind)
 set -eu
 pkgs="liblua5.4-dev lua5.4 libluajit2-5.1-dev libhiredis-dev redis-server trafficserver trafficserver-dev pkg-config dpkg-dev gcc make patch python3-venv"
 case "${1:-}" in
     "") ;;
     bench) pkgs="$pkgs wrk nginx-light" ;;
-    *) echo "usage: sh tools/install-deps.sh [bench]" >&2; exit 2 ;;
+    test) pkgs="$pkgs wrk nginx-light valgrind" ;;
+    *) echo "usage: sh tools/install-deps.sh [bench|test]" >&2; exit 2 ;;
 esac
 missing=""
 for p in $pkgs; do
