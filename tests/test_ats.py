@@ -284,6 +284,45 @@ return C
         assert c.wait_diags(rf"CTXLOG t:/ctx/{i} 200\b"), c.diags_lines("CTXLOG")
 
 
+def test_ctx_stays_with_its_transaction_under_concurrent_keep_alive_clients(start_ats, origin):
+    # many transactions in flight on both net threads, several per connection: each
+    # finds its own data (ctx, in the transaction's user arg) in every hook, and the
+    # data of a closed transaction is never found by the next one on its connection
+    import threading
+    c = start_ats(scripts=[("own.lua", r"""
+local C = {}
+function C:on_read_request(txn)
+  if txn.req.headers["x-id"] then txn.ctx.id = txn.req.headers["x-id"] end
+end
+function C:on_send_request(txn) txn.req.headers["x-ctx-id"] = txn.ctx.id or "none" end
+function C:on_send_response(txn) txn.resp.headers["x-ctx-id"] = txn.ctx.id or "none" end
+return C
+""")])
+    wrong = []
+
+    def client(k):
+        conn = http.client.HTTPConnection("127.0.0.1", c.port, timeout=10)
+        try:
+            for i in range(40):
+                mine = f"c{k}-{i}" if i % 3 else None  # every third request has no id
+                conn.request("GET", f"/own/{k}/{i}", headers={"X-Id": mine} if mine else {})
+                r = conn.getresponse()
+                body = json.loads(r.read())
+                sent = [v for n, v in body["headers"] if n.lower() == "x-ctx-id"]
+                if r.getheader("x-ctx-id") != (mine or "none") or sent != [mine or "none"]:
+                    wrong.append((k, i, mine, r.getheader("x-ctx-id"), sent))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [], wrong[:5]
+    assert c.died() is None
+
+
 def test_log_fires_after_respond_and_after_errors(start_ats, origin):
     src = r"""
 local C = {}

@@ -406,48 +406,39 @@ static uint64_t fnv1a(const char *p, size_t n) {
 static __thread txn_data *spare[SPARE_MAX];
 static __thread int nspare;
 
-/* Each net thread remembers its transactions' txn_data by TSHttpTxn (TSUserArgGet
- * costs a dynamic_cast per call): a direct-mapped cache checked against the
- * transaction's id, so a slot left by a transaction that closed on another thread
- * (its HttpSM reused here) is never taken for the new one. A miss asks the user arg. */
-#define TXN_CACHE 64
-static __thread struct txn_slot {
-    TSHttpTxn txnp;
-    uint64_t id;
-    txn_data *d;
-} txn_cache[TXN_CACHE];
-
-static struct txn_slot *txn_slot(TSHttpTxn txnp) {
-    return &txn_cache[((uintptr_t)txnp >> 6 ^ (uintptr_t)txnp >> 12) & (TXN_CACHE - 1)];
-}
+/* The transaction's txn_data lives in its user arg. Traffic Server 9's TSUserArgGet
+ * and TSUserArgSet check the pointer with a dynamic_cast (about 500 instructions
+ * each); the TSHttpTxnArg calls they deprecate reach the same slot (same index) with
+ * a magic-number check. Traffic Server 10 has only the former. */
+#if TS_VERSION_MAJOR < 10
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+static void *txn_arg_get(TSHttpTxn txnp) { return TSHttpTxnArgGet(txnp, txn_arg); }
+static void txn_arg_set(TSHttpTxn txnp, void *d) { TSHttpTxnArgSet(txnp, txn_arg, d); }
+#pragma GCC diagnostic pop
+#else
+static void *txn_arg_get(TSHttpTxn txnp) { return TSUserArgGet(txnp, txn_arg); }
+static void txn_arg_set(TSHttpTxn txnp, void *d) { TSUserArgSet(txnp, txn_arg, d); }
+#endif
 
 static txn_data *txn_of(TSHttpTxn txnp, int create) {
-    struct txn_slot *slot = txn_slot(txnp);
-    uint64_t id = TSHttpTxnIdGet(txnp);
-    if (slot->txnp == txnp && slot->id == id && slot->d) return slot->d;
-    txn_data *d = TSUserArgGet(txnp, txn_arg);
-    if (!d && create) {
-        if (nspare) {
-            d = spare[--nspare];
-        } else {
-            d = calloc(1, sizeof *d);
-            if (!d || !(d->t = hs_txn_new())) {
-                free(d);
-                return NULL;
-            }
+    txn_data *d = txn_arg_get(txnp);
+    if (d || !create) return d;
+    if (nspare) {
+        d = spare[--nspare];
+    } else {
+        d = calloc(1, sizeof *d);
+        if (!d || !(d->t = hs_txn_new())) {
+            free(d);
+            return NULL;
         }
-        TSUserArgSet(txnp, txn_arg, d);
     }
-    if (d) *slot = (struct txn_slot){txnp, id, d};
+    txn_arg_set(txnp, d);
     return d;
 }
 
 static void txn_done(TSHttpTxn txnp, txn_data *d) {
-    struct txn_slot *slot = txn_slot(txnp);
-    if (slot->d == d) *slot = (struct txn_slot){NULL, 0, NULL};
-    /* The user arg is left as it is: this is the transaction's last hook, and the
-     * HttpSM of the next one is constructed anew (ClassAllocator placement-new), its
-     * user args empty; a TSUserArgSet here would cost a dynamic_cast per request. */
+    txn_arg_set(txnp, NULL);
     free(d->answer_headers);
     if (nspare < SPARE_MAX) {
         hs_txn_reset(d->t);
