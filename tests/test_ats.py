@@ -433,6 +433,43 @@ def test_a_handler_error_fails_open_in_every_hook(start_ats, origin):
             assert r.get("x-handled") == "1"
 
 
+def test_fail_closed_answers_500_when_a_handler_fails_before_the_response(start_ats, origin):
+    # --fail-closed: a handler that fails (raises, or runs out of time) in a hook before
+    # send_response ends its transaction with a 500 — what it would have checked does
+    # not slip through; in send_response and log the response is already made
+    c = start_ats(scripts=[("fc.lua", r"""
+local C = {}
+local function maybe(txn, hook)
+  if txn.ctx.fail == hook then
+    if hook == "send_request" then while true do end end -- the time limit stops it
+    error("failing in " .. hook)
+  end
+end
+function C:on_read_request(txn)
+  txn.ctx.fail = txn.req.headers["x-fail"]
+  maybe(txn, "read_request")
+end
+function C:on_send_request(txn) maybe(txn, "send_request") end
+function C:on_read_response(txn) maybe(txn, "read_response") end
+function C:on_send_response(txn) maybe(txn, "send_response") end
+function C:on_log(txn) maybe(txn, "log") end
+return C
+""")], plugin_args=["--fail-closed", "--time-limit", "0.2"])
+    expect = {"read_request": (500, False), "send_request": (500, False),
+              "read_response": (500, True), "send_response": (200, True), "log": (200, True),
+              "none": (200, True)}
+    for hook, (status, reaches_origin) in expect.items():
+        before = origin.count(f"/fc/{hook}")
+        r = c.get(f"/fc/{hook}", headers={"X-Fail": hook})
+        assert r.status == status, (hook, r)
+        if status == 500:
+            assert r.body == b"hostscript: a handler failed\n", (hook, r)
+        assert origin.count(f"/fc/{hook}") - before == (1 if reaches_origin else 0), hook
+    assert len(c.wait_diags(r"hostscript.*(failing in|time limit)", 5, 5)) >= 5, c.diags()[-3000:]
+    assert c.get("/fc/after").status == 200
+    assert c.died() is None
+
+
 def test_time_limit_fails_open(start_ats, origin):
     c = start_ats(plugin_args=["--time-limit", "0.05"], scripts=[("spin.lua", r"""
 local C = {}

@@ -3,7 +3,8 @@
  * same C core (native/) as the Python package.
  *
  *   plugin.config:  hostscript_ats_<engine>.so [--time-limit S] [--memory-limit BYTES]
- *                   [--shared NAME=SIZE|NAME=redis://...] [--watch S] script.lua ...
+ *                   [--shared NAME=SIZE|NAME=redis://...] [--watch S] [--fail-closed]
+ *                   script.lua ...
  *
  * The scripts' handler classes see Traffic Server's hooks under the Python host's
  * names: read_request (READ_REQUEST_HDR: the client request), send_request
@@ -28,8 +29,10 @@
  * txn:set_cache_key(s) before the cache lookup (read_request, pre_remap,
  * post_remap) mixes a stable hash of s into the cache key as the cache generation
  * (TS_CONFIG_HTTP_CACHE_GENERATION); Traffic Server stores a response under the key
- * it looked up, so a response a later hook keys otherwise is not stored. A failing handler never fails the transaction: the error is logged
- * (script, hook, message, traceback) and counted in plugin.hostscript.errors.
+ * it looked up, so a response a later hook keys otherwise is not stored. A failing
+ * handler's error is logged (script, hook, message, traceback) and counted in
+ * plugin.hostscript.errors; the transaction goes on as if it had not run, or, with
+ * --fail-closed, ends in a 500 (in the hooks before send_response).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -78,6 +81,7 @@ static TSCont hook_cont;
 static TSMutex hooks_mu; /* guards hooks_added */
 static uint64_t hooks_added; /* bit h: hooks[h] is added to Traffic Server */
 static int txn_arg = -1;
+static int fail_closed; /* --fail-closed: a handler error answers 500 */
 static int stat_fires, stat_errors;
 static TSCont respond_cont; /* per transaction that answered: writes its headers */
 
@@ -549,7 +553,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         return 0;
     }
     const struct hook_def *def = &hooks[hook];
-    int handled = (handled_hooks() >> hook) & 1;
+    int handled = (handled_hooks() >> hook) & 1, failed = 0;
     txn_data *d = txn_of(txnp, handled);
     if (d && handled) {
         TSMBuffer b = NULL;
@@ -581,6 +585,15 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         if (changed & HS_CH_PROGRAM) add_hooks();
         if ((r & 3) == HS_ERROR) {
             report_error();
+            if (fail_closed && hook != H_LOG && hook != H_SEND_RESPONSE && !d->answered) {
+                /* --fail-closed: the client gets a 500, not what the handler would have
+                 * stopped (the response to the client is already made in send_response) */
+                static const char why[] = "hostscript: a handler failed\n";
+                TSHttpTxnStatusSet(txnp, TS_HTTP_STATUS_INTERNAL_SERVER_ERROR);
+                TSHttpTxnErrorBodySet(txnp, TSstrdup(why), sizeof why - 1, TSstrdup("text/plain"));
+                d->answered = 1;
+                failed = 1;
+            }
         } else if (got == TS_SUCCESS && def->source != SRC_CACHED_RESP && hook != H_LOG) {
             /* (the cache's copy, and a transaction that is over, are read only) */
             unsigned hdrs = request ? HS_CH_REQ_HEADERS : HS_CH_RESP_HEADERS;
@@ -615,7 +628,7 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
         if (got == TS_SUCCESS) TSHandleMLocRelease(b, TS_NULL_MLOC, h);
     }
     if (hook == H_LOG && d) txn_done(txnp, d);
-    TSHttpTxnReenable(txnp, TS_EVENT_HTTP_CONTINUE);
+    TSHttpTxnReenable(txnp, failed ? TS_EVENT_HTTP_ERROR : TS_EVENT_HTTP_CONTINUE);
     return 0;
 }
 
@@ -749,6 +762,8 @@ EXPORT void TSPluginInit(int argc, const char *argv[]) {
         const char *a = argv[i];
         if (!strcmp(a, "--time-limit") && i + 1 < argc) {
             cfg.time_limit = atof(argv[++i]);
+        } else if (!strcmp(a, "--fail-closed")) {
+            fail_closed = 1;
         } else if (!strcmp(a, "--watch") && i + 1 < argc) {
             watch = atof(argv[++i]);
         } else if (!strcmp(a, "--memory-limit") && i + 1 < argc) {
