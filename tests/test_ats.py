@@ -200,6 +200,62 @@ return C
         assert r.json()["path"] == f"/rs/{i}"
 
 
+BODY_SCRIPT = r"""
+local C = {}
+function C:on_read_response(txn)
+  local size = tonumber(txn.req.uri:match("set=(%d+)"))
+  if size then txn.resp.body = ("<" .. txn.resp.status .. ">"):rep(size) end
+end
+function C:on_send_response(txn)
+  if txn.req.uri:find("late") then txn.resp.body = "too late" end
+end
+return C
+"""
+
+
+@pytest.mark.parametrize("how", ["size=70000", "size=10&chunked=1", "size=200000&slowbody=0.2",
+                                 "size=3&nolength=1"])
+def test_read_response_body_replaces_the_origins(start_ats, origin, how):
+    # txn.resp.body set in read_response goes to the client instead of the origin's
+    # body, whatever the origin's framing and size (a response transform)
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)])
+    for set_size in (0, 1, 5000):
+        r = c.get(f"/body?{how}&set={set_size}")
+        assert r.status == 200, r
+        assert r.body == b"<200>" * set_size, (how, set_size, r.body[:100], len(r.body))
+    r = c.get(f"/body?{how}")  # no body set: the origin's, untouched
+    assert r.body == b"x" * int(how.split("&")[0].split("=")[1])
+    assert c.died() is None
+
+
+def test_a_client_that_leaves_during_a_replaced_body_leaves_the_server_serving(start_ats, origin):
+    import socket
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)])
+    for _ in range(5):  # 4 MB bodies; each client reads a little and goes
+        with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+            s.sendall(b"GET /gone?size=100&set=800000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    for _ in range(4):
+        r = c.get("/after?size=10&set=1")
+        assert (r.status, r.body) == (200, b"<200>")
+    assert c.died() is None
+
+
+def test_a_body_set_in_read_response_is_what_the_cache_keeps(start_ats, origin):
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)], cache=True)
+    first = c.get("/cached?size=100&cc=max-age%3D60&set=2")
+    again = c.get("/cached?size=100&cc=max-age%3D60&set=2")
+    assert first.body == again.body == b"<200><200>"
+    assert origin.count("/cached?size=100&cc=max-age%3D60&set=2") == 1
+
+
+def test_a_body_set_in_send_response_is_reported_not_sent(start_ats, origin):
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)])
+    r = c.get("/late?size=4")
+    assert r.status == 200 and r.body == b"xxxx", r
+    assert c.wait_diags(r"txn.resp.body set in send_response is not sent"), c.diags()[-2000:]
+
+
 def test_send_response_changes_what_the_client_gets(start_ats, origin):
     c = start_ats(scripts=[("sresp.lua", r"""
 local C = {}

@@ -29,7 +29,9 @@
  * txn:set_cache_key(s) before the cache lookup (read_request, pre_remap,
  * post_remap) mixes a stable hash of s into the cache key as the cache generation
  * (TS_CONFIG_HTTP_CACHE_GENERATION); Traffic Server stores a response under the key
- * it looked up, so a response a later hook keys otherwise is not stored. A failing
+ * it looked up, so a response a later hook keys otherwise is not stored.
+ * txn.resp.body set in read_response replaces the origin's body (a response
+ * transform that drops the origin's and writes the handler's). A failing
  * handler's error is logged (script, hook, message, traceback) and counted in
  * plugin.hostscript.errors; the transaction goes on as if it had not run, or, with
  * --fail-closed, ends in a 500 (in the hooks before send_response).
@@ -91,6 +93,7 @@ typedef struct txn_data {
     uint64_t generation; /* the cache generation the lookup used (0: none) */
     char *answer_headers; /* txn:respond's headers, packed, for the response (answer) */
     size_t answer_len;
+    int body_warned; /* a body set too late was reported */
 } txn_data;
 
 /* ---- copying messages between Traffic Server and the hs_txn ---- */
@@ -365,6 +368,99 @@ static void response_out(hs_txn *t, unsigned changed, TSMBuffer b, TSMLoc h) {
     if (changed & HS_CH_RESP_HEADERS) headers_write(t, HS_RESP, b, h);
 }
 
+/* ---- a body a handler set: a response transform that sends it instead ---- */
+
+typedef struct body_transform {
+    char *body; /* the handler's body, owned here: the transaction's data may go first */
+    size_t len;
+    TSIOBuffer out;
+    TSIOBufferReader out_reader;
+    TSVIO out_vio;
+} body_transform;
+
+static void body_transform_free(body_transform *bt) {
+    if (bt->out_reader) TSIOBufferReaderFree(bt->out_reader);
+    if (bt->out) TSIOBufferDestroy(bt->out);
+    free(bt->body);
+    free(bt);
+}
+
+/* Writes the handler's body to the client side once, and consumes (drops) what the
+ * origin or the cache sends until it ends. */
+static void body_transform_step(TSCont contp, body_transform *bt) {
+    if (!bt->out) {
+        bt->out = TSIOBufferCreate();
+        bt->out_reader = TSIOBufferReaderAlloc(bt->out);
+        if (bt->len) TSIOBufferWrite(bt->out, bt->body, (int64_t)bt->len);
+        bt->out_vio = TSVConnWrite(TSTransformOutputVConnGet(contp), contp, bt->out_reader, (int64_t)bt->len);
+    }
+    TSVIO in = TSVConnWriteVIOGet(contp);
+    if (!TSVIOBufferGet(in)) { /* the writer is gone: what we have is all */
+        TSVIOReenable(bt->out_vio);
+        return;
+    }
+    int64_t todo = TSVIONTodoGet(in);
+    if (todo > 0) {
+        TSIOBufferReader r = TSVIOReaderGet(in);
+        int64_t avail = TSIOBufferReaderAvail(r);
+        if (todo > avail) todo = avail;
+        if (todo > 0) {
+            TSIOBufferReaderConsume(r, todo);
+            TSVIONDoneSet(in, TSVIONDoneGet(in) + todo);
+        }
+    }
+    if (TSVIONTodoGet(in) > 0) {
+        if (todo > 0) TSContCall(TSVIOContGet(in), TS_EVENT_VCONN_WRITE_READY, in);
+    } else {
+        TSVIOReenable(bt->out_vio);
+        TSContCall(TSVIOContGet(in), TS_EVENT_VCONN_WRITE_COMPLETE, in);
+    }
+}
+
+static int on_body_transform(TSCont contp, TSEvent event, void *edata) {
+    (void)edata;
+    body_transform *bt = TSContDataGet(contp);
+    if (TSVConnClosedGet(contp)) {
+        body_transform_free(bt);
+        TSContDestroy(contp);
+        return 0;
+    }
+    switch (event) {
+    case TS_EVENT_ERROR: {
+        TSVIO in = TSVConnWriteVIOGet(contp);
+        TSContCall(TSVIOContGet(in), TS_EVENT_ERROR, in);
+        break;
+    }
+    case TS_EVENT_VCONN_WRITE_COMPLETE: /* the client side has the whole body */
+        TSVConnShutdown(TSTransformOutputVConnGet(contp), 0, 1);
+        break;
+    default: /* TS_EVENT_IMMEDIATE, TS_EVENT_VCONN_WRITE_READY */
+        body_transform_step(contp, bt);
+        break;
+    }
+    return 0;
+}
+
+/* read_response set txn.resp.body: the client gets it instead of the origin's (and the
+ * cache keeps it, as the reference proxy keeps what read_response left). */
+static void replace_body(TSHttpTxn txnp, hs_txn *t) {
+    size_t n = 0;
+    const char *v = hs_txn_get(t, HS_F_BODY, &n);
+    body_transform *bt = calloc(1, sizeof *bt);
+    if (!bt || !(bt->body = malloc(n ? n : 1))) {
+        free(bt);
+        TSError("[%s] out of memory: txn.resp.body not applied", PLUGIN);
+        return;
+    }
+    if (n) memcpy(bt->body, v, n);
+    bt->len = n;
+    TSVConn conn = TSTransformCreate(on_body_transform, txnp);
+    TSContDataSet(conn, bt);
+    TSHttpTxnHookAdd(txnp, TS_HTTP_RESPONSE_TRANSFORM_HOOK, conn);
+    TSHttpTxnTransformedRespCache(txnp, 1);
+    TSHttpTxnUntransformedRespCache(txnp, 0);
+}
+
 /* ---- logs and errors ---- */
 
 static void emit_logs(void) {
@@ -599,6 +695,12 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
             unsigned hdrs = request ? HS_CH_REQ_HEADERS : HS_CH_RESP_HEADERS;
             if (request) request_out(d->t, changed & ~hdrs, b, h);
             else response_out(d->t, changed & ~hdrs, b, h);
+            if ((changed & HS_CH_BODY) && hook == H_READ_RESPONSE) replace_body(txnp, d->t);
+            else if ((changed & HS_CH_BODY) && hook == H_SEND_RESPONSE && !d->body_warned) {
+                d->body_warned = 1; /* (once per transaction) */
+                TSError("[%s] txn.resp.body set in %s is not sent: set it in read_response", PLUGIN,
+                        def->name);
+            }
             if (!fetched) apply_journal(d->t, which, b, h);
             else if (changed & hdrs) headers_write(d->t, which, b, h);
         }
