@@ -108,6 +108,71 @@ def test_traffic_ctl_plugin_msg_reloads_and_a_broken_script_keeps_the_running_on
     assert ats.died() is None
 
 
+def test_reloads_under_load_never_show_half_a_script_or_drop_a_request(start_ats):
+    # clients keep both net threads busy while the script is rewritten and reloaded
+    # 24 times (every third version broken): every response is whole, from one
+    # version of the script, and the last good version is what runs at the end
+    import http.client
+    import threading
+    versioned = """local V = "%s"
+        local function check() return V end
+        local C = {}
+        function C:on_read_request(txn) txn.ctx.seen = check() end
+        function C:on_send_response(txn)
+          txn.resp.headers["x-version"] = V
+          txn.resp.headers["x-check"] = check()
+        end
+        return C"""
+    ats = start_ats(scripts=[("r.lua", versioned % "v0")], manager=True)
+    path = Path(ats.scripts["r.lua"])
+    stop = threading.Event()
+    bad, seen = [], set()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", ats.port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/load")
+                r = conn.getresponse()
+                r.read()
+            except (OSError, http.client.HTTPException) as e:
+                bad.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", ats.port, timeout=10)
+                continue
+            v = r.getheader("x-version")
+            if r.status != 200 or not v or r.getheader("x-check") != v:
+                bad.append((r.status, r.getheaders()))
+            seen.add(v)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        good = "v0"
+        for n in range(1, 25):
+            if n % 3 == 0:
+                path.write_text("local C = {\n  broken(\n")
+            else:
+                good = f"v{n}"
+                path.write_text(versioned % good)
+            done = ats.ats.ctl("plugin", "msg", "hostscript", "reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert bad == [], bad[:5]
+    assert len(seen) > 3, seen  # the clients saw the reloads happen
+    deadline = time.monotonic() + 5
+    while ats.get("/final").get("x-version") != good and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ats.get("/final").get("x-version") == good
+    assert ats.died() is None
+
+
 def test_a_class_registered_at_run_time_runs_on_every_net_thread(start_ats):
     ats = start_ats(scripts=[("event_system.lua", (EXAMPLES / "event_system.lua").read_text())])
     before = ats.get("/before")
