@@ -250,7 +250,9 @@ static int hdr_index(lua_State *L) {
 static void journal(lua_State *L, hs_state *S, hs_txn *t, int which, char op, const char *k, size_t kn,
                     const char *v, size_t vn) {
     txn_room(L, S, t, kn + vn + 3); /* the journal counts as the transaction's memory */
-    if (hs_txn_journal(t, which, op, k, kn, v, vn)) luaL_error(L, "not enough memory");
+    int rc = hs_txn_journal(t, which, op, k, kn, v, vn);
+    if (rc == -2) luaL_error(L, "invalid header name or value");
+    if (rc) luaL_error(L, "not enough memory");
     mark_headers(t, which);
 }
 
@@ -371,6 +373,7 @@ static int hdr_remove(lua_State *L) {
     hs_txn *t = active_txn(L, S);
     size_t kn;
     const char *k = luaL_checklstring(L, 2, &kn);
+    if (!hs_valid_token(k, kn)) return 0; /* no field has that name: nothing to remove */
     if (t->unfetched & (1u << WHICH(L))) {
         journal(L, S, t, WHICH(L), 'r', k, kn, "", 0);
         return 0;

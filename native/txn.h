@@ -106,18 +106,24 @@ static inline void hs_txn_need_line(hs_txn *t) {
 /* The first value of NAME in unfetched set WHICH, as the journal and the host's
  * LOOKUP make it, without fetching: 1 with *V and *VLEN, 0 absent, -1 fetch instead. */
 int hs_txn_peek(hs_txn *t, int which, const char *name, size_t nlen, const char **v, size_t *vlen);
-/* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, or -1 out of memory. */
+/* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, -1 out of memory, -2
+ * a name that is no token or a value with a control character (nothing journaled). */
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen);
 /* The journal record at *OFF of J (op, name, value) and *OFF moved past it; 0 at the end. */
 static inline int hs_journal_next(const hs_buf *j, size_t *off, char *op, const char **name, size_t *nlen,
                                   const char **v, size_t *vlen) {
+    /* bounded by LEN: a record cut short ends the journal instead of reading past it */
     if (*off >= j->len) return 0;
+    const char *end = j->p + j->len, *p = j->p + *off + 1;
+    const char *nend = p < end ? memchr(p, 0, (size_t)(end - p)) : NULL;
+    const char *vend = nend ? memchr(nend + 1, 0, (size_t)(end - nend - 1)) : NULL;
+    if (!vend) return 0;
     *op = j->p[*off];
-    *name = j->p + *off + 1;
-    *nlen = strlen(*name);
-    *v = *name + *nlen + 1;
-    *vlen = strlen(*v);
-    *off += 1 + *nlen + 1 + *vlen + 1;
+    *name = p;
+    *nlen = (size_t)(nend - p);
+    *v = nend + 1;
+    *vlen = (size_t)(vend - *v);
+    *off = (size_t)(vend + 1 - j->p);
     return 1;
 }
 long hs_hdrs_find(const hs_hdrs *hs, const char *name, size_t nlen, size_t from);

@@ -241,6 +241,30 @@ def test_a_client_that_leaves_during_a_replaced_body_leaves_the_server_serving(s
     assert c.died() is None
 
 
+def test_no_body_follows_a_response_that_has_none(start_ats, origin):
+    # a body set in read_response is not sent after HEAD or a 204/304: on a keep-alive
+    # connection it would be read as the start of the next response
+    import socket
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)])
+    for first in (b"HEAD /h?size=10&set=3", b"GET /h?size=10&status=204&set=3"):
+        with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+            s.sendall(first + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                      b"GET /next?size=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            got = b""
+            while True:
+                part = s.recv(65536)
+                if not part:
+                    break
+                got += part
+        head, rest = got.split(b"\r\n\r\n", 1)
+        assert b"<200>" not in got and b"<204>" not in got, got
+        # nothing but the next response after the head (Traffic Server closes after
+        # the origin's 204, which carries a Content-Length)
+        if first.startswith(b"HEAD") or rest:
+            assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\nxx"), got
+    assert len(c.wait_diags(r"txn.resp.body set in read_response is not sent", 2)) == 2
+
+
 def test_a_body_set_in_read_response_is_what_the_cache_keeps(start_ats, origin):
     c = start_ats(scripts=[("body.lua", BODY_SCRIPT)], cache=True)
     first = c.get("/cached?size=100&cc=max-age%3D60&set=2")

@@ -295,6 +295,24 @@ def test_one_field_reads_see_traffic_servers_fields_and_the_edits_before_them(st
         assert "x-c" not in got and got.get("x-d") == ["added"], sent
 
 
+def test_a_name_with_nul_bytes_cannot_forge_journal_records(start_ats):
+    # h:remove of a name no field can have is nothing; before, a NUL in it split the
+    # journal's records and the bytes after it became edits nobody had checked
+    ats = start_ats(scripts=["""return {on_read_request = function(self, txn)
+          local h = txn.req.headers
+          h:remove("x\\0\\0aX-A\\0v\\r\\nInjected: yes\\0r")
+          h:remove(("a"):rep(60) .. "\\0")
+          h:add("x-after", "ok")
+          h["x-read"] = h["x-after"] or "nil"
+        end}"""])
+    for i in range(4):
+        r = ats.get(f"/nul{i}")
+        sent = dict((k.lower(), v) for k, v in json.loads(r.body)["headers"])
+        assert "injected" not in sent and "x-a" not in sent, sent
+        assert sent.get("x-after") == "ok" and sent.get("x-read") == "ok", sent
+    assert ats.died() is None
+
+
 def test_a_header_sent_twice_is_replaced_whole(start_ats):
     ats = start_ats(scripts=["""return {on_read_request = function(self, txn)
           txn.req.headers["x-dup"] = "only"

@@ -36,7 +36,7 @@ PROGRAMS = {
     "pool_churn": ("40", "ok"),
     "txn_checks": ("busy", "ok"),
     # headers on demand: values pushed from the host's copy and the journal (ASan)
-    "txn_lookup": ("lookup", "list=0 fetches=1 lookups=6"),
+    "txn_lookup": ("lookup", "list=0 fetches=1 lookups=7"),
     "limits_stress": ("2", "ok fires="),
     "shared_stress": ("5000", "ok hits="),
     "redis_stress": ("600", "ok hits="),

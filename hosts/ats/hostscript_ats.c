@@ -292,7 +292,9 @@ typedef struct hook_msg {
 static void fetch_headers(hs_txn *t, int which, void *ud) {
     hook_msg *m = ud;
     if (which == HS_TXN_LINE) {
-        /* a request hook's own request; in the others, the client's request */
+        /* a request hook's own request; in the others, the client's request (none
+         * to be had: empty, never an earlier hook's) */
+        t->method.len = t->uri.len = 0;
         if (m->b[HS_REQ]) request_in(t, m->b[HS_REQ], m->h[HS_REQ]);
         else if (TSHttpTxnClientReqGet(m->txnp, &m->line_b, &m->line_h) == TS_SUCCESS)
             request_in(t, m->line_b, m->line_h);
@@ -444,6 +446,22 @@ static int on_body_transform(TSCont contp, TSEvent event, void *edata) {
 /* read_response set txn.resp.body: the client gets it instead of the origin's (and the
  * cache keeps it, as the reference proxy keeps what read_response left). */
 static void replace_body(TSHttpTxn txnp, hs_txn *t) {
+    /* a response to HEAD, and a 1xx, 204 or 304, has no body: one written after it
+     * would be read as the start of the next response on the connection */
+    int status = hs_txn_status(t), head = 0;
+    TSMBuffer b;
+    TSMLoc h;
+    if (TSHttpTxnClientReqGet(txnp, &b, &h) == TS_SUCCESS) {
+        int ml = 0;
+        const char *m = TSHttpHdrMethodGet(b, h, &ml);
+        head = m && ml == TS_HTTP_LEN_HEAD && !memcmp(m, TS_HTTP_METHOD_HEAD, (size_t)ml);
+        TSHandleMLocRelease(b, TS_NULL_MLOC, h);
+    }
+    if (head || status < 200 || status == 204 || status == 304) {
+        TSError("[%s] txn.resp.body set in read_response is not sent: a %s has no body", PLUGIN,
+                head ? "response to HEAD" : status == 204 ? "204 response" : status == 304 ? "304 response" : "1xx response");
+        return;
+    }
     size_t n = 0;
     const char *v = hs_txn_get(t, HS_F_BODY, &n);
     body_transform *bt = calloc(1, sizeof *bt);
