@@ -37,6 +37,7 @@ PROGRAMS = {
     "txn_checks": ("busy", "ok"),
     # headers on demand: values pushed from the host's copy and the journal (ASan)
     "txn_lookup": ("lookup", "list=0 fetches=1 lookups=7"),
+    "txn_peek": ("peek 20000", "ok peek="),
     "limits_stress": ("2", "ok fires="),
     "shared_stress": ("5000", "ok hits="),
     "redis_stress": ("600", "ok hits="),
@@ -47,7 +48,7 @@ PROGRAMS = {
     # used it (hs_register_publish, fixed in 81f4241) showed within a second or two
     "register_replace": ("1500 replace", "ok fires="),
 }
-SOURCES = {"register_replace": "register_stress", "txn_lookup": "txn_checks"}  # programs built from another's source
+SOURCES = {"register_replace": "register_stress", "txn_lookup": "txn_checks", "txn_peek": "txn_checks"}  # programs built from another's source
 # programs given a Redis, a redis-server of the test's own (URL: under a prefix of
 # the test's own; DEAD_URL: a closed port): the arguments after the first
 REDIS_PROGRAMS = {

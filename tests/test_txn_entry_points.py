@@ -210,6 +210,17 @@ def test_one_field_reads_of_unfetched_headers_ask_the_host_not_copy_the_set(engi
     assert "list=1 fetches=1 lookups=6" in proc.stdout
 
 
+@pytest.mark.parametrize("engine", ["luajit", "lua54"])
+def test_peek_answers_what_fetching_and_replaying_the_edits_would(engine, tmp_path):
+    # 200,000 random cases (txn_checks.c "peek"): host fields with duplicates, names
+    # that differ in case and values the core refuses, then random set/add/remove
+    # edits; a one-field read must equal the fetched set after the replay
+    exe = build_c_program(engine, "txn_checks.c", tmp_path / "txn_peek", "-O1", "-g")
+    proc = subprocess.run([str(exe), "peek", "200000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok peek="), proc.stdout + proc.stderr
+    assert int(proc.stdout.split("=")[1]) > 500000  # most reads are answered without a fetch
+
+
 # ---- txn.ctx both ways ----
 
 def test_ctx_assigned_in_python_is_read_by_lua_on_another_thread_and_back(host):

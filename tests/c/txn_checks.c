@@ -10,6 +10,10 @@
  *              lookup and the journal, never by copying the set in; a read after an
  *              edit sees the edit; listing the headers fetches them once, with the
  *              same answers; the request line is fetched once, before it is set.
+ *   peek N     N random cases: host fields (duplicates, names differing in case,
+ *              values the core refuses) and random set/add/remove edits journaled;
+ *              every name's peek must be what fetching the set and replaying the
+ *              journal gives.
  * Prints "ok" on success; anything else is a failure.
  */
 #include <pthread.h>
@@ -17,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "hostscript.h"
 #include "txn.h"
@@ -236,11 +241,74 @@ static int lookup(void) {
     return 0;
 }
 
+/* ---- peek against fetch + replay ---- */
+
+static struct { const char *n, *v; } model[6];
+static int nmodel;
+
+static int model_lookup(hs_txn *t, int which, const char *name, size_t nl, void *ud, const char **v, size_t *vl) {
+    (void)t, (void)which, (void)ud;
+    for (int i = 0; i < nmodel; i++)
+        if (strlen(model[i].n) == nl && !strncasecmp(model[i].n, name, nl)) {
+            if (!hs_valid_field_value(model[i].v, strlen(model[i].v))) return -1; /* as the plugin */
+            *v = model[i].v, *vl = strlen(model[i].v);
+            return 1;
+        }
+    return 0;
+}
+
+static void model_fetch(hs_txn *t, int which, void *ud) {
+    (void)ud;
+    hs_txn_set_headers(t, which, "", 0);
+    for (int i = 0; i < nmodel; i++) hs_txn_add_header(t, which, model[i].n, model[i].v); /* refuses bad */
+}
+
+static int peek(long cases) {
+    static const char *names[] = {"x", "X", "y", "X-Long-Name"};
+    static const char *values[] = {"h1", "h2", "bad\x01", "", "h3 with spaces"};
+    srand(7);
+    long checked = 0;
+    for (long c = 0; c < cases; c++) {
+        nmodel = rand() % 6;
+        for (int i = 0; i < nmodel; i++) model[i].n = names[rand() % 4], model[i].v = values[rand() % 5];
+        hs_txn *t = hs_txn_new();
+        t->lookup = model_lookup, t->fetch = model_fetch, t->unfetched = 1u << HS_REQ;
+        int nops = rand() % 6;
+        for (int k = 0; k < nops; k++) {
+            char op = "sar"[rand() % 3];
+            const char *n = names[rand() % 4], *v = op == 'r' ? "" : rand() % 2 ? "j1" : "j2";
+            CHECK(hs_txn_journal(t, HS_REQ, op, n, strlen(n), v, strlen(v)) == 0);
+        }
+        for (int q = 0; q < 4; q++) {
+            const char *pv;
+            size_t pl, wl;
+            int r = hs_txn_peek(t, HS_REQ, names[q], strlen(names[q]), &pv, &pl);
+            if (r < 0) continue; /* the host cannot say: the caller fetches */
+            hs_txn *u = hs_txn_new();
+            u->fetch = model_fetch, u->unfetched = 1u << HS_REQ;
+            CHECK(hs_buf_put(&u->journal[HS_REQ], t->journal[HS_REQ].p, t->journal[HS_REQ].len) == 0);
+            hs_txn_fetch(u, HS_REQ);
+            const char *w = hs_txn_header(u, HS_REQ, names[q], &wl);
+            if ((r == 0) != (w == NULL) || (w && (wl != pl || memcmp(w, pv, wl)))) {
+                printf("FAIL case %ld, %s: peek %d '%.*s', fetched '%.*s'\n", c, names[q], r, r == 1 ? (int)pl : 0,
+                       r == 1 ? pv : "", w ? (int)wl : 5, w ? w : "<nil>");
+                exit(1);
+            }
+            checked++;
+            hs_txn_free(u);
+        }
+        hs_txn_free(t);
+    }
+    printf("ok peek=%ld\n", checked);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *what = argc > 1 ? argv[1] : "validate";
     if (!strcmp(what, "validate")) validate();
     else if (!strcmp(what, "busy")) busy();
     else if (!strcmp(what, "lookup")) lookup();
+    else if (!strcmp(what, "peek")) return peek(argc > 2 ? atol(argv[2]) : 50000);
     else return 2;
     printf("ok\n");
     return 0;
