@@ -93,7 +93,6 @@ typedef struct txn_data {
     uint64_t generation; /* the cache generation the lookup used (0: none) */
     char *answer_headers; /* txn:respond's headers, packed, for the response (answer) */
     size_t answer_len;
-    int body_warned; /* a body set too late was reported */
 } txn_data;
 
 /* ---- copying messages between Traffic Server and the hs_txn ---- */
@@ -448,18 +447,13 @@ static int on_body_transform(TSCont contp, TSEvent event, void *edata) {
 static void replace_body(TSHttpTxn txnp, hs_txn *t) {
     /* a response to HEAD, and a 1xx, 204 or 304, has no body: one written after it
      * would be read as the start of the next response on the connection */
-    int status = hs_txn_status(t), head = 0;
-    TSMBuffer b;
-    TSMLoc h;
-    if (TSHttpTxnClientReqGet(txnp, &b, &h) == TS_SUCCESS) {
-        int ml = 0;
-        const char *m = TSHttpHdrMethodGet(b, h, &ml);
-        head = m && ml == TS_HTTP_LEN_HEAD && !memcmp(m, TS_HTTP_METHOD_HEAD, (size_t)ml);
-        TSHandleMLocRelease(b, TS_NULL_MLOC, h);
-    }
-    if (head || status < 200 || status == 204 || status == 304) {
-        TSError("[%s] txn.resp.body set in read_response is not sent: a %s has no body", PLUGIN,
-                head ? "response to HEAD" : status == 204 ? "204 response" : status == 304 ? "304 response" : "1xx response");
+    size_t ml = 0;
+    hs_txn_need_line(t); /* the client's request line, as txn.req shows it here */
+    const char *method = hs_txn_get(t, HS_F_METHOD, &ml);
+    int status = hs_txn_status(t);
+    if ((ml == 4 && !memcmp(method, "HEAD", 4)) || status < 200 || status == 204 || status == 304) {
+        TSError("[%s] txn.resp.body set in read_response is not sent: a %d response to %.*s has no body",
+                PLUGIN, status, (int)ml, method ? method : "");
         return;
     }
     size_t n = 0;
@@ -705,7 +699,6 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
                 static const char why[] = "hostscript: a handler failed\n";
                 TSHttpTxnStatusSet(txnp, TS_HTTP_STATUS_INTERNAL_SERVER_ERROR);
                 TSHttpTxnErrorBodySet(txnp, TSstrdup(why), sizeof why - 1, TSstrdup("text/plain"));
-                d->answered = 1;
                 failed = 1;
             }
         } else if (got == TS_SUCCESS && def->source != SRC_CACHED_RESP && hook != H_LOG) {
@@ -714,11 +707,8 @@ static int on_hook(TSCont contp, TSEvent event, void *edata) {
             if (request) request_out(d->t, changed & ~hdrs, b, h);
             else response_out(d->t, changed & ~hdrs, b, h);
             if ((changed & HS_CH_BODY) && hook == H_READ_RESPONSE) replace_body(txnp, d->t);
-            else if ((changed & HS_CH_BODY) && hook == H_SEND_RESPONSE && !d->body_warned) {
-                d->body_warned = 1; /* (once per transaction) */
-                TSError("[%s] txn.resp.body set in %s is not sent: set it in read_response", PLUGIN,
-                        def->name);
-            }
+            else if ((changed & HS_CH_BODY) && hook == H_SEND_RESPONSE)
+                TSError("[%s] txn.resp.body set in send_response is not sent: set it in read_response", PLUGIN);
             if (!fetched) apply_journal(d->t, which, b, h);
             else if (changed & hdrs) headers_write(d->t, which, b, h);
         }
