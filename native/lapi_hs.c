@@ -251,7 +251,7 @@ static void journal(lua_State *L, hs_state *S, hs_txn *t, int which, char op, co
                     const char *v, size_t vn) {
     txn_room(L, S, t, kn + vn + 3); /* the journal counts as the transaction's memory */
     int rc = hs_txn_journal(t, which, op, k, kn, v, vn);
-    if (rc == -2) luaL_error(L, "invalid header name or value");
+    if (rc == -2) luaL_error(L, "invalid header name or value (NUL)");
     if (rc) luaL_error(L, "not enough memory");
     mark_headers(t, which);
 }

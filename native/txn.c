@@ -230,10 +230,10 @@ hs_txn *hs_txn_new(void) { return calloc(1, sizeof(hs_txn)); }
 
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen) {
     hs_buf *j = &t->journal[which & 1];
-    /* the records are NUL-separated: a name or value holding a NUL (or a name that is
-     * no token) would be read back as other records (callers validate; this holds
-     * the line whatever they do) */
-    if (!hs_valid_token(name, nlen) || (vlen && !hs_valid_field_value(v, vlen))) return -2;
+    /* the records are NUL-separated: a NUL in the name or value would be read back as
+     * other records. Callers validate names and values (as for hs_hdrs_add); this keeps
+     * the records whole whatever they pass. */
+    if (memchr(name, 0, nlen) || (vlen && memchr(v, 0, vlen))) return -2;
     if (nlen > SIZE_MAX - 3 - vlen || hs_buf_reserve(j, nlen + vlen + 3)) return -1;
     char *p = j->p + j->len; /* op name NUL value NUL, in one piece */
     *p++ = op;

@@ -106,8 +106,8 @@ static inline void hs_txn_need_line(hs_txn *t) {
 /* The first value of NAME in unfetched set WHICH, as the journal and the host's
  * LOOKUP make it, without fetching: 1 with *V and *VLEN, 0 absent, -1 fetch instead. */
 int hs_txn_peek(hs_txn *t, int which, const char *name, size_t nlen, const char **v, size_t *vlen);
-/* Journal an edit of an unfetched set (see hs_txn.unfetched): 0, -1 out of memory, -2
- * a name that is no token or a value with a control character (nothing journaled). */
+/* Journal an edit of an unfetched set (see hs_txn.unfetched); the caller validated
+ * name and value: 0, -1 out of memory, -2 a NUL in either (nothing journaled). */
 int hs_txn_journal(hs_txn *t, int which, char op, const char *name, size_t nlen, const char *v, size_t vlen);
 /* The journal record at *OFF of J (op, name, value) and *OFF moved past it; 0 at the end. */
 static inline int hs_journal_next(const hs_buf *j, size_t *off, char *op, const char **name, size_t *nlen,

@@ -234,11 +234,11 @@ static int lookup(void) {
         CHECK(list ? lookups == 6 : lookups == 7);
         hs_txn_free(t);
     }
-    /* the journal itself refuses what would break its records apart */
+    /* the journal itself refuses what would break its records apart (a NUL); names
+     * and values are the caller's to validate, as for hs_hdrs_add */
     hs_txn *t = hs_txn_new();
     CHECK(hs_txn_journal(t, HS_REQ, 'r', "x\0y", 3, "", 0) == -2);
     CHECK(hs_txn_journal(t, HS_REQ, 'a', "x-a", 3, "v\0w", 3) == -2);
-    CHECK(hs_txn_journal(t, HS_REQ, 'a', "x a", 3, "v", 1) == -2);
     CHECK(t->journal[HS_REQ].len == 0);
     hs_txn_free(t);
     hs_host_free(h);
