@@ -129,7 +129,8 @@ class AtsServer:
     def __init__(self, origin_url: str, plugins: Sequence[str] = (), *, cache: bool = False,
                  threads: int = 2, records: Optional[Dict[str, str]] = None,
                  env: Optional[Dict[str, str]] = None, start_timeout: float = 10.0,
-                 root: Optional[str] = None, manager: bool = False) -> None:
+                 root: Optional[str] = None, manager: bool = False,
+                 prefix: Sequence[str] = ()) -> None:
         self.origin_url = origin_url.rstrip("/")
         self.plugins = list(plugins)
         self.cache = cache
@@ -138,6 +139,7 @@ class AtsServer:
         self.env = dict(env or {})
         self.start_timeout = start_timeout
         self.manager = manager
+        self.prefix = list(prefix)  # a command that runs traffic_server (valgrind ...)
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix="hs-ats-")
         self.etc = os.path.join(self.root, "etc")
@@ -215,7 +217,8 @@ class AtsServer:
         env.update(self.env)
         # traffic_manager starts traffic_server itself (in this process group) and
         # relays traffic_ctl's messages to it
-        cmd = [TRAFFIC_MANAGER if self.manager else TRAFFIC_SERVER, f"--run-root={self.runroot_path}"]
+        cmd = [*self.prefix, TRAFFIC_MANAGER if self.manager else TRAFFIC_SERVER,
+               f"--run-root={self.runroot_path}"]
         if _SETPRIV:  # dies with the test process even when that is SIGKILLed
             cmd = [_SETPRIV, "--pdeathsig", "KILL", "--"] + cmd
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
