@@ -140,6 +140,7 @@ class AtsServer:
         self.start_timeout = start_timeout
         self.manager = manager
         self.prefix = list(prefix)  # a command that runs traffic_server (valgrind ...)
+        self.stopped = False
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix="hs-ats-")
         self.etc = os.path.join(self.root, "etc")
@@ -302,6 +303,7 @@ class AtsServer:
         proc = self.proc
         if proc is None:
             return None
+        self.stopped = True  # (its end is not a death for start_ats's teardown)
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

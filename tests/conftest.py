@@ -262,7 +262,7 @@ def start_ats(request, engine, origin, _ats_reaper):
 
     yield start
     failed = request.session.testsfailed > failed_before
-    dead = [AtsClient(a, origin, {}).died() for a in started if a.proc is not None]
+    dead = [AtsClient(a, origin, {}).died() for a in started if a.proc is not None and not a.stopped]
     for ats in started:
         ats.stop(wait=False)  # SIGTERM now; the waiting (about 1 s) in the background
         _ats_reaper.append((ats, not failed))

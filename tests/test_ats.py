@@ -265,6 +265,24 @@ def test_no_body_follows_a_response_that_has_none(start_ats, origin):
     assert len(c.wait_diags(r"txn.resp.body set in read_response is not sent", 2)) == 2
 
 
+def test_stopping_traffic_server_during_a_replaced_body_is_a_clean_exit(start_ats, origin):
+    # shutdown while transforms are mid-body (clients reading slowly, the origin's
+    # body still arriving): Traffic Server ends on SIGTERM as it does without them
+    import signal
+    import socket
+    c = start_ats(scripts=[("body.lua", BODY_SCRIPT)])
+    socks = []
+    for i in range(4):
+        s = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+        s.sendall(f"GET /stop{i}?size=200000&slowbody=2&set=800000 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    time.sleep(0.5)
+    rc = c.ats.stop(timeout=10)
+    for s in socks:
+        s.close()
+    assert rc in (0, -signal.SIGTERM), (rc, c.ats.stderr()[-2000:])  # not SIGSEGV, SIGABRT
+
+
 def test_a_body_set_in_read_response_is_what_the_cache_keeps(start_ats, origin):
     c = start_ats(scripts=[("body.lua", BODY_SCRIPT)], cache=True)
     first = c.get("/cached?size=100&cc=max-age%3D60&set=2")
