@@ -87,13 +87,13 @@ def test_a_ctx_with_a_metatable_is_refused_not_silently_emptied(host):
 
 
 def test_each_script_keeps_its_own_time_limit_when_a_thread_rehydrates_many(make_host):
-    # every chunk takes ~30% of the limit; rehydrating six of them in one fire must
-    # not add up to a timeout (wall time, as the limit: os.clock is the process's CPU
-    # time, which a loaded machine stretches past the limit; 70 ms of slack per chunk
-    # for a busy CI machine to deschedule the thread)
+    # every chunk takes ~20% of the limit; rehydrating six of them in one fire (120%
+    # together) must not add up to a timeout (wall time, as the limit: os.clock is the
+    # process's CPU time, which a loaded machine stretches past the limit; 80 ms of
+    # slack per chunk for a busy CI machine to deschedule the thread)
     host = make_host(time_limit=0.1)
     for i in range(6):
-        host.load("local t0 = hs.now() while hs.now() - t0 < 0.03 do end "
+        host.load("local t0 = hs.now() while hs.now() - t0 < 0.02 do end "
                   "local C = {} function C:on_read_request(txn) end return C", name=f"s{i}.lua")
     from helpers import run_in_thread
     out = run_in_thread(host.fire, "read_request", Transaction())
